@@ -1,0 +1,243 @@
+"""Warm-up: encode task images before the annotator's first click.
+
+Label Studio tells us about images before anyone clicks on them: it sends ``TASKS_CREATED`` to
+``/webhook`` when tasks are imported, and calls ``/predict`` with no context when an annotator opens a
+task. Both hand the task to ``Warmer.submit``, which answers at once; the encoding happens in the
+background and lands in the embedding cache, so the first click costs no more than any other.
+
+Where the work runs:
+- with Redis (``REDIS_URL``), jobs go through an rq queue (``sam-backend-warmup``). Every backend process
+  consumes it in a background thread with the model it already holds (one model per process, one GPU per
+  process), and ``sam-backend worker`` runs dedicated consumers — on this machine or any other that
+  reaches the same Redis. The embedding lands in Redis, so whichever process gets the click finds it.
+- without Redis, or while Redis is unreachable, a thread of this process does the same from an
+  in-process queue.
+
+Each image is queued once at a time (a pending marker per image reference), so a project import that
+Label Studio also reports task by task does not encode twice; the cache itself makes a repeated job a
+cheap no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+QUEUE_NAME = "sam-backend-warmup"
+PENDING_PREFIX = "sam-backend:warmup-pending:"
+PENDING_TTL_S = 3600
+JOB_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class WarmupJob:
+    """One image to encode: the task (its id and data) and where its image URL is in the data."""
+
+    task: dict[str, Any]
+    value_key: str
+    label_studio_url: str | None = None
+    label_studio_token: str | None = None
+
+    @property
+    def image_ref(self) -> str:
+        return str(self.task.get("data", {}).get(self.value_key, ""))
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"task": {"id": self.task.get("id"), "data": self.task.get("data", {})},
+                "value_key": self.value_key, "label_studio_url": self.label_studio_url,
+                "label_studio_token": self.label_studio_token}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> WarmupJob:
+        return cls(task=payload["task"], value_key=payload["value_key"],
+                   label_studio_url=payload.get("label_studio_url"),
+                   label_studio_token=payload.get("label_studio_token"))
+
+
+# What encodes one job in this process: fetch the image, embed it through the cache. Returns True when the
+# encoder ran, False when the embedding was already cached. Bound by the app once its model is loaded.
+Encoder = Callable[[WarmupJob], bool]
+_encoder: Encoder | None = None
+_encoder_ready = threading.Event()
+
+
+def bind_encoder(encoder: Encoder) -> None:
+    """Make this process able to run warm-up jobs (called when the model has loaded)."""
+    global _encoder
+    _encoder = encoder
+    _encoder_ready.set()
+
+
+def run_job(payload: dict[str, Any]) -> bool:
+    """The rq job function: runs in whichever process dequeued the job."""
+    job = WarmupJob.from_payload(payload)
+    if not _encoder_ready.wait(timeout=600):
+        raise RuntimeError("no model loaded in this process to run warm-up jobs")
+    assert _encoder is not None
+    try:
+        return _encoder(job)
+    finally:
+        _clear_pending(job)
+
+
+_redis_for_pending: Any = None
+
+
+def _pending_key(job: WarmupJob) -> str:
+    return PENDING_PREFIX + hashlib.sha1(job.image_ref.encode()).hexdigest()
+
+
+def _clear_pending(job: WarmupJob) -> None:
+    if _redis_for_pending is not None:
+        with contextlib.suppress(Exception):  # the marker expires on its own
+            _redis_for_pending.delete(_pending_key(job))
+
+
+class Warmer:
+    """Accepts warm-up jobs without blocking and runs them in the background."""
+
+    def __init__(self, redis_url: str | None = None, consume: bool = True,
+                 on_depth: Callable[[int], None] | None = None) -> None:
+        self.redis_url = redis_url
+        self.consume = consume
+        self.on_depth = on_depth
+        self._local: queue.Queue[WarmupJob] = queue.Queue(maxsize=10_000)
+        self._local_pending: set[str] = set()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._rq_queue = None
+        self._redis = None
+        if redis_url:
+            import redis
+            from rq import Queue
+
+            global _redis_for_pending
+            # No socket timeout on this connection: rq's worker blocks on BLPOP for longer than any short one.
+            self._redis = redis.Redis.from_url(redis_url, socket_connect_timeout=1.0)
+            _redis_for_pending = self._redis
+            self._rq_queue = Queue(QUEUE_NAME, connection=self._redis, default_timeout=JOB_TIMEOUT_S)
+
+    # -- producing ---------------------------------------------------------------------------------
+    def submit(self, jobs: list[WarmupJob]) -> int:
+        """Queue each job whose image is not already queued; return how many were queued. Never raises."""
+        queued = 0
+        for job in jobs:
+            if not job.image_ref:
+                continue
+            try:
+                queued += self._submit_one(job)
+            except Exception as error:
+                log.warning("could not queue warm-up of task %s: %s", job.task.get("id"), error)
+        self._report_depth()
+        return queued
+
+    def _submit_one(self, job: WarmupJob) -> bool:
+        if self._rq_queue is not None:
+            try:
+                if not self._redis.set(_pending_key(job), b"1", nx=True, ex=PENDING_TTL_S):
+                    return False
+                self._rq_queue.enqueue(run_job, job.to_payload(), job_timeout=JOB_TIMEOUT_S,
+                                       result_ttl=60, failure_ttl=24 * 3600,
+                                       description=f"warm-up of task {job.task.get('id')}")
+                return True
+            except Exception as error:
+                log.warning("Redis queue unavailable (%s); warming up task %s in this process",
+                            error, job.task.get("id"))
+        with self._lock:
+            if job.image_ref in self._local_pending:
+                return False
+            self._local_pending.add(job.image_ref)
+        try:
+            self._local.put_nowait(job)
+        except queue.Full:
+            with self._lock:
+                self._local_pending.discard(job.image_ref)
+            log.warning("warm-up queue is full; task %s will be encoded on its first click", job.task.get("id"))
+            return False
+        return True
+
+    def depth(self) -> int:
+        """Jobs waiting: the shared queue's length plus this process's local queue."""
+        depth = self._local.qsize()
+        if self._rq_queue is not None:
+            with contextlib.suppress(Exception):
+                depth += self._rq_queue.count
+        return depth
+
+    def _report_depth(self) -> None:
+        if self.on_depth is not None:
+            self.on_depth(self.depth())
+
+    # -- consuming ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the background consumers of this process (idempotent)."""
+        if not self.consume or self._threads:
+            return
+        local = threading.Thread(target=self._consume_local, name="warmup-local", daemon=True)
+        self._threads.append(local)
+        if self._rq_queue is not None:
+            shared = threading.Thread(target=self._consume_shared, name="warmup-rq", daemon=True)
+            self._threads.append(shared)
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+    def _consume_local(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._local.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                if _encoder_ready.wait(timeout=600) and _encoder is not None:
+                    _encoder(job)
+            except Exception as error:
+                log.warning("warm-up of task %s failed: %s", job.task.get("id"), error)
+            finally:
+                with self._lock:
+                    self._local_pending.discard(job.image_ref)
+                self._report_depth()
+
+    def _consume_shared(self) -> None:
+        """An rq worker in a thread: no signal handlers (only the main thread may set them), timer timeouts.
+
+        ``work()`` blocks on the queue and returns only when Redis fails; then it is restarted after a pause,
+        while the local consumer keeps serving whatever ``submit`` queued locally in the meantime.
+        """
+        while not self._stop.is_set():
+            try:
+                worker = ThreadWorker([self._rq_queue], connection=self._redis)
+                worker.work(burst=False, logging_level="WARNING")
+            except Exception as error:
+                log.warning("warm-up worker stopped on an error (%s); restarting in 5 s", error)
+            self._stop.wait(5)
+
+
+def _thread_worker_class() -> type:
+    from rq import SimpleWorker
+    from rq.timeouts import TimerDeathPenalty
+
+    class _ThreadWorker(SimpleWorker):
+        death_penalty_class = TimerDeathPenalty
+
+        def _install_signal_handlers(self) -> None:
+            pass
+
+    return _ThreadWorker
+
+
+def ThreadWorker(*args: Any, **kwargs: Any) -> Any:  # noqa: N802 - a class factory, imported lazily
+    return _thread_worker_class()(*args, **kwargs)

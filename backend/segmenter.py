@@ -22,14 +22,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from backend.cache import EmbeddingCache
 from backend.config import Settings
 from backend.errors import BadRequest, ModelError
 from backend.metrics import Metrics
+
+if TYPE_CHECKING:  # backend.cache imports model and so torch: only when the segmenter is built
+    from backend.cache import EmbeddingCache
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +62,11 @@ class Segmenter:
         self.load_options = dict(load_options or {})
         self.torch_threads = torch_threads
         self.metrics = metrics if metrics is not None else Metrics()
-        self.cache = cache if cache is not None else EmbeddingCache(memory_bytes=256 * 2**20, metrics=self.metrics)
+        if cache is None:
+            from backend.cache import EmbeddingCache
+
+            cache = EmbeddingCache(memory_bytes=256 * 2**20, metrics=self.metrics)
+        self.cache = cache
         self.ready_wait_s = ready_wait_s
         self._loader = loader
         self._ready = threading.Event()
@@ -75,6 +81,8 @@ class Segmenter:
     @classmethod
     def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> Segmenter:
         """The segmenter SAM_CHECKPOINT, SAM_DEVICE, SAM_DTYPE, SAM_COMPILE and the cache settings describe."""
+        from backend.cache import EmbeddingCache
+
         metrics = metrics if metrics is not None else Metrics()
         cache = EmbeddingCache(settings.cache_memory_bytes, settings.redis_url or None,
                                ttl_s=settings.sam_cache_ttl_s, metrics=metrics)

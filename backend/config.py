@@ -1,0 +1,258 @@
+"""Backend settings, read once from environment variables.
+
+Why environment variables: the backend runs under docker-compose, gunicorn and scripts alike, and Label
+Studio's own ML-backend examples configure themselves this way, so users already know LABEL_STUDIO_URL,
+BASIC_AUTH_USER, WORKERS, ... Every variable, its default and its meaning is listed in
+docs/configuration.md; keep the two in step.
+
+Why validate everything here: a typo such as ``SAM_DEVICE=gpu`` should stop the server at start with one
+line naming the variable, not surface as a stack trace on the first click. An empty value counts as unset
+(docker-compose passes ``VAR=`` for variables that are declared but not given).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Official SAM checkpoints by the names users know, and the file names Meta / MobileSAM publish them
+# under. SAM_CHECKPOINT=vit_b resolves to MODEL_DIR/sam_vit_b_01ec64.pth.
+OFFICIAL_CHECKPOINTS: dict[str, str] = {
+    "vit_b": "sam_vit_b_01ec64.pth",
+    "vit_l": "sam_vit_l_0b3195.pth",
+    "vit_h": "sam_vit_h_4b8939.pth",
+    "vit_t": "mobile_sam.pt",
+}
+CHECKPOINT_ALIASES: dict[str, str] = {"mobile_sam": "vit_t", "mobilesam": "vit_t", "sam_vit_b": "vit_b",
+                                      "sam_vit_l": "vit_l", "sam_vit_h": "vit_h"}
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+OUTPUTS = ("auto", "brush", "polygon")
+BATCH_MODES = ("boxes", "everything", "off")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the backend cannot use; the message names the variable."""
+
+    def __init__(self, variable: str, value: str, expected: str) -> None:
+        super().__init__(f"{variable}={value!r} is invalid: {expected}")
+        self.variable = variable
+
+
+def parse_label_map(text: str, variable: str = "SAM_LABEL_MAP") -> dict[str, str]:
+    """Parse ``"kp_label=brush_label;other=Other"`` into a dict (labels are case-sensitive, spaces trimmed).
+
+    It lets a smart tool labelled "Click" produce masks labelled "Car" when the two tags use different
+    label sets. Empty entries (``a=b;;``) are skipped; an entry without ``=`` or with an empty side is an
+    error, because silently ignoring it would send masks to the wrong label.
+    """
+    mapping: dict[str, str] = {}
+    for entry in text.split(";"):
+        if not entry.strip():
+            continue
+        source, sep, target = entry.partition("=")
+        source, target = source.strip(), target.strip()
+        if not sep or not source or not target:
+            raise SettingsError(variable, text, f"entry {entry.strip()!r} is not of the form "
+                                                "smart_label=output_label (entries separated by ';')")
+        mapping[source] = target
+    return mapping
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the backend can be configured with. Defaults serve a local CPU run."""
+
+    # -- names Label Studio users know from HumanSignal's ML-backend examples
+    label_studio_url: str = ""  # where task images under /data/... are downloaded from
+    label_studio_api_key: str = ""  # legacy token or personal access token (JWT refresh token)
+    basic_auth_user: str = ""
+    basic_auth_pass: str = ""
+    model_dir: Path = Path("models")
+    workers: int = 1
+    threads: int = 4
+    timeout_s: int = 600
+    log_level: str = "INFO"
+    port: int = 9090
+    host: str = "0.0.0.0"
+    # -- the model
+    sam_checkpoint: str = "vit_b"  # a path, or an official name resolved in model_dir
+    sam_device: str = "auto"  # auto | cpu | cuda | cuda:N
+    sam_dtype: str = "auto"  # auto | fp32 | bf16 | fp16
+    sam_compile: bool = False
+    sam_torch_threads: int = 0  # 0 = PyTorch's default
+    # -- task images
+    local_files_root: Path | None = None
+    image_timeout_s: float = 30.0
+    image_max_bytes: int = 50 * 1024 * 1024
+    image_max_pixels: int = 100_000_000
+    # -- embedding cache
+    redis_url: str = ""  # empty: no Redis, memory cache only
+    sam_cache_memory_mb: int = 1024
+    sam_cache_ttl_s: int = 7 * 24 * 3600
+    # -- what predictions look like
+    sam_output: str = "auto"  # auto | brush | polygon
+    sam_label_map: tuple[tuple[str, str], ...] = field(default=())
+    sam_batch_mode: str = "boxes"  # boxes | everything | off
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        """SAM_LABEL_MAP as a dict (stored as pairs so that Settings stays hashable)."""
+        return dict(self.sam_label_map)
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        """(user, password) when Basic auth is configured, else None."""
+        return (self.basic_auth_user, self.basic_auth_pass) if self.basic_auth_user else None
+
+    @property
+    def cache_memory_bytes(self) -> int:
+        return self.sam_cache_memory_mb * 1024 * 1024
+
+    @property
+    def checkpoint_name(self) -> str | None:
+        """The official model name (vit_b, vit_l, vit_h, vit_t) when SAM_CHECKPOINT names one, else None."""
+        key = self.sam_checkpoint.strip().lower()
+        key = CHECKPOINT_ALIASES.get(key, key)
+        return key if key in OFFICIAL_CHECKPOINTS else None
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The checkpoint file: MODEL_DIR/<official file> for an official name, else SAM_CHECKPOINT as a path.
+
+        A bare file name that is not an official name is looked up in MODEL_DIR too, so
+        ``SAM_CHECKPOINT=my_finetune.pth`` works next to the official files.
+        """
+        name = self.checkpoint_name
+        if name is not None:
+            return self.model_dir / OFFICIAL_CHECKPOINTS[name]
+        path = Path(self.sam_checkpoint).expanduser()
+        if not path.is_absolute() and len(path.parts) == 1 and not path.exists():
+            return self.model_dir / path
+        return path
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Settings:
+        """Read and validate every variable; raises SettingsError naming the first bad one."""
+        env = _Env(environ)
+        user, password = env.text("BASIC_AUTH_USER"), env.text("BASIC_AUTH_PASS")
+        if bool(user) != bool(password):
+            missing = "BASIC_AUTH_PASS" if user else "BASIC_AUTH_USER"
+            raise SettingsError(missing, "", "BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together")
+        local_root = env.text("LOCAL_FILES_ROOT") or env.text("LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT")
+        return cls(
+            label_studio_url=env.url("LABEL_STUDIO_URL"),
+            label_studio_api_key=env.text("LABEL_STUDIO_API_KEY"),
+            basic_auth_user=user,
+            basic_auth_pass=password,
+            model_dir=Path(env.text("MODEL_DIR", str(cls.model_dir))).expanduser(),
+            workers=env.integer("WORKERS", cls.workers, minimum=1),
+            threads=env.integer("THREADS", cls.threads, minimum=1),
+            timeout_s=env.integer("TIMEOUT", cls.timeout_s, minimum=0),
+            log_level=env.choice("LOG_LEVEL", cls.log_level, LOG_LEVELS, upper=True),
+            port=env.integer("PORT", cls.port, minimum=1, maximum=65535),
+            host=env.text("HOST", cls.host),
+            sam_checkpoint=env.text("SAM_CHECKPOINT", cls.sam_checkpoint),
+            sam_device=env.device("SAM_DEVICE", cls.sam_device),
+            sam_dtype=env.choice("SAM_DTYPE", cls.sam_dtype, DTYPES),
+            sam_compile=env.flag("SAM_COMPILE", cls.sam_compile),
+            sam_torch_threads=env.integer("SAM_TORCH_THREADS", cls.sam_torch_threads, minimum=0),
+            local_files_root=Path(local_root).expanduser() if local_root else None,
+            image_timeout_s=env.number("IMAGE_TIMEOUT_S", cls.image_timeout_s, positive=True),
+            image_max_bytes=int(env.number("IMAGE_MAX_MB", cls.image_max_bytes / 2**20, positive=True) * 2**20),
+            image_max_pixels=env.integer("IMAGE_MAX_PIXELS", cls.image_max_pixels, minimum=1),
+            redis_url=env.redis_url("REDIS_URL"),
+            sam_cache_memory_mb=env.integer("SAM_CACHE_MEMORY_MB", cls.sam_cache_memory_mb, minimum=0),
+            sam_cache_ttl_s=env.integer("SAM_CACHE_TTL_S", cls.sam_cache_ttl_s, minimum=0),
+            sam_output=env.choice("SAM_OUTPUT", cls.sam_output, OUTPUTS),
+            sam_label_map=tuple(parse_label_map(env.text("SAM_LABEL_MAP")).items()),
+            sam_batch_mode=env.choice("SAM_BATCH_MODE", cls.sam_batch_mode, BATCH_MODES),
+        )
+
+
+class _Env:
+    """Typed reads of one environment mapping; each failure names its variable."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.environ = environ
+
+    def text(self, name: str, default: str = "") -> str:
+        value = self.environ.get(name, "").strip()
+        return value if value else default
+
+    def integer(self, name: str, default: int, minimum: int | None = None, maximum: int | None = None) -> int:
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(name, raw, "expected a whole number") from None
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            bounds = f"at least {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise SettingsError(name, raw, f"expected a whole number {bounds}")
+        return value
+
+    def number(self, name: str, default: float, positive: bool = False) -> float:
+        raw = self.text(name)
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(name, raw, "expected a number") from None
+        if value != value or value in (float("inf"), float("-inf")) or (positive and value <= 0):
+            raise SettingsError(name, raw, "expected a finite number" + (" above 0" if positive else ""))
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if not raw:
+            return default
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise SettingsError(name, raw, "expected one of 1/0, true/false, yes/no")
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...], upper: bool = False) -> str:
+        raw = self.text(name)
+        if not raw:
+            return default
+        value = raw.upper() if upper else raw.lower()
+        if value not in choices:
+            raise SettingsError(name, raw, "expected one of " + ", ".join(choices))
+        return value
+
+    def device(self, name: str, default: str) -> str:
+        raw = self.text(name)
+        if not raw:
+            return default
+        value = raw.lower()
+        if value in DEVICES:
+            return value
+        prefix, _, index = value.partition(":")
+        if prefix == "cuda" and index.isdigit():
+            return value
+        raise SettingsError(name, raw, "expected auto, cpu, cuda or cuda:N")
+
+    def url(self, name: str) -> str:
+        raw = self.text(name)
+        if not raw:
+            return ""
+        if not raw.lower().startswith(("http://", "https://")):
+            raise SettingsError(name, raw, "expected a URL starting with http:// or https://, "
+                                           "e.g. http://label-studio:8080")
+        return raw.rstrip("/")
+
+    def redis_url(self, name: str) -> str:
+        raw = self.text(name)
+        if raw and not raw.lower().startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError(name, raw, "expected a redis://, rediss:// or unix:// URL (empty: no Redis)")
+        return raw

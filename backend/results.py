@@ -1,0 +1,106 @@
+"""Masks and scores -> Label Studio result regions and predictions.
+
+A brush region's RLE must decode to exactly original_width x original_height in the image's unrotated
+frame (the browser decodes it into a buffer of the image's natural size), so both sizes come from the mask
+itself, never from what the request claimed, and ``image_rotation`` is always 0: masks are computed on the
+unrotated image (see ``backend.prompts``).
+
+Which output a project gets follows SAM_OUTPUT and its label config (``LabelConfig.output_tag``): auto
+gives BrushLabels when the config has them, else PolygonLabels.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from collections.abc import Sequence
+
+import numpy as np
+
+from backend import polygons, rle
+from backend.label_config import ControlTag, LabelConfig
+
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_region_id() -> str:
+    """A 10-character random id, the form Label Studio gives its own regions."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
+
+
+def brush_region(mask: np.ndarray, label: str, score: float, config: LabelConfig, *,
+                 tag: ControlTag | None = None, region_id: str | None = None) -> dict:
+    """One ``brushlabels`` region for a (H, W) mask. ``tag`` defaults to the config's BrushLabels."""
+    mask = _check_mask(mask)
+    tag = tag or config.output_tag("brush")
+    height, width = mask.shape
+    return {
+        "id": region_id or new_region_id(),
+        "type": "brushlabels",
+        "from_name": tag.name,
+        "to_name": _to_name(tag, config),
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": {"format": "rle", "rle": rle.encode(mask), "brushlabels": [label]},
+        "score": float(score),
+    }
+
+
+def polygon_regions(mask: np.ndarray, label: str, score: float, config: LabelConfig, *,
+                    tag: ControlTag | None = None, **polygon_options: object) -> list[dict]:
+    """``polygonlabels`` regions for a (H, W) mask: one per connected part, points in percent, closed.
+
+    A mask with several parts becomes several regions (Label Studio polygons have one outline each), all
+    with the same score. An empty mask gives no region. ``polygon_options`` go to
+    ``backend.polygons.mask_to_polygons`` (e.g. simplification tolerance).
+    """
+    mask = _check_mask(mask)
+    tag = tag or config.output_tag("polygon")
+    height, width = mask.shape
+    regions = []
+    for outline in polygons.mask_to_polygons(mask, **polygon_options):
+        regions.append({
+            "id": new_region_id(),
+            "type": "polygonlabels",
+            "from_name": tag.name,
+            "to_name": _to_name(tag, config),
+            "original_width": int(width),
+            "original_height": int(height),
+            "image_rotation": 0,
+            "value": {"points": [[float(x), float(y)] for x, y in outline], "closed": True,
+                      "polygonlabels": [label]},
+            "score": float(score),
+        })
+    return regions
+
+
+def mask_regions(mask: np.ndarray, label: str, score: float, config: LabelConfig,
+                 output: str = "auto") -> list[dict]:
+    """The regions for one mask in the form SAM_OUTPUT (auto | brush | polygon) and the config ask for."""
+    tag = config.output_tag(output)
+    if tag.kind == "BrushLabels":
+        return [brush_region(mask, label, score, config, tag=tag)]
+    return polygon_regions(mask, label, score, config, tag=tag)
+
+
+def prediction(regions: Sequence[dict], model_version: str) -> dict:
+    """One entry of /predict's ``results``: the regions, their mean score (0 when none) and the model."""
+    scores = [float(region["score"]) for region in regions if "score" in region]
+    return {
+        "result": list(regions),
+        "score": float(np.mean(scores)) if scores else 0.0,
+        "model_version": model_version,
+    }
+
+
+def _to_name(tag: ControlTag, config: LabelConfig) -> str:
+    """The Image name a region points to: the tag's toName (the first, if it names several images)."""
+    return tag.to_name.split(",")[0].strip() or config.image.name
+
+
+def _check_mask(mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.shape[0] == 0 or mask.shape[1] == 0:
+        raise ValueError(f"a mask must be a non-empty (H, W) array, got shape {mask.shape}")
+    return mask.astype(bool, copy=False)

@@ -1,0 +1,111 @@
+"""Settings.from_env: defaults, every variable read, and one clear error per bad value."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from backend.config import OFFICIAL_CHECKPOINTS, Settings, SettingsError, parse_label_map
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_from_an_empty_environment() -> None:
+    settings = Settings.from_env({})
+    assert settings == Settings()
+    assert settings.port == 9090 and settings.host == "0.0.0.0"
+    assert settings.sam_device == "auto" and settings.sam_dtype == "auto" and settings.sam_compile is False
+    assert settings.redis_url == "" and settings.basic_auth is None
+    assert settings.sam_output == "auto" and settings.sam_batch_mode == "boxes" and settings.label_map == {}
+    assert settings.checkpoint_path == Path("models") / OFFICIAL_CHECKPOINTS["vit_b"]
+
+
+def test_every_variable_is_read() -> None:
+    env = {
+        "LABEL_STUDIO_URL": "http://label-studio:8080/", "LABEL_STUDIO_API_KEY": "abc",
+        "BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p", "MODEL_DIR": "/data/models", "WORKERS": "2",
+        "THREADS": "8", "TIMEOUT": "120", "LOG_LEVEL": "debug", "PORT": "9091", "HOST": "127.0.0.1",
+        "SAM_CHECKPOINT": "mobile_sam", "SAM_DEVICE": "cuda:1", "SAM_DTYPE": "bf16", "SAM_COMPILE": "yes",
+        "SAM_TORCH_THREADS": "3", "LOCAL_FILES_ROOT": "/data/files", "IMAGE_TIMEOUT_S": "2.5",
+        "IMAGE_MAX_MB": "1.5", "IMAGE_MAX_PIXELS": "1000", "REDIS_URL": "redis://redis:6379/0",
+        "SAM_CACHE_MEMORY_MB": "256", "SAM_CACHE_TTL_S": "60", "SAM_OUTPUT": "Polygon",
+        "SAM_LABEL_MAP": "Click = Car; Tree=Plant;", "SAM_BATCH_MODE": "everything",
+    }
+    s = Settings.from_env(env)
+    assert s.label_studio_url == "http://label-studio:8080"  # trailing slash dropped
+    assert s.label_studio_api_key == "abc" and s.basic_auth == ("u", "p")
+    assert (s.workers, s.threads, s.timeout_s, s.log_level, s.port, s.host) == (2, 8, 120, "DEBUG", 9091,
+                                                                                "127.0.0.1")
+    assert s.checkpoint_name == "vit_t" and s.checkpoint_path == Path("/data/models/mobile_sam.pt")
+    assert (s.sam_device, s.sam_dtype, s.sam_compile, s.sam_torch_threads) == ("cuda:1", "bf16", True, 3)
+    assert s.local_files_root == Path("/data/files")
+    assert s.image_timeout_s == 2.5 and s.image_max_bytes == int(1.5 * 2**20) and s.image_max_pixels == 1000
+    assert s.redis_url == "redis://redis:6379/0"
+    assert s.sam_cache_memory_mb == 256 and s.cache_memory_bytes == 256 * 2**20 and s.sam_cache_ttl_s == 60
+    assert s.sam_output == "polygon" and s.sam_batch_mode == "everything"
+    assert s.label_map == {"Click": "Car", "Tree": "Plant"}
+    hash(s)  # frozen and hashable: safe to share between threads
+
+
+def test_empty_values_count_as_unset() -> None:
+    assert Settings.from_env({"PORT": "", "SAM_DEVICE": " ", "REDIS_URL": ""}) == Settings()
+
+
+def test_checkpoint_paths(tmp_path: Path) -> None:
+    assert Settings.from_env({"SAM_CHECKPOINT": "VIT_H", "MODEL_DIR": str(tmp_path)}).checkpoint_path == \
+        tmp_path / "sam_vit_h_4b8939.pth"
+    custom = tmp_path / "mine.pth"
+    assert Settings.from_env({"SAM_CHECKPOINT": str(custom)}).checkpoint_path == custom
+    settings = Settings.from_env({"SAM_CHECKPOINT": "finetune.pth", "MODEL_DIR": str(tmp_path)})
+    assert settings.checkpoint_name is None and settings.checkpoint_path == tmp_path / "finetune.pth"
+
+
+@pytest.mark.parametrize("raw, expected", [("1", True), ("true", True), ("YES", True), ("on", True),
+                                           ("0", False), ("False", False), ("no", False)])
+def test_booleans(raw: str, expected: bool) -> None:
+    assert Settings.from_env({"SAM_COMPILE": raw}).sam_compile is expected
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("PORT", "http"), ("PORT", "70000"), ("WORKERS", "0"), ("THREADS", "2.5"), ("LOG_LEVEL", "loud"),
+    ("SAM_DEVICE", "gpu"), ("SAM_DEVICE", "cuda:x"), ("SAM_DTYPE", "fp8"), ("SAM_COMPILE", "maybe"),
+    ("SAM_TORCH_THREADS", "-1"), ("IMAGE_TIMEOUT_S", "0"), ("IMAGE_TIMEOUT_S", "nan"), ("IMAGE_MAX_MB", "x"),
+    ("IMAGE_MAX_PIXELS", "0"), ("REDIS_URL", "localhost:6379"), ("SAM_CACHE_MEMORY_MB", "-5"),
+    ("SAM_OUTPUT", "mask"), ("SAM_BATCH_MODE", "all"), ("SAM_LABEL_MAP", "Click"),
+    ("SAM_LABEL_MAP", "Click=;"), ("LABEL_STUDIO_URL", "localhost:8080"),
+])
+def test_invalid_values_name_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({variable: value})
+    assert caught.value.variable == variable
+    assert str(caught.value).startswith(f"{variable}={value!r} is invalid: ")
+
+
+def test_basic_auth_needs_both_halves() -> None:
+    with pytest.raises(SettingsError, match="BASIC_AUTH_PASS"):
+        Settings.from_env({"BASIC_AUTH_USER": "u"})
+    with pytest.raises(SettingsError, match="BASIC_AUTH_USER"):
+        Settings.from_env({"BASIC_AUTH_PASS": "p"})
+
+
+def test_label_studio_local_files_variable_is_a_fallback() -> None:
+    env = {"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": "/ls"}
+    assert Settings.from_env(env).local_files_root == Path("/ls")
+    assert Settings.from_env({**env, "LOCAL_FILES_ROOT": "/ours"}).local_files_root == Path("/ours")
+
+
+def test_label_map_keeps_case_and_trims_spaces() -> None:
+    assert parse_label_map(" a b = C ;;x=y") == {"a b": "C", "x": "y"}
+
+
+def test_every_field_is_documented() -> None:
+    """docs/configuration.md has a table row for each variable Settings reads."""
+    doc = (REPO_ROOT / "docs" / "configuration.md").read_text()
+    rows = set(re.findall(r"^\|\s*`([A-Z_]+)`", doc, flags=re.MULTILINE))
+    source = (REPO_ROOT / "backend" / "config.py").read_text()
+    read = set(re.findall(r'env\.\w+\("([A-Z_]+)"', source))
+    assert len(read) >= len(fields(Settings)), "every Settings field comes from a variable"
+    assert read <= rows, f"undocumented: {sorted(read - rows)}"

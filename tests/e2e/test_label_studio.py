@@ -1,0 +1,309 @@
+"""End to end: a real Label Studio 1.23.2 talking to a real `sam-backend serve` over HTTP.
+
+What only this test can show: Label Studio accepts the backend (health, setup, model_version), forwards the
+smart tools' regions to it, takes our brush result back as the suggestion the browser shows, and stores
+"Retrieve predictions" answers as one prediction per task. The masks are compared pixel for pixel with
+``model.Predictor`` on the same checkpoint and the same image, so a wrong coordinate conversion, a
+transposed RLE or a mask of the wrong orientation fails here even when every part passes its own tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle
+from PIL import Image, ImageDraw, ImageOps
+
+from tests.conftest import FIXTURES_DIR
+from tests.e2e.conftest import LabelStudio, SamBackend
+
+pytestmark = pytest.mark.e2e
+
+LABEL = "Object"
+
+
+def label_config() -> str:
+    """BrushLabels + smart KeyPointLabels + smart RectangleLabels: the config recorded from Label Studio."""
+    return json.loads((FIXTURES_DIR / "setup.json").read_text())["body"]["schema"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# images
+
+
+@dataclass(frozen=True)
+class SceneImage:
+    path: Path
+    pixels: np.ndarray  # HxWx3 uint8 RGB as the browser shows it (EXIF orientation applied)
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[1]
+
+
+def _scene(width: int, height: int, seed: int) -> Image.Image:
+    """A textured background with an ellipse and a rectangle: something with edges for the model to see."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 60, size=(height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(noise + np.array([40, 90, 60], dtype=np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse([width * 0.3, height * 0.3, width * 0.7, height * 0.7], fill=(220, 40, 40))
+    draw.rectangle([width * 0.05, height * 0.05, width * 0.25, height * 0.2], fill=(30, 30, 210))
+    return image
+
+
+def make_images(directory: Path) -> list[SceneImage]:
+    """A landscape PNG, an upright portrait JPEG, and a JPEG stored landscape with EXIF orientation 6 (the
+    phone-camera case: the browser shows it portrait, so the mask must be portrait too)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    landscape = directory / "landscape.png"
+    _scene(320, 240, seed=1).save(landscape)
+    portrait = directory / "portrait.jpg"
+    _scene(192, 256, seed=2).save(portrait, quality=92)
+    rotated = directory / "exif_rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    _scene(256, 160, seed=3).save(rotated, quality=92, exif=exif)
+    images = []
+    for path in (landscape, portrait, rotated):
+        with Image.open(path) as image:
+            pixels = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        images.append(SceneImage(path, pixels))
+    assert images[2].pixels.shape[:2] == (256, 160)  # displayed portrait although stored landscape
+    return images
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the reference: model.Predictor in this process, on the same checkpoint
+
+
+class Reference:
+    """What the backend should answer, computed with ``model.Predictor`` directly on the same checkpoint."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        import torch
+
+        from model import Predictor, load
+
+        torch.set_num_threads(1)
+        self.sam = load(checkpoint, device="cpu", dtype=torch.float32)
+        self.predictor = Predictor(self.sam)
+        self._embeddings: dict[Path, Any] = {}
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.sam.name}-{self.sam.fingerprint[:8]}"
+
+    def embedding(self, image: SceneImage) -> Any:
+        if image.path not in self._embeddings:
+            self._embeddings[image.path] = self.predictor.embed(image.pixels)
+        return self._embeddings[image.path]
+
+    def mask(self, image: SceneImage, points: list[tuple[float, float]] | None = None,
+             box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+        """SAM's rule for one object: a single click is ambiguous, so the best of three by predicted IoU;
+        anything more specific gives one mask."""
+        coords = np.asarray(points, dtype=np.float32).reshape(-1, 2) if points else None
+        labels = np.ones(len(coords), dtype=np.int32) if coords is not None else None
+        box_array = np.asarray(box, dtype=np.float32) if box is not None else None
+        single_click = coords is not None and len(coords) == 1 and box is None
+        prediction = self.predictor.predict(self.embedding(image), points=coords, labels=labels, box=box_array,
+                                            multimask=single_click)
+        return prediction.masks[int(np.argmax(prediction.scores))]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Label Studio regions, as the smart tools send them (percent of the displayed image)
+
+
+def keypoint_region(image: SceneImage, x_px: float, y_px: float, region_id: str = "kp1") -> dict[str, Any]:
+    return {
+        "id": region_id, "from_name": "kp", "to_name": "image", "type": "keypointlabels", "origin": "manual",
+        "original_width": image.width, "original_height": image.height, "image_rotation": 0,
+        "is_positive": True,
+        "value": {"x": 100.0 * x_px / image.width, "y": 100.0 * y_px / image.height, "width": 0.26,
+                  "labels": [LABEL], "keypointlabels": [LABEL]},
+    }
+
+
+def rectangle_region(image: SceneImage, box: tuple[float, float, float, float], region_id: str = "rc1",
+                     from_name: str = "rect") -> dict[str, Any]:
+    x0, y0, x1, y1 = box
+    return {
+        "id": region_id, "from_name": from_name, "to_name": "image", "type": "rectanglelabels",
+        "origin": "manual", "original_width": image.width, "original_height": image.height,
+        "image_rotation": 0,
+        "value": {"x": 100.0 * x0 / image.width, "y": 100.0 * y0 / image.height,
+                  "width": 100.0 * (x1 - x0) / image.width, "height": 100.0 * (y1 - y0) / image.height,
+                  "rotation": 0, "labels": [LABEL], "rectanglelabels": [LABEL]},
+    }
+
+
+def decode_brush(region: dict[str, Any], image: SceneImage) -> np.ndarray:
+    """The mask the browser would paint: Label Studio's own decoder, alpha channel, displayed size."""
+    assert region["type"] == "brushlabels", region
+    assert region["from_name"] == "brush" and region["to_name"] == "image", region
+    assert region["value"]["brushlabels"] == [LABEL], region
+    assert (region["original_width"], region["original_height"]) == (image.width, image.height), region
+    flat = decode_rle(region["value"]["rle"])
+    assert flat.size == image.height * image.width * 4, (
+        f"RLE holds {flat.size} values, a {image.width}x{image.height} RGBA buffer needs "
+        f"{image.height * image.width * 4}")
+    return flat.reshape(image.height, image.width, 4)[:, :, 3] > 0
+
+
+def assert_same_mask(got: np.ndarray, expected: np.ndarray, what: str) -> None:
+    assert got.shape == expected.shape, f"{what}: mask {got.shape} vs reference {expected.shape}"
+    differ = int((got != expected).sum())
+    assert differ == 0, (f"{what}: {differ} of {got.size} pixels differ from model.Predictor "
+                         f"(backend {int(got.sum())} px set, reference {int(expected.sum())} px)")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.checkpoints import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("checkpoint") / "sam_tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path) -> Reference:
+    return Reference(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def sam_backend(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path,
+                label_studio: LabelStudio) -> Iterator[SamBackend]:
+    backend = SamBackend(tmp_path_factory.mktemp("sam-backend"), checkpoint, label_studio)
+    backend.start()
+    try:
+        yield backend
+    finally:
+        backend.stop()
+
+
+@dataclass(frozen=True)
+class Project:
+    id: int
+    ml_backend: int
+    images: list[SceneImage]
+    tasks: list[dict[str, Any]]  # in the order of `images`
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, label_studio: LabelStudio,
+            sam_backend: SamBackend) -> Project:
+    """A project with the three images uploaded through Label Studio and our backend connected to it."""
+    images = make_images(tmp_path_factory.mktemp("images"))
+    project_id = label_studio.create_project("SAM e2e", label_config())
+    tasks = label_studio.upload_images(project_id, [image.path for image in images])
+    by_name = {}
+    for task in tasks:
+        stored = task["data"]["image"]
+        by_name[next(image.path.name for image in images if stored.endswith(image.path.name))] = task
+    ml = label_studio.add_ml_backend(project_id, sam_backend.url)
+    assert ml.get("state") in ("CO", "TR", "PR"), f"Label Studio did not connect the backend: {ml}"
+    return Project(project_id, ml["id"], images, [by_name[image.path.name] for image in images])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# tests
+
+
+def test_label_studio_connects_the_backend(label_studio: LabelStudio, sam_backend: SamBackend,
+                                           project: Project) -> None:
+    """Adding the backend runs /health and /setup; Label Studio then lists it as connected and interactive."""
+    ml = label_studio.request("GET", f"/api/ml/{project.ml_backend}")
+    assert ml["state"] == "CO", ml
+    assert ml["is_interactive"] is True, ml
+    assert ml["url"].rstrip("/") == sam_backend.url, ml
+
+
+@pytest.mark.parametrize("prompt", ["keypoint", "rectangle", "keypoint_and_rectangle"])
+def test_interactive_annotating_returns_the_predictor_mask(label_studio: LabelStudio, project: Project,
+                                                           reference: Reference, prompt: str) -> None:
+    """A smart keypoint, a smart rectangle, and both: Label Studio hands back our brush mask, which equals
+    model.Predictor's mask for the same prompt, at the displayed size of every image (EXIF included)."""
+    for image, task in zip(project.images, project.tasks, strict=True):
+        # Whole-pixel positions on exact percentages keep the percent -> pixel round trip exact.
+        point = (image.width // 2, image.height // 2)
+        box = (image.width // 4, image.height // 4, 3 * image.width // 4, 3 * image.height // 4)
+        regions, points, expected_box = [], None, None
+        if "keypoint" in prompt:
+            regions.append(keypoint_region(image, *point))
+            points = [point]
+        if "rectangle" in prompt:
+            regions.append(rectangle_region(image, box))
+            expected_box = box
+        answer = label_studio.interactive_annotating(project.ml_backend, task["id"], regions)
+        assert "errors" not in answer, f"{image.path.name}: {answer}"
+        result = answer["data"]["result"]
+        brushes = [region for region in result if region["type"] == "brushlabels"]
+        assert len(brushes) == 1, f"{image.path.name}: expected one brush region, got {result}"
+        got = decode_brush(brushes[0], image)
+        assert got.any(), f"{image.path.name}: empty mask"
+        assert_same_mask(got, reference.mask(image, points=points, box=expected_box),
+                         f"{prompt} on {image.path.name}")
+
+
+def test_interactive_annotating_reports_bad_regions(label_studio: LabelStudio, project: Project) -> None:
+    """A rectangle with no area is refused with a message Label Studio passes on, not a stack trace."""
+    image, task = project.images[0], project.tasks[0]
+    flat = rectangle_region(image, (10, 10, 10, 10))
+    answer = label_studio.interactive_annotating(project.ml_backend, task["id"], [flat])
+    assert "errors" in answer, answer
+    text = json.dumps(answer["errors"])
+    assert "rectangle" in text and "Traceback" not in text, text
+
+
+def test_retrieve_predictions_stores_one_brush_prediction_per_task(
+        tmp_path_factory: pytest.TempPathFactory, label_studio: LabelStudio, sam_backend: SamBackend,
+        reference: Reference) -> None:
+    """Bulk pre-annotation: tasks that carry rectangle predictions (from a detector, say) get SAM masks
+    through the Data Manager's "Retrieve predictions", stored under our backend's model_version."""
+    images = make_images(tmp_path_factory.mktemp("batch-images"))
+    project_id = label_studio.create_project("SAM e2e batch", label_config())
+    tasks = label_studio.upload_images(project_id, [image.path for image in images])
+    image_of_task = {}
+    boxes = {}
+    for task in tasks:
+        image = next(image for image in images if task["data"]["image"].endswith(image.path.name))
+        box = (image.width // 5, image.height // 5, 4 * image.width // 5, 4 * image.height // 5)
+        label_studio.request("POST", "/api/predictions", json={
+            "task": task["id"], "model_version": "detector-v1", "score": 0.5,
+            "result": [rectangle_region(image, box, region_id=f"det{task['id']}")],
+        })
+        image_of_task[task["id"]] = image
+        boxes[task["id"]] = box
+    ml = label_studio.add_ml_backend(project_id, sam_backend.url)
+    assert ml.get("state") == "CO", ml
+
+    label_studio.retrieve_predictions(project_id)
+
+    ours = [p for p in label_studio.predictions(project_id) if p["model_version"] == reference.model_version]
+    versions = sorted({p["model_version"] for p in label_studio.predictions(project_id)})
+    assert sorted(p["task"] for p in ours) == sorted(image_of_task), (
+        f"expected one prediction per task with model_version {reference.model_version!r}; "
+        f"Label Studio holds versions {versions}; backend log:\n{sam_backend.log.read_text()[-3000:]}")
+    for prediction in ours:
+        image = image_of_task[prediction["task"]]
+        brushes = [region for region in prediction["result"] if region["type"] == "brushlabels"]
+        assert len(brushes) == 1, prediction["result"]
+        got = decode_brush(brushes[0], image)
+        expected = reference.predictor.predict_boxes(reference.embedding(image),
+                                                     np.asarray([boxes[prediction["task"]]], np.float32))
+        assert_same_mask(got, expected.masks[0], f"box prediction on {image.path.name}")

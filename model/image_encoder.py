@@ -1,0 +1,187 @@
+"""SAM's ViT image encoder (ViT-B/L/H and custom sizes) in Meta's ``ImageEncoderViT`` layout.
+
+State-dict keys are identical to Meta's so ``sam_vit_*.pth`` load with ``strict=True``. What differs
+is how attention runs: Meta multiplies q and k by hand, adds the decomposed relative-position terms to
+the full attention matrix and applies softmax in separate passes. Here the relative-position terms are
+turned into an additive float bias and handed to ``F.scaled_dot_product_attention`` together with q, k
+and v, so the fused kernel does scale, bias, softmax and the product with v in one go. On CPU that is
+where most of the encoder speed-up comes from.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.common import LayerNorm2d, MLPBlock
+
+# Upper bound on elements of one attention-bias chunk (fp32: 128 MiB). A global-attention block of
+# ViT-H at 1024 px would otherwise need 16 heads x 4096 x 4096 floats = 1 GiB at once.
+_MAX_BIAS_ELEMENTS = 1 << 25
+
+
+class PatchEmbed(nn.Module):
+    """Image to patch tokens: a strided convolution, output channels-last (B, H, W, C)."""
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Relative-position embeddings for every (query, key) pair along one axis: (q_size, k_size, C).
+
+    The table is linearly resampled when it was trained for another size, as in Meta's code.
+    """
+    max_rel_dist = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != max_rel_dist:
+        resized = F.interpolate(rel_pos.t().unsqueeze(0).float(), size=max_rel_dist, mode="linear")
+        rel_pos = resized.squeeze(0).t().to(rel_pos.dtype)
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[relative.long()]
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a (B, H, W, C) grid with decomposed relative positions."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, use_rel_pos: bool = True,
+                 input_size: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            if input_size is None:
+                raise ValueError("relative positions need the input size of the attention grid")
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
+
+    def rel_pos_bias(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The additive attention bias (N, h*w, h*w) for queries q (N, h*w, C), N = batch x heads.
+
+        Meta adds ``q . R_h[qh, kh]`` and ``q . R_w[qw, kw]`` to the logits; both only depend on one
+        key axis each, so they are computed small and broadcast into the full matrix here.
+        """
+        rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)
+        rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)
+        r_q = q.reshape(q.shape[0], h, w, -1)
+        rel_h = torch.einsum("nhwc,hkc->nhwk", r_q, rh)
+        rel_w = torch.einsum("nhwc,wkc->nhwk", r_q, rw)
+        bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+        return bias.reshape(q.shape[0], h * w, h * w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        n = h * w
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, b * self.num_heads, n, -1).unbind(0)
+        if not self.use_rel_pos:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            # Chunk over (batch x heads) so the bias of a global block stays bounded in memory.
+            step = max(1, _MAX_BIAS_ELEMENTS // (n * n))
+            outs = []
+            for start in range(0, q.shape[0], step):
+                qs = q[start:start + step]
+                bias = self.rel_pos_bias(qs, h, w)
+                outs.append(F.scaled_dot_product_attention(qs, k[start:start + step], v[start:start + step],
+                                                           attn_mask=bias))
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        out = out.reshape(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        return self.proj(out)
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Split (B, H, W, C) into (B * windows, ws, ws, C), zero-padding H and W up to a multiple of ws."""
+    b, h, w, c = x.shape
+    pad_h = (window_size - h % window_size) % window_size
+    pad_w = (window_size - w % window_size) % window_size
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // window_size, window_size, wp // window_size, window_size, c)
+    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
+    return windows, (hp, wp)
+
+
+def window_unpartition(windows: torch.Tensor, window_size: int, padded_hw: tuple[int, int],
+                       hw: tuple[int, int]) -> torch.Tensor:
+    """Inverse of ``window_partition``: back to (B, H, W, C) without the padding."""
+    hp, wp = padded_hw
+    h, w = hw
+    b = windows.shape[0] // ((hp // window_size) * (wp // window_size))
+    x = windows.view(b, hp // window_size, wp // window_size, window_size, window_size, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+    if hp > h or wp > w:
+        x = x[:, :h, :w, :].contiguous()
+    return x
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; windowed attention when ``window_size`` > 0, else global."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 use_rel_pos: bool = True, window_size: int = 0,
+                 input_size: tuple[int, int] | None = None) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, use_rel_pos=use_rel_pos,
+                              input_size=input_size if window_size == 0 else (window_size, window_size))
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
+        self.window_size = window_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size > 0:
+            h, w = x.shape[1], x.shape[2]
+            x, padded = window_partition(x, self.window_size)
+            x = window_unpartition(self.attn(x), self.window_size, padded, (h, w))
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class ImageEncoderViT(nn.Module):
+    """ViT backbone + neck: (B, 3, S, S) normalised, padded image -> (B, out_chans, S/p, S/p)."""
+
+    def __init__(self, img_size: int = 1024, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, out_chans: int = 256,
+                 qkv_bias: bool = True, use_abs_pos: bool = True, use_rel_pos: bool = True,
+                 window_size: int = 14, global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)) -> None:
+        super().__init__()
+        self.img_size = img_size
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.pos_embed: nn.Parameter | None = None
+        if use_abs_pos:
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, use_rel_pos,
+                  window_size=0 if i in global_attn_indexes else window_size, input_size=(grid, grid))
+            for i in range(depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.neck(x.permute(0, 3, 1, 2))

@@ -1,0 +1,143 @@
+"""``Predictor``: stateless image embedding and prompt decoding on one ``Sam``.
+
+Meta's ``SamPredictor`` keeps the current image in the object (``set_image``), so one predictor
+shared by several request threads can answer a click with a mask computed on someone else's image.
+Here the embedding is a value the caller holds and passes back: a ``Predictor`` has no per-image
+state, and any number of threads may use it with different embeddings at the same time.
+
+Coordinates are pixels of the ORIGINAL image everywhere; the mapping into the encoder's frame
+happens inside, as Meta's ``predict`` does it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model import runtime
+from model.embedding import Embedding
+from model.sam import Sam
+from model.transforms import as_rgb, normalize_and_pad, postprocess_masks, resize_longest_side, scale_coords
+
+
+@dataclass(frozen=True)
+class Prediction:
+    masks: np.ndarray  # (K, H, W) bool, original image size
+    scores: np.ndarray  # (K,) float32 predicted IoU
+    low_res_logits: np.ndarray  # (K, 4h, 4w) float32: 256x256 for official checkpoints
+
+
+def _array(value: object, name: str, shape: tuple[int | None, ...]) -> np.ndarray:
+    """``value`` as a finite float64 array of ``shape`` (None = any length), else ValueError."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be numeric") from exc
+    if array.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, array.shape, strict=False)):
+        want = "x".join("N" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name} must have shape {want}, not {'x'.join(map(str, array.shape)) or 'scalar'}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} must be finite")
+    return array
+
+
+class Predictor:
+    def __init__(self, sam: Sam) -> None:
+        self.sam = sam
+        self.device = sam.device
+        # The positional encoding of the embedding grid does not depend on the prompt: compute it once.
+        with torch.inference_mode():
+            self._dense_pe = sam.prompt_encoder.get_dense_pe().to(self.device)
+        self._mask_input_size = sam.prompt_encoder.mask_input_size
+
+    def embed(self, image: np.ndarray) -> Embedding:
+        """Run the image encoder on an HxWx3 uint8 RGB image (grayscale and RGBA are converted)."""
+        rgb = as_rgb(image)
+        resized = resize_longest_side(rgb, self.sam.image_size)
+        with runtime.autocast(self.device, self.sam.dtype):
+            x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).unsqueeze(0).float()
+            x = normalize_and_pad(x, self.sam.pixel_mean, self.sam.pixel_std, self.sam.image_size)
+            features = self.sam.encode(x).float()
+        return Embedding(features=features.clone(), original_size=(rgb.shape[0], rgb.shape[1]),
+                         input_size=(resized.shape[0], resized.shape[1]), fingerprint=self.sam.fingerprint)
+
+    def predict(self, embedding: Embedding, points: object = None, labels: object = None, box: object = None,
+                mask_input: object = None, multimask: bool = True) -> Prediction:
+        """Masks for one object from any mix of points (N,2) xy + labels (N,) 1/0, a box (4,) xyxy and
+        the low-res logits of an earlier round ((1,h,w) or (h,w)). K = 3 masks if multimask, else 1."""
+        coords_t = labels_t = box_t = mask_t = None
+        if points is not None or labels is not None:
+            if points is None or labels is None:
+                raise ValueError("points and labels must be given together")
+            coords = _array(points, "points", (None, 2))
+            label_array = _array(labels, "labels", (coords.shape[0],))
+            if not np.isin(label_array, (0, 1)).all():
+                raise ValueError("labels must be 1 (foreground) or 0 (background)")
+            if coords.shape[0] == 0:
+                raise ValueError("points is empty")
+            coords_t = torch.from_numpy(coords).unsqueeze(0)
+            labels_t = torch.from_numpy(label_array.astype(np.int64)).unsqueeze(0)
+        if box is not None:
+            box_t = torch.from_numpy(_array(box, "box", (4,))).unsqueeze(0)
+        if mask_input is not None:
+            h, w = self._mask_input_size
+            mask = _array(mask_input, "mask_input", (1, h, w) if np.ndim(mask_input) == 3 else (h, w))
+            mask_t = torch.from_numpy(mask.astype(np.float32)).reshape(1, 1, h, w)
+        if coords_t is None and box_t is None and mask_t is None:
+            raise ValueError("give at least one prompt: points, a box or mask_input")
+        masks, scores, low_res = self.predict_torch(embedding, coords_t, labels_t, box_t, mask_t, multimask)
+        return Prediction(masks=masks[0].cpu().numpy(), scores=scores[0].float().cpu().numpy(),
+                          low_res_logits=low_res[0].float().cpu().numpy())
+
+    def predict_boxes(self, embedding: Embedding, boxes: object) -> Prediction:
+        """One mask per box (N,4) xyxy, all in one decoder call.
+
+        Boxes are unambiguous prompts, so each gets the decoder's single-mask output (Meta's
+        ``multimask_output=False``), as Meta does for batched boxes.
+        """
+        box_array = _array(boxes, "boxes", (None, 4))
+        h, w = embedding.original_size
+        if box_array.shape[0] == 0:
+            lh, lw = self._mask_input_size
+            return Prediction(masks=np.zeros((0, h, w), bool), scores=np.zeros(0, np.float32),
+                              low_res_logits=np.zeros((0, lh, lw), np.float32))
+        masks, scores, low_res = self.predict_torch(embedding, boxes=torch.from_numpy(box_array), multimask=False)
+        return Prediction(masks=masks[:, 0].cpu().numpy(), scores=scores[:, 0].float().cpu().numpy(),
+                          low_res_logits=low_res[:, 0].float().cpu().numpy())
+
+    def predict_torch(self, embedding: Embedding, point_coords: torch.Tensor | None = None,
+                      point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
+                      mask_input: torch.Tensor | None = None, multimask: bool = True,
+                      return_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batched decoding, B prompts on one embedding; coordinates in original image pixels.
+
+        point_coords (B,N,2), point_labels (B,N), boxes (B,4), mask_input (B,1,4h,4w). Returns masks
+        (B,K,H,W) (bool, or float logits if ``return_logits``), IoU predictions (B,K) and low-res
+        logits (B,K,4h,4w), all on the model's device.
+        """
+        if embedding.fingerprint != self.sam.fingerprint:
+            raise ValueError(f"the embedding was made by model {embedding.fingerprint!r}, "
+                             f"not by this one ({self.sam.fingerprint!r})")
+        device = self.device
+        original, resized = embedding.original_size, embedding.input_size
+        points = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_labels must be given with point_coords")
+            coords = scale_coords(point_coords.to(device), original, resized)
+            points = (coords, point_labels.to(device=device, dtype=torch.int64))
+        if boxes is not None:
+            boxes = scale_coords(boxes.to(device).reshape(-1, 2, 2), original, resized).reshape(-1, 4)
+        if mask_input is not None:
+            mask_input = mask_input.to(device=device, dtype=torch.float32)
+        with runtime.autocast(device, self.sam.dtype):
+            sparse, dense = self.sam.prompt_encoder(points, boxes, mask_input)
+            low_res, iou = self.sam.mask_decoder(embedding.features.to(device), self._dense_pe, sparse, dense,
+                                                 multimask)
+            low_res = low_res.float()
+            masks = postprocess_masks(low_res, self.sam.image_size, resized, original)
+            if not return_logits:
+                masks = masks > self.sam.mask_threshold
+        return masks, iou.float(), low_res

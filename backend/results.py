@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from backend import polygons, rle
+from backend import rle
 from backend.label_config import ControlTag, LabelConfig
 
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -55,6 +55,9 @@ def polygon_regions(mask: np.ndarray, label: str, score: float, config: LabelCon
     with the same score. An empty mask gives no region. ``polygon_options`` go to
     ``backend.polygons.mask_to_polygons`` (e.g. simplification tolerance).
     """
+    # Imported here: tracing outlines needs OpenCV, which brush-only deployments never load.
+    from backend import polygons
+
     mask = _check_mask(mask)
     tag = tag or config.output_tag("polygon")
     height, width = mask.shape

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle
+from label_studio_sdk.label_interface import LabelInterface
 
 from backend.errors import LabelConfigError
 from backend.label_config import LabelConfig, parse_label_config
@@ -88,6 +89,16 @@ def test_prediction_score_is_the_mean_of_its_regions(config: LabelConfig) -> Non
     assert prediction([], "v") == {"result": [], "score": 0.0, "model_version": "v"}
 
 
+def test_label_studio_sdk_accepts_the_prediction(fixtures_dir: Path, config: LabelConfig) -> None:
+    """Label Studio's own validator, on the project's real config, accepts what we answer."""
+    body = json.loads((fixtures_dir / "predict_interactive_keypoint_api.json").read_text())["body"]
+    interface = LabelInterface(body["label_config"])
+    answer = prediction(mask_regions(disc(), "Object", 0.9, config), "v1")
+    assert interface.validate_prediction(answer, return_errors=True) == []
+    wrong = prediction(mask_regions(disc(), "Car", 0.9, config), "v1")  # the oracle does catch mistakes
+    assert interface.validate_prediction(wrong, return_errors=True) != []
+
+
 # -- polygons (the outline tracer lives in backend.polygons)
 
 
@@ -113,4 +124,6 @@ def test_polygon_regions_one_per_part_in_percent() -> None:
     np.testing.assert_allclose(lo, [25, 25], atol=0.5)
     np.testing.assert_allclose(hi, [50, 75], atol=0.5)
     assert mask_regions(mask, "Object", 0.7, config)[0]["type"] == "polygonlabels"  # auto -> polygon
+    answer = prediction(regions, "v1")
+    assert LabelInterface(POLYGON_CONFIG).validate_prediction(answer, return_errors=True) == []
     assert polygon_regions(np.zeros((H, W), bool), "Object", 0.7, config) == []

@@ -23,6 +23,7 @@ pointer doubling (``_chunk_starts``): log2(chunks) numpy passes per window of th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +34,7 @@ CHANNELS = 4
 WORD_SIZE = 8
 RUN_SIZES = (3, 4, 8, 16)
 _HEADER_BITS = 32 + 5 + 4 * 4
+_HEAD_BITS = 1 + 2 + 16  # a chunk's flag, size class and longest count field
 _MAX_REPEAT = 1 << 16
 _FOREGROUND = 255
 # Bit positions examined per pointer-doubling pass of the decoder: big enough that the per-window numpy
@@ -90,28 +92,27 @@ def decode_runs(rle: Sequence[int] | bytes | np.ndarray, expected_count: int | N
     are not a well-formed stream.
     """
     data = _as_bytes(rle)
-    total_bits = data.size * 8
-    if total_bits < _HEADER_BITS:
+    if data.size * 8 < _HEADER_BITS:
         raise ValueError(f"RLE is {data.size} bytes long: too short for its {_HEADER_BITS}-bit header")
-    padded = np.concatenate((data, np.zeros(8, dtype=np.uint8)))
-    num = int(_read(padded, np.array([0]), 32)[0])
-    word_size = int(_read(padded, np.array([32]), 5)[0]) + 1
-    sizes = _read(padded, 37 + 4 * np.arange(4), 4).astype(np.int64) + 1
+    bits = _Bits(data)
+    num = int(bits.read(np.array([0]), 32)[0])
+    word_size = int(bits.read(np.array([32]), 5)[0]) + 1
+    sizes = bits.read(37 + 4 * np.arange(4), 4).astype(np.int64) + 1
     if expected_count is not None and num != expected_count:
         raise ValueError(f"RLE holds {num} values where {expected_count} are expected "
                          f"({CHANNELS} per pixel): the size is wrong or this is not a brush RLE")
     if num == 0:
         return 0, np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
 
-    starts = _chunk_starts(padded, total_bits, num, word_size, sizes)
-    repeat, size, count = _chunk_fields(padded, starts, sizes)
+    starts = _chunk_starts(bits, num, word_size, sizes)
+    repeat, size, count = _chunk_fields(bits, starts, sizes)
     first_word = starts + 3 + size
     # Every chunk as runs: a repeat is one run of `count` values, a literal is `count` runs of one value.
     runs_per_chunk = np.where(repeat, 1, count)
     chunk_of_run = np.repeat(np.arange(starts.size), runs_per_chunk)
     first_run = np.cumsum(runs_per_chunk) - runs_per_chunk
     index_in_chunk = np.arange(chunk_of_run.size) - first_run[chunk_of_run]
-    run_values = _read(padded, first_word[chunk_of_run] + index_in_chunk * word_size, word_size)
+    run_values = bits.read(first_word[chunk_of_run] + index_in_chunk * word_size, word_size)
     run_lengths = np.where(repeat[chunk_of_run], count[chunk_of_run], 1)
     return num, run_values, run_lengths
 
@@ -145,30 +146,42 @@ def _encode_runs(values: np.ndarray, lengths: np.ndarray, num: int) -> np.ndarra
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     values = np.asarray(values, dtype=np.uint64)
-    pieces = np.where(lengths > 256, (lengths - 1) // _MAX_REPEAT + 1, 1)
-    chunk_values = np.repeat(values, pieces)
-    chunk_lengths = np.repeat(lengths, pieces)
-    last_piece = np.cumsum(pieces) - 1
-    is_full = np.ones(chunk_lengths.size, dtype=bool)
-    is_full[last_piece] = False
-    long_chunk = chunk_lengths > 256
-    chunk_lengths = np.where(long_chunk & is_full, _MAX_REPEAT, chunk_lengths)
-    chunk_lengths[last_piece] -= (pieces - 1) * _MAX_REPEAT
-
-    # class k per chunk (repeats), flag 0 and class 0 with count 1 for a single value (a literal).
-    size_class = np.select([long_chunk, chunk_lengths > 16, chunk_lengths > 8], [3, 2, 1], 0)
-    count_bits = np.asarray(RUN_SIZES, dtype=np.int64)[size_class]
-    flag = np.where(long_chunk | (chunk_lengths > 1), 1, 0).astype(np.uint64)
-    code_bits = 3 + count_bits + WORD_SIZE
-    codes = ((flag << np.uint64(2) | size_class.astype(np.uint64)) << count_bits.astype(np.uint64)
-             | (chunk_lengths - 1).astype(np.uint64))
-    codes = codes << np.uint64(WORD_SIZE) | chunk_values
+    long_run = lengths > 256
+    if long_run.any():
+        # A run over 256 is written as class-3 repeats (16-bit count field, even for a short rest):
+        # ceil(length / 65536) of them, all 65,536 long but the last.
+        pieces = np.where(long_run, (lengths - 1) // _MAX_REPEAT + 1, 1)
+        last_piece = np.cumsum(pieces) - 1
+        values = np.repeat(values, pieces)
+        long_run = np.repeat(long_run, pieces)
+        split = np.full(values.size, _MAX_REPEAT, dtype=np.int64)
+        split[last_piece] = lengths - (pieces - 1) * _MAX_REPEAT
+        lengths = split
+    heads, head_bits = _chunk_heads()
+    capped = np.minimum(lengths, 256)
+    head = np.where(long_run, np.uint64(0b111 << 16) | (lengths - 1).astype(np.uint64), heads[capped])
+    bits = np.where(long_run, 3 + RUN_SIZES[3], head_bits[capped])
+    codes = head << np.uint64(WORD_SIZE) | values
 
     header_codes = np.array([num, WORD_SIZE - 1, _pack_sizes(RUN_SIZES)], dtype=np.uint64)
     header_bits = np.array([32, 5, 16], dtype=np.int64)
-    codes = np.concatenate((header_codes, codes))
-    code_bits = np.concatenate((header_bits, code_bits))
-    return _pack_codes(codes, code_bits)
+    return _pack_codes(np.concatenate((header_codes, codes)),
+                       np.concatenate((header_bits, bits + WORD_SIZE)))
+
+
+@functools.cache
+def _chunk_heads() -> tuple[np.ndarray, np.ndarray]:
+    """Flag, size class and count field the reference writes for a run of 1 to 256 values, and their bits.
+
+    Index = run length. A single value is a literal (flag 0, class 0, count 1); longer runs are repeats in
+    the smallest class whose count field holds length - 1.
+    """
+    length = np.arange(257, dtype=np.int64)
+    size_class = (length > 8).astype(np.int64) + (length > 16) + (length > 256)
+    flag = (length > 1).astype(np.int64)
+    count_bits = np.asarray(RUN_SIZES, dtype=np.int64)[size_class]
+    heads = ((flag << 2 | size_class) << count_bits) | np.maximum(length - 1, 0)
+    return heads.astype(np.uint64), 3 + count_bits
 
 
 def _pack_sizes(sizes: Sequence[int]) -> int:
@@ -182,21 +195,24 @@ def _pack_sizes(sizes: Sequence[int]) -> int:
 def _pack_codes(codes: np.ndarray, code_bits: np.ndarray) -> np.ndarray:
     """Concatenate variable-length codes (each at most 32 bits) into bytes, zero-padded like the reference.
 
-    A code at bit offset o touches at most 5 bytes from byte o // 8. Codes never share bits, so OR-ing
-    their byte contributions equals adding them, which ``np.bincount`` does for all codes in one pass.
+    Codes go into big-endian 64-bit words: each code lies in the word of its offset, and the codes that
+    cross a word boundary spill their low bits into the next word. Codes are in offset order, so the
+    codes of one word are a contiguous slice and ``np.bitwise_or.reduceat`` merges them in one pass.
     """
     offsets = np.cumsum(code_bits) - code_bits
     total_bits = int(offsets[-1] + code_bits[-1])
     n_bytes = total_bits // 8 + 1  # the reference pads with 8 - total % 8 zero bits: 1 to 8
-    shift = (64 - code_bits - (offsets & 7)).astype(np.uint64)
-    aligned = codes << shift  # the code's first bit at bit 63 - (offset % 8) of a 64-bit word
-    first_byte = offsets >> 3
-    contributions = [(aligned >> np.uint64(56 - 8 * b)) & np.uint64(0xFF) for b in range(5)]
-    index = np.concatenate([first_byte + b for b in range(5)])
-    weight = np.concatenate(contributions).astype(np.float64)
-    keep = index < n_bytes  # contributions past the end are zero bits of the last code's word
-    packed = np.bincount(index[keep], weights=weight[keep], minlength=n_bytes)
-    return packed.astype(np.uint8)
+    word = offsets >> 6
+    room = 64 - (offsets & 63) - code_bits  # free bits after the code in its word; < 0 when it spills
+    fits = room >= 0
+    head = np.where(fits, codes << np.where(fits, room, 0).astype(np.uint64),
+                    codes >> np.where(fits, 0, -room).astype(np.uint64))
+    words = np.zeros((total_bits >> 6) + 2, dtype=np.uint64)
+    first = np.flatnonzero(np.concatenate(([True], word[1:] != word[:-1])))
+    words[word[first]] = np.bitwise_or.reduceat(head, first)
+    spill = np.flatnonzero(~fits)
+    words[word[spill] + 1] |= codes[spill] << (64 + room[spill]).astype(np.uint64)
+    return words.astype(">u8").view(np.uint8)[:n_bytes]
 
 
 def _as_bytes(rle: Sequence[int] | bytes | np.ndarray) -> np.ndarray:
@@ -214,41 +230,54 @@ def _as_bytes(rle: Sequence[int] | bytes | np.ndarray) -> np.ndarray:
     return array.astype(np.uint8)
 
 
-def _window(padded: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """The 40 bits starting at each bit position, right-aligned in uint64 (the first at bit 39)."""
-    index = positions >> 3
-    word = np.zeros(positions.shape, dtype=np.uint64)
-    for b in range(5):
-        word = word << np.uint64(8) | padded[index + b].astype(np.uint64)
-    return word << (positions & 7).astype(np.uint64) & np.uint64((1 << 40) - 1)
+class _Bits:
+    """Random access to the fields of a bit stream: the 64 bits from any bit position in one gather.
+
+    ``words[i]`` is a big-endian uint64 view of bytes i..i+7 (an overlapping, unaligned strided view of
+    the zero-padded stream), so the field at bit p is ``words[p // 8] << (p % 8)``, top-aligned.
+    """
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.total_bits = data.size * 8
+        self.padded = np.concatenate((data, np.zeros(8, dtype=np.uint8)))
+        self.words = np.ndarray(shape=(data.size + 1,), dtype=">u8", buffer=self.padded, strides=(1,))
+
+    def top(self, positions: np.ndarray) -> np.ndarray:
+        """The 57 or more bits from each position, top-aligned in uint64 (only 57 are guaranteed)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return self.words[positions >> 3].astype(np.uint64) << (positions & 7).astype(np.uint64)
+
+    def read(self, positions: np.ndarray, bits: int) -> np.ndarray:
+        """The unsigned `bits`-bit (1-32) field at each position (zeros past the end)."""
+        return self.top(positions) >> np.uint64(64 - bits)
 
 
-def _read(padded: np.ndarray, positions: np.ndarray, bits: int) -> np.ndarray:
-    """The unsigned `bits`-bit (1-32) field at each bit position of the zero-padded stream."""
-    return (_window(padded, np.asarray(positions, dtype=np.int64)) >> np.uint64(40 - bits)) & np.uint64(
-        (1 << bits) - 1)
+@functools.lru_cache(maxsize=8)
+def _chunk_table(word_size: int, sizes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk length in bits and value count for every possible 19-bit chunk head (flag, class, count).
+
+    A chunk's length depends only on its first 3 + 16 bits, so one table lookup replaces the shifts and
+    masks per bit position the decoder would otherwise do.
+    """
+    head = np.arange(1 << _HEAD_BITS, dtype=np.int64)
+    repeat = (head >> (_HEAD_BITS - 1)) & 1
+    size = np.asarray(sizes, dtype=np.int64)[(head >> (_HEAD_BITS - 3)) & 3]
+    count = ((head >> (_HEAD_BITS - 3 - size)) & ((1 << size) - 1)) + 1
+    length = 3 + size + np.where(repeat == 1, word_size, count * word_size)
+    return length.astype(np.int32), count.astype(np.int32)
 
 
-def _chunk_fields(padded: np.ndarray, positions: np.ndarray, sizes: np.ndarray
+def _chunk_fields(bits: _Bits, positions: np.ndarray, sizes: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Of a chunk starting at each position: is it a repeat, its count field's bits, its value count."""
-    window = _window(padded, positions)
-    repeat = (window >> np.uint64(39)).astype(bool)
-    size = sizes[(window >> np.uint64(37)) & np.uint64(3)]
-    size_u = size.astype(np.uint64)
-    count = (window >> (np.uint64(37) - size_u)) & ((np.uint64(1) << size_u) - np.uint64(1))
-    return repeat, size, count.astype(np.int64) + 1
+    head = (bits.top(positions) >> np.uint64(64 - _HEAD_BITS)).astype(np.int64)
+    repeat = (head >> (_HEAD_BITS - 1)).astype(bool)
+    size = sizes[(head >> (_HEAD_BITS - 3)) & 3]
+    count = ((head >> (_HEAD_BITS - 3 - size)) & ((1 << size) - 1)) + 1
+    return repeat, size, count
 
 
-def _chunk_lengths(padded: np.ndarray, positions: np.ndarray, word_size: int, sizes: np.ndarray
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Bits a chunk starting at each position would take, and the values it would produce."""
-    repeat, size, count = _chunk_fields(padded, positions, sizes)
-    return 3 + size + np.where(repeat, word_size, count * word_size), count
-
-
-def _chunk_starts(padded: np.ndarray, total_bits: int, num: int, word_size: int, sizes: np.ndarray
-                  ) -> np.ndarray:
+def _chunk_starts(bits: _Bits, num: int, word_size: int, sizes: np.ndarray) -> np.ndarray:
     """Bit positions of the chunks that produce the stream's `num` values, in order.
 
     Where the next chunk starts depends on the current one, so the chain of starts is found per window
@@ -256,7 +285,9 @@ def _chunk_starts(padded: np.ndarray, total_bits: int, num: int, word_size: int,
     jump[k] = jump[k-1] applied twice; expanding from the window's first chunk start through the tables
     from the coarsest down yields every start in the window. Raises ValueError for a truncated stream.
     """
+    table_length, table_count = _chunk_table(word_size, tuple(int(size) for size in sizes))
     min_chunk = 3 + int(sizes.min()) + word_size
+    total_bits = bits.total_bits
     found: list[np.ndarray] = []
     produced = 0
     entry = _HEADER_BITS
@@ -264,31 +295,31 @@ def _chunk_starts(padded: np.ndarray, total_bits: int, num: int, word_size: int,
         if entry >= total_bits:
             raise ValueError(f"RLE is truncated: it ends after {produced} of its {num} values")
         span = min(_WINDOW_BITS, total_bits - entry)
-        local = np.arange(span, dtype=np.int64)
-        lengths, counts = _chunk_lengths(padded, entry + local, word_size, sizes)
-        outside = np.int64(span)
-        jump = np.minimum(local + lengths, outside)
-        jump = np.append(jump, outside)  # "outside" maps to itself
+        local = np.arange(span, dtype=np.intp)
+        head = (bits.top(entry + local) >> np.uint64(64 - _HEAD_BITS)).astype(np.intp)
+        lengths = table_length[head]
+        outside = np.intp(span)
+        jump = np.empty(span + 1, dtype=np.intp)
+        np.minimum(local + np.minimum(lengths, outside), outside, out=jump[:span])
+        jump[span] = outside  # "outside" maps to itself
         levels = max(1, int(np.ceil(np.log2(span / min_chunk + 1))))
         tables = [jump]
         for _ in range(levels - 1):
             tables.append(tables[-1][tables[-1]])
-        chain = np.zeros(1, dtype=np.int64)
+        chain = np.zeros(1, dtype=np.intp)
         for table in reversed(tables):
-            step = table[chain]
-            chain = np.stack((chain, step), axis=1).ravel()
+            chain = np.stack((chain, table[chain]), axis=1).ravel()
         chain = chain[chain < outside]
-        produced_here = np.cumsum(counts[chain])
-        done = np.searchsorted(produced_here, num - produced)  # first chunk reaching num, if here
+        produced_here = np.cumsum(table_count[head[chain]], dtype=np.int64)
+        done = int(np.searchsorted(produced_here, num - produced))  # the chunk reaching num, if here
         if done < chain.size:
             chain = chain[:done + 1]
             produced = num
         else:
             produced += int(produced_here[-1])
-        found.append(entry + chain)
+        found.append(entry + chain.astype(np.int64))
         last = int(chain[-1])
         entry = entry + last + int(lengths[last])
-    starts = np.concatenate(found)
     if entry > total_bits:
         raise ValueError(f"RLE is truncated: its last chunk needs {entry} bits, the stream has {total_bits}")
-    return starts
+    return np.concatenate(found)

@@ -29,6 +29,13 @@ from model.common import LayerNorm2d
 
 # SAM's input side. Not recorded in the weights; the encoder itself works at any multiple of 16.
 _MOBILE_SAM_IMAGE_SIZE = 1024
+# MobileSAM's released encoder, as ``tiny_vit_config_from_state_dict`` reports it.
+MOBILE_SAM_VIT_T = {
+    "img_size": 1024, "in_chans": 3, "num_classes": 1000,
+    "embed_dims": [64, 128, 160, 320], "depths": [2, 2, 6, 2],
+    "num_heads": [None, 4, 5, 10], "window_sizes": [None, 7, 14, 7],
+    "mlp_ratio": 4.0, "mbconv_expand_ratio": 4.0, "local_conv_size": 3, "out_chans": 256,
+}
 
 
 class Conv2dBN(nn.Module):
@@ -280,6 +287,11 @@ class TinyViT(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.neck(x)
+
+
+def tiny_vit_name(config: Mapping[str, object]) -> str:
+    """"vit_t" for MobileSAM's released encoder configuration, "custom" for any other TinyViT."""
+    return "vit_t" if dict(config) == MOBILE_SAM_VIT_T else "custom"
 
 
 def _tensor(state_dict: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from mobile_sam.modeling.tiny_vit_sam import Attention as ReferenceAttention
 
-from model.tiny_vit import TinyViT, attention_bias_index, tiny_vit_config_from_state_dict
+from model.tiny_vit import TinyViT, attention_bias_index, tiny_vit_config_from_state_dict, tiny_vit_name
 from tests.mobilesam_checkpoints import (
     SMALL_TINY_VIT,
     make_mobile_sam_checkpoint,
@@ -86,13 +86,14 @@ def test_bias_index_formula(window):
 
 
 def test_config_of_mobile_sam_vit_t():
-    state_dict = reference_sam("vit_t").state_dict()
-    assert tiny_vit_config_from_state_dict(state_dict) == {
+    config = tiny_vit_config_from_state_dict(reference_sam("vit_t").state_dict())
+    assert config == {
         "img_size": 1024, "in_chans": 3, "num_classes": 1000,
         "embed_dims": [64, 128, 160, 320], "depths": [2, 2, 6, 2],
         "num_heads": [None, 4, 5, 10], "window_sizes": [None, 7, 14, 7],
         "mlp_ratio": 4.0, "mbconv_expand_ratio": 4.0, "local_conv_size": 3, "out_chans": 256,
     }
+    assert tiny_vit_name(config) == "vit_t"
 
 
 def test_config_of_small_custom_tiny_vit():
@@ -101,6 +102,7 @@ def test_config_of_small_custom_tiny_vit():
     expected["num_heads"] = [None, *SMALL_TINY_VIT["num_heads"][1:]]
     expected["window_sizes"] = [None, *SMALL_TINY_VIT["window_sizes"][1:]]
     assert config == expected
+    assert tiny_vit_name(config) == "custom"
 
 
 def test_config_errors_name_the_problem():

@@ -85,7 +85,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+        if "Unsupported global" in str(exc):
             raise CheckpointError(path, "it contains pickled Python objects (a whole model saved with "
                                         "torch.save(model)?), which are not loaded for safety; re-save just the "
                                         "weights with torch.save(model.state_dict(), path)") from None

@@ -309,6 +309,18 @@ def _request_failed(exc: requests.RequestException, url: str, timeout: float, ls
     return ImageAccessError(f"Downloading {url} failed: {exc}")
 
 
+def _read_failed(exc: Exception, url: str, timeout: float) -> ImageAccessError:
+    """A failure in the middle of a body: a stalled, cut or badly encoded download."""
+    if _is_timeout(exc):
+        return ImageAccessError(
+            f"Timed out after {timeout:.1f} s downloading {url}: the host stopped sending. Check it is reachable "
+            "from the backend, or raise the download limit (IMAGE_TIMEOUT_S)."
+        )
+    if isinstance(exc, urllib3.exceptions.DecodeError):
+        return ImageAccessError(f"The download of {url} could not be decompressed (bad Content-Encoding): {exc}")
+    return ImageAccessError(f"The connection broke while downloading {url}: {exc}")
+
+
 def _status_error(status: int, url: str, ls: _LabelStudio | None, signed: bool) -> ImageError:
     if ls is not None and ls.origin == _origin(url) and status in (401, 403):
         return ls.refused(status, url)
@@ -678,23 +690,31 @@ class ImageFetcher:
                     "Content-Type")
 
     def _read_body(self, response: requests.Response, shown: str, deadline: float, timeout: float) -> bytes:
-        """The body, streamed: refused past ``max_bytes`` or past the deadline, whatever the server claims."""
+        """The body, streamed: refused past ``max_bytes`` or past the deadline, whatever the server claims.
+
+        ``read1`` returns what has arrived (up to a chunk) instead of waiting for a full chunk, so a host
+        that trickles bytes meets the deadline check between reads.
+        """
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > self.max_bytes:
             raise ImageError(_too_big(f"The image {shown}", self.max_bytes))
+        raw = response.raw
+        read = raw.read1 if hasattr(raw, "read1") else raw.read
         chunks = []
         total = 0
-        try:
-            for chunk in response.iter_content(CHUNK_BYTES):
-                total += len(chunk)
-                if total > self.max_bytes:
-                    raise ImageError(_too_big(f"The image {shown}", self.max_bytes))
-                if time.monotonic() > deadline:
-                    raise ImageAccessError(
-                        f"Timed out after {self.timeout_s:.1f} s downloading {shown}: it arrives too slowly. "
-                        "Raise the download limit (IMAGE_TIMEOUT_S) or serve the image closer to the backend."
-                    )
-                chunks.append(chunk)
-        except requests.RequestException as exc:
-            raise _request_failed(exc, shown, timeout, None) from None
-        return b"".join(chunks)
+        while True:
+            try:
+                chunk = read(CHUNK_BYTES, decode_content=True)
+            except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+                raise _read_failed(exc, shown, timeout) from None
+            if not chunk:
+                return b"".join(chunks)
+            total += len(chunk)
+            if total > self.max_bytes:
+                raise ImageError(_too_big(f"The image {shown}", self.max_bytes))
+            if time.monotonic() > deadline:
+                raise ImageAccessError(
+                    f"Timed out after {self.timeout_s:.1f} s downloading {shown}: it arrives too slowly. "
+                    "Raise the download limit (IMAGE_TIMEOUT_S) or serve the image closer to the backend."
+                )
+            chunks.append(chunk)

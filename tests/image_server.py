@@ -27,6 +27,7 @@ import hmac
 import io
 import json
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -177,10 +178,16 @@ class Seen:
     method: str
     path: str
     authorization: str | None
+    client_port: int  # one port for several requests = a reused (pooled) connection
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Clients that hang up early (size limits, timeouts) are expected here, not errors."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -204,7 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send(status, json.dumps(payload).encode())
 
     def _record(self) -> None:
-        self.owner.seen.append(Seen(self.command, self.path, self.headers.get("Authorization")))
+        self.owner.seen.append(Seen(self.command, self.path, self.headers.get("Authorization"), self.client_address[1]))
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         self._record()
@@ -226,7 +233,7 @@ class FakeServer:
         self._server = _Server(("127.0.0.1", 0), handler)
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -323,6 +330,7 @@ class FakeLabelStudio(FakeServer):
         self.cloud = cloud
         self.legacy_token = legacy_token
         self.legacy_enabled = True
+        self.sign_badly = False  # presign answers with a signature the cloud host refuses (an expired URL)
         self.personal_token = personal_access_token()
         self.access_ttl_s = 300.0
         self.refreshes = 0
@@ -374,7 +382,10 @@ class FakeLabelStudio(FakeServer):
         if scheme not in ("s3", "gs", "azure-blob", "azure-spi") or key not in self.files:
             request.send_json(404, {"detail": f"No storage holds {uri}."})
             return
-        request.send(302, headers={"Location": self.cloud.signed_url(bucket, key)})
+        location = self.cloud.signed_url(bucket, key)
+        if self.sign_badly:
+            location = location.replace("Signature=", "Signature=expired")
+        request.send(302, headers={"Location": location})
 
     def handle_post(self, request: _Handler, body: bytes) -> None:
         if urlsplit(request.path).path != "/api/token/refresh/":

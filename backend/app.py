@@ -258,7 +258,11 @@ class Predictions:
         self.settings = backend.settings
         self.segmenter = backend.segmenter
         self.output = config.output_tag(self.settings.sam_output)
-        self.version = backend.segmenter.model_version
+
+    @property
+    def version(self) -> str:
+        """Read when a prediction is made: the first /predict may be the one that loaded the model."""
+        return self.segmenter.model_version
 
     def _image(self, task: dict[str, Any]) -> Any:
         return self.backend.fetcher.fetch(task, self.config.image.value_key)

@@ -60,17 +60,6 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_fixture_images(root: Path) -> dict[str, Path]:
-    """The fixtures' images as PNG files under ``root`` at their /data/upload/... paths."""
-    written = {}
-    for url_path, kind in FIXTURE_IMAGES.items():
-        file = root / url_path.lstrip("/")
-        file.parent.mkdir(parents=True, exist_ok=True)
-        file.write_bytes(png_bytes(draw_image(kind)))
-        written[url_path] = file
-    return written
-
-
 def fixture_body(name: str) -> dict[str, Any]:
     """The JSON body of a recorded Label Studio request."""
     return json.loads((FIXTURES_DIR / name).read_text())["body"]
@@ -85,3 +74,17 @@ def basic_auth_header(user: str, password: str) -> dict[str, str]:
 
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     return {"Authorization": f"Basic {token}"}
+
+
+
+def start_label_studio() -> Any:
+    """``tests.image_server.FakeLabelStudio`` serving the fixtures' images under their /data/upload paths,
+    refusing requests without ``Token <the access_token of setup.json>``. Close with ``.close()`` and
+    ``.cloud.close()``."""
+    from tests.image_server import CloudStorage, FakeLabelStudio
+
+    server = FakeLabelStudio(CloudStorage(), legacy_token=SETUP_TOKEN)
+    for url_path, kind in FIXTURE_IMAGES.items():
+        server.files[url_path.rsplit("/", 1)[-1]] = (png_bytes(draw_image(kind)), "image/png")
+    server.files["not-an-image.png"] = server.files["notes.txt"]
+    return server

@@ -58,6 +58,10 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # account key or a service principal).
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
 
+# What a browser shows in Label Studio's <Image> (plus TIFF, for 16-bit scientific images). Other Pillow
+# plugins stay closed: EPS would run Ghostscript on task data, and exotic decoders widen the attack surface.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "AVIF", "ICO")
+
 MAX_REDIRECTS = 5
 # Refresh an access token this long before its `exp`, so it does not expire between check and use.
 ACCESS_TOKEN_MARGIN_S = 30.0
@@ -356,7 +360,7 @@ def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS,
     gigapixels (a decompression bomb).
     """
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(_too_many_pixels(source, width, height, max_pixels))
@@ -384,7 +388,7 @@ def _too_many_pixels(source: str, width: int, height: int, max_pixels: int) -> s
 def _not_an_image(data: bytes, source: str, content_type: str | None) -> str:
     head = data[:64].decode("utf-8", "replace").strip().lower()
     kind = f" (Content-Type {content_type})" if content_type else ""
-    message = f"{source} is not an image the backend can read{kind}"
+    message = f"{source} is not an image the backend can read{kind}; it reads {', '.join(IMAGE_FORMATS)}"
     if head.startswith(("<!doctype html", "<html")) or "html" in (content_type or ""):
         message += ": it is a web page, often a login or error page; check the URL points at the image file itself"
     elif not data:
@@ -398,7 +402,7 @@ _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
 def _to_rgb(img: Image.Image) -> np.ndarray:
     """Any Pillow mode -> HxWx3 uint8 RGB; see the module docstring for transparency and 16 bits."""
     if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
-        gray = _to_8bit(np.asarray(img), sixteen=img.mode in _SIXTEEN_BIT)
+        gray = _to_8bit(np.asarray(img), img.mode)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if img.has_transparency_data:
         rgba = img.convert("RGBA")
@@ -412,16 +416,20 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img, dtype=np.uint8)
 
 
-def _to_8bit(values: np.ndarray, sixteen: bool) -> np.ndarray:
+def _to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
     """16-bit (and 32-bit integer / float) gray -> 8 bits.
 
     16-bit modes scale 0..65535 to 0..255 (v / 257, rounded). 32-bit integer and float images are taken as
-    16-bit when any value exceeds 255 (16-bit PNG / TIFF data Pillow widened), else as 8-bit already.
+    16-bit when any value exceeds 255 (16-bit PNG / TIFF data Pillow widened); float images within 0..1 as
+    fractions of white; anything else as 8-bit already.
     """
-    values = values.astype(np.float64)
-    if sixteen or (values.size and np.nanmax(values) > 255):
+    values = np.nan_to_num(values.astype(np.float64))
+    peak = values.max() if values.size else 0.0
+    if mode in _SIXTEEN_BIT or peak > 255:
         values = np.clip(values, 0, 65535) / 257.0
-    return np.clip(np.rint(np.nan_to_num(values)), 0, 255).astype(np.uint8)
+    elif mode == "F" and peak <= 1.0:
+        values = values * 255.0
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 def _decode_data_uri(value: str, max_bytes: int) -> bytes:
@@ -492,6 +500,11 @@ class ImageFetcher:
         self._setup: tuple[str | None, str | None] = (None, None)
         self._lock = threading.Lock()
         self._ls = self._make_label_studio(None, None)
+        if self._env_token and not self._env_url:
+            log.warning(
+                "LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL: the token will go to whatever hostname "
+                "POST /setup names. Set LABEL_STUDIO_URL so it only goes where you say."
+            )
         self.session = requests.Session()
         # Cookies from one host must never ride along to another, and Label Studio needs none.
         self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
@@ -561,6 +574,11 @@ class ImageFetcher:
             raise ImageError(
                 f"The task image '{_redact(value)}' uses the scheme '{scheme}://', which the backend cannot "
                 f"download: use http(s)://, a Label Studio /data/... path, or one of {', '.join(CLOUD_SCHEMES)}."
+            )
+        elif value.startswith("//"):
+            raise ImageError(
+                f"The task image '{_redact(value)}' has no scheme (a protocol-relative URL): write it with "
+                "http:// or https://."
             )
         elif value.startswith("/"):
             source = value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from backend.errors import BackendError, ImageAccessError, ImageError
 from backend.images import ImageFetcher, TaskImage, decode_image
@@ -345,7 +347,7 @@ def test_from_settings(ls: FakeLabelStudio, tmp_path: Path) -> None:
         fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
 
 
-def test_bad_label_studio_urls(ls: FakeLabelStudio) -> None:
+def test_bad_label_studio_urls() -> None:
     with pytest.raises(ValueError, match="must start with http:// or https://"):
         ImageFetcher(label_studio_url="label-studio:8080")
     fetcher = ImageFetcher(label_studio_token="x")
@@ -374,6 +376,8 @@ def test_connection_refused_names_the_url_and_the_docker_hint() -> None:
     ("example.com/a.png", "has no scheme.*Did you mean http://example.com/a.png"),
     ("images/a.png", "has no scheme"),
     ("ftp://example.com/a.png", "scheme 'ftp://'"),
+    ("file:///etc/passwd", "scheme 'file://'"),
+    ("//example.com/a.png", "protocol-relative URL"),
     ("", "should be an image URL"),
     (None, "should be an image URL"),
 ])
@@ -487,3 +491,25 @@ def test_every_failure_is_a_backend_error(cloud: CloudStorage) -> None:
     with pytest.raises(BackendError) as caught:
         ImageFetcher().fetch(task(f"{cloud.url}/bucket/rgb.png?X-Amz-Signature=forged"), "image")
     assert caught.value.status == 502 and "HTTP 403" in caught.value.message
+
+
+def tiff(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, "TIFF")
+    return buffer.getvalue()
+
+
+def test_float_and_32_bit_tiff() -> None:
+    fractions = np.array([[0.0, 0.5, 1.0]], np.float32)
+    np.testing.assert_array_equal(decode_image(tiff(Image.fromarray(fractions, "F")), "f.tif")[..., 0], [[0, 128, 255]])
+    wide = np.array([[0, 257 * 10, 65535]], np.int32)
+    np.testing.assert_array_equal(decode_image(tiff(Image.fromarray(wide, "I")), "i.tif")[..., 1], [[0, 10, 255]])
+    sixteen = Image.fromarray(SIXTEEN_BIT_VALUES)
+    np.testing.assert_array_equal(decode_image(tiff(sixteen), "16.tif")[..., 2], [[0, 128, 255, 4]])
+
+
+def test_formats_outside_the_browser_set_are_not_opened() -> None:
+    """EPS would hand task data to Ghostscript; it is refused as 'not an image' instead."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto showpage\n"
+    with pytest.raises(ImageError, match="not an image the backend can read; it reads PNG, JPEG"):
+        decode_image(eps, "drawing.eps")

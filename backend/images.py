@@ -452,7 +452,7 @@ def _decode_data_uri(value: str, max_bytes: int) -> bytes:
 
 def _too_big(what: str, max_bytes: int) -> str:
     return (
-        f"{what} is larger than the limit of {max_bytes} bytes ({max_bytes / 2**20:.1f} MiB, IMAGE_MAX_BYTES): "
+        f"{what} is larger than the limit of {max_bytes} bytes ({max_bytes / 2**20:.1f} MiB, IMAGE_MAX_MB): "
         "use a smaller file or raise the limit."
     )
 

@@ -513,3 +513,16 @@ def test_formats_outside_the_browser_set_are_not_opened() -> None:
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto showpage\n"
     with pytest.raises(ImageError, match="not an image the backend can read; it reads PNG, JPEG"):
         decode_image(eps, "drawing.eps")
+
+
+def test_from_the_real_settings(ls: FakeLabelStudio, root: Path) -> None:
+    from backend.config import Settings
+
+    settings = Settings.from_env({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.personal_token,
+                                  "LOCAL_FILES_ROOT": str(root), "IMAGE_TIMEOUT_S": "7", "IMAGE_MAX_MB": "2",
+                                  "IMAGE_MAX_PIXELS": "5000000"})
+    fetcher = ImageFetcher.from_settings(settings)
+    assert (fetcher.timeout_s, fetcher.max_bytes, fetcher.max_pixels, fetcher.root) == (7.0, 2 * 2**20, 5_000_000, root)
+    assert fetcher.fetch(task("/data/local-files/?d=local/disk.png"), "image").array.shape == (8, 32, 3)
+    assert fetcher.fetch(task("s3://bucket/rgb.png"), "image").array.shape == (48, 64, 3)
+    assert ls.refreshes == 1

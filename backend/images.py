@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -374,7 +375,7 @@ def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS,
         ) from None
     except UnidentifiedImageError:
         raise ImageError(_not_an_image(data, source, content_type)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise ImageError(f"The image {source} could not be decoded (truncated or corrupt file?): {exc}") from None
 
 
@@ -387,13 +388,14 @@ def _too_many_pixels(source: str, width: int, height: int, max_pixels: int) -> s
 
 def _not_an_image(data: bytes, source: str, content_type: str | None) -> str:
     head = data[:64].decode("utf-8", "replace").strip().lower()
-    kind = f" (Content-Type {content_type})" if content_type else ""
-    message = f"{source} is not an image the backend can read{kind}; it reads {', '.join(IMAGE_FORMATS)}"
+    message = f"{source} is not an image the backend can read"
+    if content_type:
+        message += f" (Content-Type {content_type})"
     if head.startswith(("<!doctype html", "<html")) or "html" in (content_type or ""):
         message += ": it is a web page, often a login or error page; check the URL points at the image file itself"
     elif not data:
         message += ": it is empty"
-    return message + "."
+    return f"{message}. Readable formats: {', '.join(IMAGE_FORMATS)}."
 
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")

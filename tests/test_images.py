@@ -511,7 +511,7 @@ def test_float_and_32_bit_tiff() -> None:
 def test_formats_outside_the_browser_set_are_not_opened() -> None:
     """EPS would hand task data to Ghostscript; it is refused as 'not an image' instead."""
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto showpage\n"
-    with pytest.raises(ImageError, match="not an image the backend can read; it reads PNG, JPEG"):
+    with pytest.raises(ImageError, match="not an image the backend can read. Readable formats: PNG, JPEG"):
         decode_image(eps, "drawing.eps")
 
 

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["decode", "decode_runs", "encode"]
+__all__ = ["decode", "decode_runs", "encode", "foreground"]
 
 CHANNELS = 4
 WORD_SIZE = 8
@@ -49,13 +49,13 @@ def encode(mask: np.ndarray) -> list[int]:
     the bytes equal ``mask2rle((mask != 0).astype(np.uint8) * 255)``. Raises ValueError for anything that
     is not a non-empty 2-D binary mask.
     """
-    foreground = _foreground(mask)
-    height, width = foreground.shape
+    pixels = foreground(mask)
+    height, width = pixels.shape
     num = height * width * CHANNELS
     if num >= 1 << 32:
         raise ValueError(f"mask of {height}x{width} pixels is too large for Label Studio RLE "
                          f"(at most 2**30 pixels: the value count is a 32-bit field)")
-    flat = foreground.ravel()
+    flat = pixels.ravel()
     starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
     lengths = np.diff(np.append(starts, flat.size)) * CHANNELS
     values = np.where(flat[starts], _FOREGROUND, 0)
@@ -117,8 +117,11 @@ def decode_runs(rle: Sequence[int] | bytes | np.ndarray, expected_count: int | N
     return num, run_values, run_lengths
 
 
-def _foreground(mask: np.ndarray) -> np.ndarray:
-    """The bool foreground of a binary mask, or ValueError saying what is wrong with it."""
+def foreground(mask: np.ndarray) -> np.ndarray:
+    """The bool foreground of a binary (H, W) mask, or ValueError saying what is wrong with it.
+
+    Shared by every mask output format, so brush and polygon outputs accept and reject the same masks.
+    """
     if not isinstance(mask, np.ndarray):
         raise ValueError(f"mask must be a numpy array, got {type(mask).__name__}")
     if mask.ndim != 2:
@@ -129,12 +132,12 @@ def _foreground(mask: np.ndarray) -> np.ndarray:
         return mask
     if not (np.issubdtype(mask.dtype, np.integer) or np.issubdtype(mask.dtype, np.floating)):
         raise ValueError(f"mask must be bool or numeric, got dtype {mask.dtype}")
-    foreground = mask != 0
-    values = mask[foreground]
+    selected = mask != 0
+    values = mask[selected]
     if values.size and not (values.min() == values.max() and values[0] in (1, 255)):
         found = np.unique(mask)[:6].tolist()
         raise ValueError(f"mask must be binary (bool, 0/1 or 0/255), found values {found}")
-    return foreground
+    return selected
 
 
 def _encode_runs(values: np.ndarray, lengths: np.ndarray, num: int) -> np.ndarray:

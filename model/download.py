@@ -1,0 +1,124 @@
+"""Official SAM checkpoints: where they live, how to check them, and a safe download.
+
+A download streams into a temporary file beside the destination, is hashed on the way, and is
+renamed into place only once complete and verified, so the destination name never holds a partial
+or wrong file and an existing file there can be reused offline.
+
+Meta's file names carry the first 6 hex digits of the file's sha256 (``sam_vit_b_01ec64.pth``), the
+torch-hub convention: that prefix is what we check. For files whose hash we do not know (MobileSAM,
+the Ultralytics assets) no hash is invented; they are checked for a complete transfer only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import requests
+from tqdm import tqdm
+
+META = "https://dl.fbaipublicfiles.com/segment_anything/"
+ULTRALYTICS = "https://github.com/ultralytics/assets/releases/download/v8.3.0/"
+_CHUNK = 1 << 20
+# torch-hub style hash in a file name: name_<hex>.ext or name-<hex>.ext.
+_HASH_IN_NAME = re.compile(r"[_-]([0-9a-f]{6,64})\.[A-Za-z0-9]+$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    url: str
+    filename: str
+    sha256: str | None  # full hash or a prefix of it; None when unknown
+
+
+CHECKPOINTS: dict[str, Checkpoint] = {
+    "vit_b": Checkpoint(META + "sam_vit_b_01ec64.pth", "sam_vit_b_01ec64.pth", "01ec64"),
+    "vit_l": Checkpoint(META + "sam_vit_l_0b3195.pth", "sam_vit_l_0b3195.pth", "0b3195"),
+    "vit_h": Checkpoint(META + "sam_vit_h_4b8939.pth", "sam_vit_h_4b8939.pth", "4b8939"),
+    "vit_t": Checkpoint("https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
+                        "mobile_sam.pt", None),
+    "sam_b": Checkpoint(ULTRALYTICS + "sam_b.pt", "sam_b.pt", None),
+    "sam_l": Checkpoint(ULTRALYTICS + "sam_l.pt", "sam_l.pt", None),
+    "ultralytics_mobile_sam": Checkpoint(ULTRALYTICS + "mobile_sam.pt", "ultralytics_mobile_sam.pt", None),
+}
+ALIASES = {
+    "sam_vit_b_01ec64.pth": "vit_b", "sam_vit_l_0b3195.pth": "vit_l", "sam_vit_h_4b8939.pth": "vit_h",
+    "mobile_sam": "vit_t", "mobile_sam.pt": "vit_t", "sam_b.pt": "sam_b", "sam_l.pt": "sam_l",
+}
+
+
+class DownloadError(RuntimeError):
+    """A checkpoint could not be downloaded or did not verify."""
+
+
+def resolve(name_or_url: str) -> Checkpoint:
+    """A table entry by name / alias / file name, or an ad-hoc entry for an http(s) URL."""
+    key = ALIASES.get(name_or_url, name_or_url)
+    if key in CHECKPOINTS:
+        return CHECKPOINTS[key]
+    parsed = urlparse(name_or_url)
+    if parsed.scheme in ("http", "https") and parsed.netloc:
+        filename = Path(unquote(parsed.path)).name
+        if not filename:
+            raise ValueError(f"{name_or_url}: the URL does not end in a file name")
+        match = _HASH_IN_NAME.search(filename)
+        return Checkpoint(name_or_url, filename, match.group(1) if match else None)
+    known = ", ".join(sorted(CHECKPOINTS))
+    raise ValueError(f"unknown checkpoint {name_or_url!r}: give an http(s) URL or one of {known}")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verified(digest: str, expected: str | None) -> bool:
+    return expected is None or digest.startswith(expected.lower())
+
+
+def fetch(name_or_url: str, dest_dir: str | os.PathLike, progress: bool = True, timeout: float = 30.0) -> Path:
+    """The local path of a checkpoint, downloading it into ``dest_dir`` unless a verified copy is there."""
+    entry = resolve(name_or_url)
+    directory = Path(dest_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    dest = directory / entry.filename
+    if dest.is_file() and _verified(sha256_of(dest), entry.sha256):
+        return dest
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{entry.filename}.", suffix=".part", dir=directory)
+    tmp = Path(tmp_name)
+    try:
+        digest, received, expected_size = hashlib.sha256(), 0, None
+        with os.fdopen(fd, "wb") as out, requests.get(entry.url, stream=True, timeout=timeout) as response:
+            if response.status_code != 200:
+                raise DownloadError(f"{entry.url}: HTTP {response.status_code} {response.reason}")
+            length = response.headers.get("Content-Length")
+            expected_size = int(length) if length and length.isdigit() else None
+            with tqdm(total=expected_size, unit="B", unit_scale=True, desc=entry.filename,
+                      disable=not progress) as bar:
+                for chunk in response.iter_content(_CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        if expected_size is not None and received != expected_size:
+            raise DownloadError(f"{entry.url}: transfer ended after {received} of {expected_size} bytes")
+        if received == 0:
+            raise DownloadError(f"{entry.url}: the server sent an empty file")
+        if not _verified(digest.hexdigest(), entry.sha256):
+            raise DownloadError(f"{entry.url}: sha256 {digest.hexdigest()[:16]}... does not match the expected "
+                                f"{entry.sha256}; the file was not kept")
+        os.replace(tmp, dest)
+        return dest
+    except requests.RequestException as exc:
+        raise DownloadError(f"{entry.url}: download failed ({exc})") from None
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -499,7 +499,7 @@ class ImageFetcher:
         self.max_pixels = int(max_pixels)
         self._env_url = label_studio_url.strip() if label_studio_url else None
         self._env_token = label_studio_token.strip() if label_studio_token else None
-        self._setup: tuple[str | None, str | None] = (None, None)
+        self._setup: tuple[str | None, str | None] | None = None
         self._lock = threading.Lock()
         self._ls = self._make_label_studio(None, None)
         if self._env_token and not self._env_url:
@@ -541,12 +541,16 @@ class ImageFetcher:
     def set_label_studio(self, url: str | None, token: str | None) -> None:
         """Take Label Studio's hostname and access token from POST /setup.
 
-        Called after every /health check; the cached access token survives unless a value changed.
+        Called after every /health check; the cached access token survives unless the URL or token in
+        effect changes (values the environment overrides do not count).
         """
         with self._lock:
-            if (url, token) != self._setup:
-                self._setup = (url, token)
-                self._ls = self._make_label_studio(url, token)
+            if (url, token) == self._setup:
+                return
+            self._setup = (url, token)
+            candidate = self._make_label_studio(url, token)
+            if (candidate.url, candidate.token) != (self._ls.url, self._ls.token):
+                self._ls = candidate
 
     # ----------------------------------------------------------------------------------------------------
 

@@ -332,6 +332,8 @@ def test_environment_wins_over_setup(ls: FakeLabelStudio) -> None:
     fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
     fetcher.set_label_studio("http://localhost:8080", "setup-legacy-token")  # every /health + /setup
     fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
+    fetcher.set_label_studio("http://other:8080", "another-token")  # overridden anyway: keeps the access token
+    fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
     assert ls.refreshes == 1
     assert all(sent.startswith("Bearer ") for sent in authorizations(ls, "/data/upload/"))
 

@@ -103,7 +103,6 @@ def test_label_studio_sdk_accepts_the_prediction(fixtures_dir: Path, config: Lab
 
 
 def test_polygon_regions_one_per_part_in_percent() -> None:
-    pytest.importorskip("backend.polygons")
     config = parse_label_config(POLYGON_CONFIG)
     mask = np.zeros((H, W), dtype=bool)
     mask[60:180, 80:160] = True  # a rectangle: x 25-50 %, y 25-75 %

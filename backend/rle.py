@@ -54,7 +54,7 @@ def encode(mask: np.ndarray) -> list[int]:
     num = height * width * CHANNELS
     if num >= 1 << 32:
         raise ValueError(f"mask of {height}x{width} pixels is too large for Label Studio RLE "
-                         f"(at most 2**30 pixels: the value count is a 32-bit field)")
+                         f"(fewer than 2**30 pixels: the value count is a 32-bit field)")
     flat = pixels.ravel()
     starts = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1))
     lengths = np.diff(np.append(starts, flat.size)) * CHANNELS
@@ -184,7 +184,13 @@ def _chunk_heads() -> tuple[np.ndarray, np.ndarray]:
     flag = (length > 1).astype(np.int64)
     count_bits = np.asarray(RUN_SIZES, dtype=np.int64)[size_class]
     heads = ((flag << 2 | size_class) << count_bits) | np.maximum(length - 1, 0)
-    return heads.astype(np.uint64), 3 + count_bits
+    return _frozen(heads.astype(np.uint64)), _frozen(3 + count_bits)
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    """A cached table shared by all threads: read-only, so no caller can corrupt it for the others."""
+    array.flags.writeable = False
+    return array
 
 
 def _pack_sizes(sizes: Sequence[int]) -> int:
@@ -267,7 +273,7 @@ def _chunk_table(word_size: int, sizes: tuple[int, ...]) -> tuple[np.ndarray, np
     size = np.asarray(sizes, dtype=np.int64)[(head >> (_HEAD_BITS - 3)) & 3]
     count = ((head >> (_HEAD_BITS - 3 - size)) & ((1 << size) - 1)) + 1
     length = 3 + size + np.where(repeat == 1, word_size, count * word_size)
-    return length.astype(np.int32), count.astype(np.int32)
+    return _frozen(length.astype(np.int32)), _frozen(count.astype(np.int32))
 
 
 def _chunk_fields(bits: _Bits, positions: np.ndarray, sizes: np.ndarray

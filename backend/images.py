@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, unquote_to_bytes, urljoin, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlencode, urljoin, urlsplit, urlunsplit
 
 import numpy as np
 import requests
@@ -601,6 +601,21 @@ class ImageFetcher:
             )
         array = decode_image(data, source, self.max_pixels, content_type)
         return TaskImage(array=array, sha256=hashlib.sha256(data).hexdigest(), source=source)
+
+    def label_studio_json(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        """GET a Label Studio API path as JSON, with the same URL, token and limits as task images.
+
+        ``sam-backend warm`` lists a project's tasks and reads its label config this way, so a token that
+        works for images works for the API, with the same messages when it does not.
+        """
+        ls = self._ls
+        url = ls.base_url(path) + path + (f"?{urlencode(params)}" if params else "")
+        data, _ = self._download(url, ls, time.monotonic() + self.timeout_s)
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise ImageAccessError(f"Label Studio answered {url} with something that is not JSON: is "
+                                   f"{ls.url} (from {ls.url_source}) really Label Studio?") from None
 
     @staticmethod
     def _image_reference(task: dict, value_key: str) -> str:

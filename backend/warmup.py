@@ -88,6 +88,28 @@ def run_job(payload: dict[str, Any]) -> bool:
         _clear_pending(job)
 
 
+def make_encoder(segmenter: Any, fetcher: Any) -> Encoder:
+    """The warm-up encoder of a process: fetch the task image, embed it through the segmenter's cache.
+
+    ``segmenter`` is a ``backend.segmenter.Segmenter`` and ``fetcher`` a ``backend.images.ImageFetcher``
+    (typed loosely to keep this module free of the model's imports). A job carries the Label Studio URL and
+    token the producer knew, so a process that never received Label Studio's /setup can still fetch images;
+    the environment of this process wins over them, as it does for /setup.
+    """
+
+    def encode(job: WarmupJob) -> bool:
+        if job.label_studio_url or job.label_studio_token:
+            fetcher.set_label_studio(job.label_studio_url, job.label_studio_token)
+        image = fetcher.fetch(job.task, job.value_key)
+        if segmenter.cache.contains(segmenter.fingerprint, image.sha256):
+            return False
+        segmenter.embed(image.array, image.sha256)
+        log.info("warmed up task %s (%s)", job.task.get("id"), image.source)
+        return True
+
+    return encode
+
+
 _redis_for_pending: Any = None
 
 
@@ -113,6 +135,7 @@ class Warmer:
         self._local_pending: set[str] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._local_running = 0
         self._stop = threading.Event()
         self._rq_queue = None
         self._redis = None
@@ -173,6 +196,14 @@ class Warmer:
                 depth += self._rq_queue.count
         return depth
 
+    def running(self) -> int:
+        """Jobs being encoded right now: rq's started-job registry plus this process's local consumer."""
+        running = self._local_running
+        if self._rq_queue is not None:
+            with contextlib.suppress(Exception):
+                running += self._rq_queue.started_job_registry.count
+        return running
+
     def _report_depth(self) -> None:
         if self.on_depth is not None:
             self.on_depth(self.depth())
@@ -201,12 +232,14 @@ class Warmer:
                 job = self._local.get(timeout=0.5)
             except queue.Empty:
                 continue
+            self._local_running = 1
             try:
                 if _encoder_ready.wait(timeout=600) and _encoder is not None:
                     _encoder(job)
             except Exception as error:
                 log.warning("warm-up of task %s failed: %s", job.task.get("id"), error)
             finally:
+                self._local_running = 0
                 with self._lock:
                     self._local_pending.discard(job.image_ref)
                 self._report_depth()

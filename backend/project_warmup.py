@@ -1,0 +1,161 @@
+"""``sam-backend warm --project N``: encode every image of a Label Studio project ahead of the annotators.
+
+The command reads the project's label config (to know which task field holds the image) and its tasks
+through Label Studio's API, with the same URL and token handling as task images, then hands one warm-up
+job per task to where the servers will find the result:
+
+- with ``REDIS_URL``: jobs go on the shared rq queue; every backend process consumes it, and ``--local``
+  makes this command consume it too (it loads the model itself — useful on a GPU box next to CPU-only
+  servers). The embeddings land in Redis, where every server looks first.
+- with ``--backend URL`` and no Redis: the tasks are posted to that backend's ``/webhook`` as Label
+  Studio's own ``TASKS_CREATED`` event, and that server warms its in-process cache.
+
+Progress bars show the listing, the queueing and (``--wait``, the default) the encoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from tqdm import tqdm
+
+from backend.config import Settings
+from backend.errors import BackendError, ImageAccessError
+from backend.images import ImageFetcher
+from backend.label_config import parse_label_config
+from backend.warmup import Warmer, WarmupJob
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 100
+WEBHOOK_CHUNK = 50
+
+
+class WarmError(BackendError):
+    """The project cannot be warmed as asked; the message says what to change."""
+
+    status = 400
+
+
+@dataclass(frozen=True)
+class Project:
+    id: int
+    label_config: str
+    value_key: str
+    tasks: list[dict[str, Any]]
+
+
+def read_project(fetcher: ImageFetcher, project_id: int, progress: bool = True) -> Project:
+    """The project's label config, image field and tasks (id and data only)."""
+    project = fetcher.label_studio_json(f"/api/projects/{project_id}")
+    if not isinstance(project, dict) or "label_config" not in project:
+        raise WarmError(f"Label Studio did not answer project {project_id} with a project")
+    config = parse_label_config(project["label_config"])
+    value_key = config.image.value_key
+    total = project.get("task_number")
+    tasks = []
+    with tqdm(total=total, desc=f"listing project {project_id}", unit="task", disable=not progress) as bar:
+        for task in iter_tasks(fetcher, project_id):
+            tasks.append({"id": task.get("id"), "data": task.get("data", {})})
+            bar.update(1)
+    return Project(id=project_id, label_config=project["label_config"], value_key=value_key, tasks=tasks)
+
+
+def iter_tasks(fetcher: ImageFetcher, project_id: int, page_size: int = PAGE_SIZE) -> Iterator[dict[str, Any]]:
+    """Every task of the project, page by page (``GET /api/tasks``: ``{"tasks": [...], "total": N}``)."""
+    page, seen = 1, 0
+    while True:
+        try:
+            body = fetcher.label_studio_json("/api/tasks", {"project": project_id, "page": page,
+                                                            "page_size": page_size})
+        except ImageAccessError as error:
+            if page > 1 and "404" in error.message:  # past the last page
+                return
+            raise
+        tasks = body.get("tasks", []) if isinstance(body, dict) else body
+        total = body.get("total") if isinstance(body, dict) else None
+        yield from tasks
+        seen += len(tasks)
+        if len(tasks) < page_size or (total is not None and seen >= total):
+            return
+        page += 1
+
+
+def warm_project(settings: Settings, project_id: int, *, backend_url: str | None = None, local: bool = False,
+                 wait: bool = True, progress: bool = True) -> int:
+    """Queue (and by default wait for) the encoding of every image of the project; returns the jobs queued."""
+    if not settings.redis_url and not backend_url:
+        raise WarmError(
+            "warming a project needs somewhere to keep the embeddings that the servers can see: set REDIS_URL "
+            "(the same Redis as the backend servers), or pass --backend http://<backend>:9090 to have a running "
+            "backend warm its own cache.")
+    fetcher = ImageFetcher.from_settings(settings)
+    project = read_project(fetcher, project_id, progress)
+    if not project.tasks:
+        log.warning("project %s has no tasks", project_id)
+        return 0
+    if settings.redis_url:
+        return _warm_through_redis(settings, project, fetcher, local=local, wait=wait, progress=progress)
+    assert backend_url is not None
+    return _warm_through_backend(settings, project, backend_url, progress)
+
+
+def _jobs(project: Project, settings: Settings) -> list[WarmupJob]:
+    return [WarmupJob(task=task, value_key=project.value_key, label_studio_url=settings.label_studio_url or None,
+                      label_studio_token=settings.label_studio_api_key or None) for task in project.tasks]
+
+
+def _warm_through_redis(settings: Settings, project: Project, fetcher: ImageFetcher, *, local: bool, wait: bool,
+                        progress: bool) -> int:
+    warmer = Warmer(redis_url=settings.redis_url, consume=False)
+    queued = warmer.submit(_jobs(project, settings))
+    log.info("queued %d of %d tasks of project %s for warm-up", queued, len(project.tasks), project.id)
+    if local:
+        from backend.segmenter import Segmenter
+        from backend.warmup import bind_encoder, make_encoder
+
+        segmenter = Segmenter.from_settings(settings)
+        segmenter.load()
+        bind_encoder(make_encoder(segmenter, fetcher))
+        warmer.consume = True
+        warmer.start()
+    if wait or local:
+        _wait_for_queue(warmer, queued, progress)
+    return queued
+
+
+def _wait_for_queue(warmer: Warmer, queued: int, progress: bool) -> None:
+    """Follow the shared queue until it is empty (whoever consumes it)."""
+    with tqdm(total=queued, desc="encoding", unit="image", disable=not progress) as bar:
+        done = 0
+        while True:
+            depth = warmer.depth() + warmer.running()
+            now_done = max(0, queued - depth)
+            bar.update(now_done - done)
+            done = now_done
+            if depth == 0:
+                return
+            time.sleep(0.5)
+
+
+def _warm_through_backend(settings: Settings, project: Project, backend_url: str, progress: bool) -> int:
+    auth = settings.basic_auth
+    url = backend_url.rstrip("/") + "/webhook"
+    with tqdm(total=len(project.tasks), desc="sending to backend", unit="task", disable=not progress) as bar:
+        for start in range(0, len(project.tasks), WEBHOOK_CHUNK):
+            chunk = project.tasks[start:start + WEBHOOK_CHUNK]
+            body = {"action": "TASKS_CREATED", "tasks": chunk,
+                    "project": {"id": project.id, "label_config": project.label_config}}
+            try:
+                response = requests.post(url, json=body, auth=auth, timeout=30)
+            except requests.RequestException as error:
+                raise WarmError(f"could not reach the backend at {url}: {error}") from None
+            if response.status_code != 200:
+                raise WarmError(f"the backend at {url} answered HTTP {response.status_code}: {response.text[:300]}")
+            bar.update(len(chunk))
+    return len(project.tasks)

@@ -1,0 +1,521 @@
+"""Benchmark our SAM engine (``model.Predictor``) against Meta's reference ``SamPredictor`` (issue #2).
+
+For MobileSAM (``vit_t``, reference ``mobile_sam``) and ViT-B (reference ``segment_anything``) on the same
+seeded random weights, saved in the official checkpoint formats, and the same 1024 x 768 synthetic image
+(gradients, shapes, texture, noise), one run prints side by side:
+
+* encoder time: reference ``set_image`` against our ``embed``; one-click decode time: reference
+  ``predict(point, multimask_output=True)`` against our ``predict`` with the same point, both returning
+  three masks at the original size. Medians over ``--runs`` encodes and ``--decode-runs`` decodes after
+  one warm-up; reference and ours run interleaved, so load from other processes on a shared machine
+  falls on both sides alike;
+* the mask agreement of the two at fp32 on several prompts (IoU of every mask, max |low-res logit| diff,
+  and whether the masks are pixel-identical);
+* what each faster mode costs in agreement with our fp32 masks, and what it buys in time: bf16 and fp16
+  autocast (where torch supports them on the device) and, with ``--compile``, ``torch.compile`` of the
+  encoder (minutes of compiling on a small CPU, hence opt-in).
+
+    .venv/bin/python bench/engine.py                      # both models, CPU, PyTorch's default threads
+    .venv/bin/python bench/engine.py --models vit_t --runs 5 --decode-runs 50 --json /tmp/engine.json
+    .venv/bin/python bench/engine.py --device cuda --compile
+
+Goals on a 2-core CPU: the ViT-B encoder at least 2x faster than the reference at fp32 with identical
+masks; the one-click decode at least 2x faster. The last lines of the output say whether they are met.
+Weights are random, so the masks are not meaningful segmentations: only speed and agreement are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import model  # noqa: E402
+
+MODELS = ("vit_t", "vit_b")
+HEIGHT, WIDTH = 768, 1024
+SEED = 0
+GOAL_RATIO = 2.0
+# Masks "agree" at the parity tests' threshold; "identical" means every pixel is the same.
+AGREE_IOU = 0.99
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One object's prompt in original image pixels, as Label Studio's smart tools send them."""
+
+    name: str
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    box: np.ndarray | None = None
+
+
+@dataclass
+class Agreement:
+    """How far one set of predictions is from another on the same prompts (every mask of each)."""
+
+    mean_iou: float
+    min_iou: float
+    max_logit_diff: float
+    identical: bool
+    foreground: tuple[float, float]  # smallest and largest mask area share of the baseline, in [0, 1]
+
+
+@dataclass
+class ModeResult:
+    """A faster mode of our engine against our own fp32 engine."""
+
+    mode: str
+    encoder_ms: float | None = None
+    decode_ms: float | None = None
+    first_encode_s: float | None = None  # includes compiling for torch.compile
+    agreement: Agreement | None = None
+    skipped: str | None = None
+
+
+@dataclass
+class ModelResult:
+    """Everything measured for one model."""
+
+    model: str
+    reference_encoder_ms: float
+    ours_encoder_ms: float
+    reference_decode_ms: float
+    ours_decode_ms: float
+    encoder_runs: int
+    decode_runs: int
+    agreement: Agreement
+    modes: list[ModeResult] = field(default_factory=list)
+
+    @property
+    def encoder_ratio(self) -> float:
+        return self.reference_encoder_ms / self.ours_encoder_ms
+
+    @property
+    def decode_ratio(self) -> float:
+        return self.reference_decode_ms / self.ours_decode_ms
+
+
+# --- inputs -----------------------------------------------------------------------------------------------
+
+
+def synthetic_image(height: int = HEIGHT, width: int = WIDTH, seed: int = SEED) -> np.ndarray:
+    """A photo-like HxWx3 uint8 RGB image: shaded gradient background, textured shapes, sensor noise.
+
+    Flat random noise would make every encoder path look alike; edges, textures and smooth regions give
+    the mask decoder boundaries to disagree on, so the agreement numbers mean something.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    u, v = xx / width, yy / height
+    image = np.stack([60 + 140 * u, 80 + 100 * v, 150 - 90 * u * v], axis=-1)
+    image += 20 * np.sin(6 * np.pi * u + 2 * np.pi * v)[..., None]  # soft lighting bands
+    for (cy, cx, ry, rx), colour, stripes in zip(object_ellipses(height, width), rng.uniform(0, 255, (3, 3)),
+                                                 (0, 18, 7), strict=True):
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1
+        texture = 25 * np.sin(2 * np.pi * (xx + yy) / stripes) if stripes else 0 * xx
+        image[inside] = colour + texture[inside, None]
+    y0, x0, y1, x1 = object_box(height, width)
+    checker = ((yy[y0:y1, x0:x1] // 24 + xx[y0:y1, x0:x1] // 24) % 2)[..., None]
+    image[y0:y1, x0:x1] = np.array([200.0, 60, 40]) * checker + np.array([40.0, 40, 160]) * (1 - checker)
+    image += rng.normal(0, 6, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def object_ellipses(height: int, width: int) -> list[tuple[float, float, float, float]]:
+    """(centre y, centre x, radius y, radius x) of the image's three elliptic objects."""
+    return [(0.35 * height, 0.25 * width, 0.18 * height, 0.14 * width),
+            (0.65 * height, 0.55 * width, 0.22 * height, 0.20 * width),
+            (0.30 * height, 0.80 * width, 0.12 * height, 0.09 * width)]
+
+
+def object_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """(y0, x0, y1, x1) of the image's checkered rectangle."""
+    return int(0.72 * height), int(0.08 * width), int(0.95 * height), int(0.33 * width)
+
+
+def prompts(height: int = HEIGHT, width: int = WIDTH) -> list[Prompt]:
+    """Several prompts of the kinds annotators make: one click per object, click + negative click, boxes."""
+    positive, negative = np.array([1]), np.array([1, 0])
+    clicks = [Prompt(f"click {i + 1}", np.array([[cx, cy]]), positive)
+              for i, (cy, cx, _, _) in enumerate(object_ellipses(height, width))]
+    y0, x0, y1, x1 = object_box(height, width)
+    cy, cx, ry, rx = object_ellipses(height, width)[1]
+    return [
+        *clicks,
+        Prompt("background click", np.array([[0.9 * width, 0.1 * height]]), positive),
+        Prompt("click + negative", np.array([[cx, cy], [cx + 0.5 * rx, cy]]), negative),
+        Prompt("box", box=np.array([x0, y0, x1, y1], float)),
+        Prompt("box + click", np.array([[cx, cy]]), positive, np.array([cx - rx, cy - ry, cx + rx, cy + ry])),
+    ]
+
+
+# --- models -----------------------------------------------------------------------------------------------
+
+
+def reference_model(name: str, seed: int) -> torch.nn.Module:
+    """Meta's (or MobileSAM's) ``Sam`` in the official configuration with seeded random weights."""
+    if name == "vit_t":
+        from tests.mobilesam_checkpoints import random_reference_sam
+
+        return random_reference_sam("vit_t", seed)
+    if name == "vit_b":
+        from tests.checkpoints import official_sam
+
+        return official_sam("vit_b", seed)
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+
+
+def reference_predictor(name: str, sam: torch.nn.Module, device: str) -> object:
+    """The reference ``SamPredictor`` of the model's own package, holding ``sam`` on ``device``."""
+    if name == "vit_t":
+        from mobile_sam import SamPredictor
+    else:
+        from segment_anything import SamPredictor
+    # eval() after the move: MobileSAM caches its gathered attention biases on the current device.
+    return SamPredictor(sam.to(device).eval())
+
+
+# --- measuring --------------------------------------------------------------------------------------------
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(function: Callable[[], object], device: str) -> float:
+    """Seconds one call takes, with the GPU's queued work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median_ms(functions: list[Callable[[], object]], runs: int, device: str) -> list[float]:
+    """Median milliseconds of each function over ``runs`` calls, after one warm-up call each.
+
+    Calls are interleaved (a, b, a, b, ...) so that a burst of load from another process slows both
+    sides of a comparison rather than one of them.
+    """
+    for function in functions:
+        function()
+    times: list[list[float]] = [[] for _ in functions]
+    for _ in range(runs):
+        for function, samples in zip(functions, times, strict=True):
+            samples.append(timed(function, device))
+    return [1000 * statistics.median(samples) for samples in times]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def agreement(baseline: list[tuple[np.ndarray, np.ndarray]], other: list[tuple[np.ndarray, np.ndarray]]) -> Agreement:
+    """Agreement of (masks (K,H,W), low-res logits (K,h,w)) pairs with the baseline's, prompt by prompt."""
+    ious, diffs, identical, shares = [], [], True, []
+    for (masks, logits), (other_masks, other_logits) in zip(baseline, other, strict=True):
+        ious += [iou(m, o) for m, o in zip(masks, other_masks, strict=True)]
+        diffs.append(float(np.abs(logits - other_logits).max()))
+        identical &= bool(np.array_equal(masks, other_masks))
+        shares += [float(m.mean()) for m in masks]
+    return Agreement(mean_iou=float(np.mean(ious)), min_iou=float(np.min(ious)), max_logit_diff=max(diffs),
+                     identical=identical, foreground=(min(shares), max(shares)))
+
+
+def ours_outputs(predictor: model.Predictor, embedding: model.Embedding,
+                 prompt_list: list[Prompt]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Our masks and low-res logits for every prompt (three candidates each)."""
+    results = []
+    for p in prompt_list:
+        prediction = predictor.predict(embedding, p.points, p.labels, box=p.box, multimask=True)
+        results.append((prediction.masks, prediction.low_res_logits))
+    return results
+
+
+def reference_outputs(predictor: object, prompt_list: list[Prompt]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The reference's masks and low-res logits for every prompt, on the image it was last given."""
+    results = []
+    for p in prompt_list:
+        masks, _, logits = predictor.predict(p.points, p.labels, box=p.box, multimask_output=True)
+        results.append((masks, logits))
+    return results
+
+
+# --- faster modes -----------------------------------------------------------------------------------------
+
+
+def autocast_supported(device: str, dtype: torch.dtype) -> str | None:
+    """``None`` when torch autocasts a matmul to ``dtype`` on ``device``, else why not."""
+    device_type = torch.device(device).type
+    try:
+        with torch.autocast(device_type, dtype=dtype):
+            out = torch.ones(4, 4, device=device) @ torch.ones(4, 4, device=device)
+    except (RuntimeError, ValueError) as exc:
+        return f"{dtype} autocast unavailable on {device_type}: {exc}"
+    if out.dtype != dtype:
+        return f"torch {torch.__version__} does not autocast to {dtype} on {device_type}"
+    return None
+
+
+def modes(device: str, compile_: bool) -> list[tuple[str, torch.dtype, bool]]:
+    """(label, dtype given to ``model.load``, compile) of every faster mode to try."""
+    chosen = [("bf16 autocast", torch.bfloat16, False), ("fp16 autocast", torch.float16, False)]
+    if compile_:
+        # Compile the configuration that serves by default on this device: fp32 on CPU, bf16 on CUDA.
+        default = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        label = "compile" + (" + bf16" if default == torch.bfloat16 else " fp32")
+        chosen.append((label, default, True))
+    return chosen
+
+
+def measure_mode(label: str, dtype: torch.dtype, compile_: bool, checkpoint: Path, device: str,
+                 image: np.ndarray, prompt_list: list[Prompt], baseline: list[tuple[np.ndarray, np.ndarray]],
+                 runs: int, decode_runs: int) -> ModeResult:
+    """Time one faster mode of our engine and compare its masks with our fp32 masks."""
+    if dtype != torch.float32 and (why := autocast_supported(device, dtype)):
+        return ModeResult(label, skipped=why)
+    predictor = model.Predictor(model.load(checkpoint, device=device, dtype=dtype, compile=compile_))
+    first = timed(lambda: predictor.embed(image), device)
+    embedding = predictor.embed(image)
+    click = prompt_list[0]
+    (encoder_ms,) = median_ms([lambda: predictor.embed(image)], runs, device)
+    (decode_ms,) = median_ms([lambda: predictor.predict(embedding, click.points, click.labels)], decode_runs, device)
+    return ModeResult(label, encoder_ms=encoder_ms, decode_ms=decode_ms, first_encode_s=first,
+                      agreement=agreement(baseline, ours_outputs(predictor, embedding, prompt_list)))
+
+
+# --- one model --------------------------------------------------------------------------------------------
+
+
+def encoder_runs(name: str, runs: int | None) -> int:
+    """``--runs``, or the default: ViT-B takes seconds per encode on a small CPU, MobileSAM much less."""
+    if runs is not None:
+        return runs
+    return 3 if name == "vit_b" else 10
+
+
+def compare_with_reference(name: str, checkpoint: Path, reference_sam: torch.nn.Module, device: str,
+                           image: np.ndarray, prompt_list: list[Prompt], runs: int, decode_runs: int,
+                           log: Callable[[str], None]) -> tuple[ModelResult, list[tuple[np.ndarray, np.ndarray]]]:
+    """Reference against ours at fp32: times and agreement, plus our fp32 outputs as the modes' baseline.
+
+    Its own function so both models are freed when it returns, before the faster modes load theirs.
+    """
+    reference = reference_predictor(name, reference_sam, device)
+    ours = model.Predictor(model.load(checkpoint, device=device, dtype=torch.float32))
+    if ours.sam.name != name:
+        raise SystemExit(f"our loader read the {name} checkpoint as {ours.sam.name}")
+    click = prompt_list[0]
+    log(f"{name}: encoder, {runs} runs each after a warm-up")
+    ref_encoder, ours_encoder = median_ms([lambda: reference.set_image(image), lambda: ours.embed(image)],
+                                          runs, device)
+    embedding = ours.embed(image)
+    reference.set_image(image)
+    log(f"{name}: one-click decode, {decode_runs} runs each")
+    ref_decode, ours_decode = median_ms(
+        [lambda: reference.predict(click.points, click.labels, multimask_output=True),
+         lambda: ours.predict(embedding, click.points, click.labels, multimask=True)], decode_runs, device)
+    baseline = ours_outputs(ours, embedding, prompt_list)
+    result = ModelResult(name, ref_encoder, ours_encoder, ref_decode, ours_decode, runs, decode_runs,
+                         agreement(reference_outputs(reference, prompt_list), baseline))
+    return result, baseline
+
+
+def bench_model(name: str, device: str, runs: int, decode_runs: int, compile_: bool, directory: Path,
+                log: Callable[[str], None]) -> ModelResult:
+    """Reference against ours at fp32, then our faster modes, for one model."""
+    log(f"{name}: building seeded random weights and the checkpoint file")
+    reference_sam = reference_model(name, SEED)
+    checkpoint = directory / f"{name}_random.pth"
+    torch.save(reference_sam.state_dict(), checkpoint)
+    image, prompt_list = synthetic_image(), prompts()
+    result, baseline = compare_with_reference(name, checkpoint, reference_sam, device, image, prompt_list, runs,
+                                              decode_runs, log)
+    del reference_sam
+    for label, dtype, compiled in modes(device, compile_):
+        log(f"{name}: {label}")
+        result.modes.append(measure_mode(label, dtype, compiled, checkpoint, device, image, prompt_list, baseline,
+                                         runs, decode_runs))
+    checkpoint.unlink()
+    return result
+
+
+# --- report -----------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str) -> str:
+    """One line: what the numbers were measured on."""
+    where = (f"GPU {torch.cuda.get_device_name(torch.device(device))}" if torch.device(device).type == "cuda"
+             else f"CPU {cpu_model()}, {os.cpu_count()} cores")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}, "
+            f"python {platform.python_version()}, load average {load}")
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def comparison_table(results: list[ModelResult]) -> list[str]:
+    lines = ["| model | stage | reference ms | ours ms | reference/ours | runs |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.model} | encoder (set_image / embed) | {r.reference_encoder_ms:.1f} | "
+                     f"{r.ours_encoder_ms:.1f} | {r.encoder_ratio:.2f}x | {r.encoder_runs} |")
+        lines.append(f"| {r.model} | one-click decode, 3 masks at 1024x768 | {r.reference_decode_ms:.1f} | "
+                     f"{r.ours_decode_ms:.1f} | {r.decode_ratio:.2f}x | {r.decode_runs} |")
+    return lines
+
+
+def agreement_header(first: str) -> list[str]:
+    return [f"| {first} | mask IoU mean | mask IoU min | max \\|logit diff\\| | pixel-identical | mask area |",
+            "|---|---:|---:|---:|---|---|"]
+
+
+def agreement_cells(a: Agreement) -> str:
+    return (f"{a.mean_iou:.4f} | {a.min_iou:.4f} | {a.max_logit_diff:.2e} | {'yes' if a.identical else 'no'} | "
+            f"{a.foreground[0]:.0%}-{a.foreground[1]:.0%}")
+
+
+def modes_table(results: list[ModelResult]) -> list[str]:
+    lines = ["| model | mode | encoder ms | vs fp32 | decode ms | vs fp32 | first encode s | "
+             "mask IoU mean | mask IoU min | max \\|logit diff\\| |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r.model} | ours fp32 | {r.ours_encoder_ms:.1f} | 1.00x | {r.ours_decode_ms:.1f} | "
+                     f"1.00x | - | 1 | 1 | 0 |")
+        for m in r.modes:
+            if m.skipped:
+                lines.append(f"| {r.model} | {m.mode} | skipped: {m.skipped} | | | | | | | |")
+                continue
+            a = m.agreement
+            lines.append(f"| {r.model} | {m.mode} | {m.encoder_ms:.1f} | {r.ours_encoder_ms / m.encoder_ms:.2f}x | "
+                         f"{m.decode_ms:.1f} | {r.ours_decode_ms / m.decode_ms:.2f}x | {fmt(m.first_encode_s, '.1f')} | "
+                         f"{a.mean_iou:.4f} | {a.min_iou:.4f} | {a.max_logit_diff:.2e} |")
+    return lines
+
+
+def goals(results: list[ModelResult]) -> list[str]:
+    """Issue #2's goals, met or not, in words."""
+    lines = []
+    for r in results:
+        if r.model == "vit_b":
+            same = r.agreement.identical
+            met = r.encoder_ratio >= GOAL_RATIO and same
+            lines.append(f"- vit_b encoder >= {GOAL_RATIO:.0f}x the reference at fp32 with identical masks: "
+                         f"{'MET' if met else 'NOT MET'} ({r.encoder_ratio:.2f}x, masks "
+                         f"{'pixel-identical' if same else f'min IoU {r.agreement.min_iou:.4f}'})")
+        met = r.decode_ratio >= GOAL_RATIO and r.agreement.min_iou >= AGREE_IOU
+        lines.append(f"- {r.model} one-click decode >= {GOAL_RATIO:.0f}x the reference: "
+                     f"{'MET' if met else 'NOT MET'} ({r.decode_ratio:.2f}x)")
+    return lines
+
+
+def report(results: list[ModelResult], env_before: str, env_after: str, prompt_count: int) -> str:
+    lines = [f"Environment: {env_before}", f"Load average at the end: {env_after.rsplit('load average ', 1)[1]}",
+             "", "Reference vs ours, fp32 (medians after one warm-up, interleaved):", ""]
+    lines += comparison_table(results)
+    lines += ["", f"Mask agreement, reference vs ours at fp32 ({prompt_count} prompts x 3 masks):", ""]
+    lines += agreement_header("model")
+    lines += [f"| {r.model} | {agreement_cells(r.agreement)} |" for r in results]
+    lines += ["", f"Faster modes of ours vs ours at fp32 (same {prompt_count} prompts; times are medians):", ""]
+    lines += modes_table(results)
+    lines += ["", "Goals (issue #2):"] + goals(results)
+    return "\n".join(lines)
+
+
+def to_json(results: list[ModelResult], env_before: str, env_after: str) -> dict:
+    models = []
+    for r in results:
+        entry = asdict(r)
+        entry.update(encoder_ratio=r.encoder_ratio, decode_ratio=r.decode_ratio)
+        models.append(entry)
+    return {"environment": env_before, "environment_after": env_after, "image": [HEIGHT, WIDTH], "models": models}
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated: vit_t,vit_b")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = PyTorch's default)")
+    parser.add_argument("--runs", type=int, default=None,
+                        help="timed encodes per side and mode (default: 3 for vit_b, 10 for vit_t)")
+    parser.add_argument("--decode-runs", type=int, default=20, help="timed one-click decodes per side and mode")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes on a CPU)")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the numbers here")
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if unknown := [m for m in args.models if m not in MODELS]:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    if args.runs is not None and args.runs < 1 or args.decode_runs < 1:
+        parser.error("--runs and --decode-runs must be at least 1")
+    if args.threads < 0:
+        parser.error("--threads must be 0 (default) or more")
+    try:
+        model.runtime.resolve_device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        parser.error(str(exc))
+    return args
+
+
+@contextmanager
+def scratch_directory() -> Iterator[Path]:
+    """A temporary folder for the checkpoint files (ViT-B's is ~375 MB), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="sam-bench-") as directory:
+        yield Path(directory)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        model.runtime.set_threads(args.threads)
+
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+    env_before = environment(args.device)
+    log(env_before)
+    results = []
+    with scratch_directory() as directory:
+        for name in args.models:
+            results.append(bench_model(name, args.device, encoder_runs(name, args.runs), args.decode_runs,
+                                       args.compile, directory, log))
+    env_after = environment(args.device)
+    print(report(results, env_before, env_after, len(prompts())))
+    if args.json:
+        args.json.write_text(json.dumps(to_json(results, env_before, env_after), indent=2) + "\n")
+        log(f"numbers written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -51,12 +51,14 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from model.download import fetch
+    import requests
+
+    from model.download import DownloadError, fetch
 
     try:
         path = fetch(args.name, args.dir)
-    except (KeyError, ValueError, OSError) as error:
-        print(f"sam-backend: {error}", file=sys.stderr)
+    except (DownloadError, ValueError, OSError, requests.RequestException) as error:
+        print(f"sam-backend: could not download {args.name}: {error}", file=sys.stderr)
         return 1
     print(path)
     return 0
@@ -93,9 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     if _has_download():
         download = commands.add_parser("download", help="download an official checkpoint",
-                                       description="Download an official SAM / MobileSAM checkpoint and "
-                                                   "check its sha256.")
-        download.add_argument("name", choices=sorted(OFFICIAL_CHECKPOINTS), help="which checkpoint")
+                                       description="Download an official SAM / MobileSAM checkpoint (its "
+                                                   "sha256 is checked) and print where it is; an already "
+                                                   "downloaded, verified file is not fetched again.")
+        download.add_argument("name", help="an official name (" + ", ".join(OFFICIAL_CHECKPOINTS)
+                              + ", sam_b, sam_l, ultralytics_mobile_sam) or an http(s) URL of a checkpoint")
         download.add_argument("--dir", type=Path, default=None,
                               help="where to put it (MODEL_DIR, default ./models)")
         download.set_defaults(handler=_download)

@@ -56,11 +56,13 @@ class Segmenter:
     def __init__(self, checkpoint: str | Path | None, device: str | None = None, *,
                  cache: EmbeddingCache | None = None, metrics: Metrics | None = None,
                  ready_wait_s: float = DEFAULT_READY_WAIT_S, load_options: dict[str, Any] | None = None,
-                 torch_threads: int = 0, loader: Callable[[str, str | None], Any] | None = None) -> None:
+                 torch_threads: int = 0, loader: Callable[[str, str | None], Any] | None = None,
+                 everything_options: dict[str, Any] | None = None) -> None:
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.device = device
         self.load_options = dict(load_options or {})
         self.torch_threads = torch_threads
+        self.everything_options = dict(everything_options or {})  # MaskGenerator arguments (grid, thresholds)
         self.metrics = metrics if metrics is not None else Metrics()
         if cache is None:
             from backend.cache import EmbeddingCache
@@ -236,11 +238,15 @@ class Segmenter:
         return self._mask_generator_cls is not None
 
     def segment_everything(self, image: np.ndarray, **options: Any) -> list[Mask]:
-        """Every object SAM finds on a grid of points (Meta's automatic mask generator)."""
+        """Every object SAM finds on a grid of points (Meta's automatic mask generator).
+
+        ``options`` (over ``everything_options``) are MaskGenerator arguments. It decodes points_per_side**2
+        prompts per image: seconds on a GPU, minutes on a CPU, which is why boxes is the default batch mode.
+        """
         self.predictor()
         if self._mask_generator_cls is None:
             raise ModelError("this build has no automatic mask generator; use SAM_BATCH_MODE=boxes or off", 501)
-        records = self._mask_generator_cls(self._sam, **options).generate(image)
+        records = self._mask_generator_cls(self._sam, **{**self.everything_options, **options}).generate(image)
         return [Mask(mask=np.asarray(r["segmentation"], dtype=bool), score=float(r["predicted_iou"]))
                 for r in records]
 

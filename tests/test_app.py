@@ -201,6 +201,28 @@ def test_batch_mode_off_gives_empty_predictions(checkpoint: Path) -> None:
     assert [r["result"] for r in response.json["results"]] == [[], []]
 
 
+def test_batch_mode_everything_gives_the_mask_generators_masks(checkpoint: Path, image_server: Any,
+                                                              oracle: Any) -> None:
+    from model import MaskGenerator
+
+    options = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    segmenter = Segmenter(checkpoint, "cpu", everything_options=options)
+    client = create_app(make_settings(checkpoint, sam_batch_mode="everything"), segmenter).test_client()
+    client.post("/setup", json=setup_body(image_server))
+    body = fixture_body("predict_batch_two_tasks.json")
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.json
+    results = response.json["results"]
+    assert len(results) == 2
+    for task, prediction in zip(body["tasks"], results, strict=True):
+        records = MaskGenerator(oracle.sam, **options).generate(draw_image(FIXTURE_IMAGES[task["data"]["image"]]))
+        masks = decoded_masks(prediction)
+        assert len(masks) == len(records) >= 1
+        for got, record in zip(masks, records, strict=True):
+            np.testing.assert_array_equal(got, record["segmentation"])
+        assert all(r["value"]["brushlabels"] == ["Object"] for r in prediction["result"])
+
+
 def test_polygon_output(checkpoint: Path, image_server: Any) -> None:
     pytest.importorskip("backend.polygons")
     client = create_app(make_settings(checkpoint, sam_output="polygon")).test_client()

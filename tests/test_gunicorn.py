@@ -231,3 +231,29 @@ def test_basic_auth_on_a_real_server(checkpoint: Path, tmp_path: Path) -> None:
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
+
+
+def test_download_fetches_a_checkpoint_url_into_the_model_dir(checkpoint: Path, tmp_path: Path) -> None:
+    pytest.importorskip("model.download")
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(checkpoint.parent))
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/{checkpoint.name}"
+        result = subprocess.run([str(SAM_BACKEND), "download", url, "--dir", str(tmp_path / "models")],
+                                env=server_env(), capture_output=True, text=True, timeout=120)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert result.returncode == 0, result.stderr
+    saved = Path(result.stdout.strip().splitlines()[-1])
+    assert saved == tmp_path / "models" / checkpoint.name
+    assert saved.read_bytes() == checkpoint.read_bytes()
+    refused = subprocess.run([str(SAM_BACKEND), "download", "no_such_model", "--dir", str(tmp_path)],
+                             env=server_env(), capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "no_such_model" in refused.stderr and "Traceback" not in refused.stderr

@@ -9,17 +9,23 @@ never read).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 COMPOSE = REPO_ROOT / "docker-compose.yml"
@@ -54,6 +60,11 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
     return pairs
 
 
+def _final_stage() -> list[tuple[str, str]]:
+    instructions = _dockerfile_instructions()
+    return instructions[max(i for i, (key, _) in enumerate(instructions) if key == "FROM"):]
+
+
 def _backend_variables() -> set[str]:
     """Every environment variable the backend reads: Settings.from_env plus gunicorn.conf.py."""
     source = (REPO_ROOT / "backend" / "config.py").read_text() + (REPO_ROOT / "gunicorn.conf.py").read_text()
@@ -73,8 +84,7 @@ def test_compose_files_follow_the_compose_specification(path: Path) -> None:
 
 def test_dockerfile_runs_the_backend_as_a_non_root_user_with_a_healthcheck() -> None:
     instructions = _dockerfile_instructions()
-    final_stage = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM"):]
-    keywords = dict(final_stage)
+    keywords = dict(_final_stage())
     assert keywords["USER"] not in ("root", "0", "0:0"), keywords["USER"]
     assert keywords["EXPOSE"] == "9090"
     assert "/health" in keywords["HEALTHCHECK"]
@@ -129,3 +139,66 @@ def test_gpu_override_reserves_an_nvidia_gpu_and_selects_cuda() -> None:
     assert devices and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert "cuda" in backend["environment"]["SAM_DEVICE"]
     assert "/whl/cu" in backend["build"]["args"]["TORCH_INDEX_URL"]
+
+
+def test_the_image_layout_serves_with_the_default_settings(tmp_path: Path) -> None:
+    """Rebuild the runtime stage's file layout and environment outside Docker (no daemon here) and run its
+    CMD and HEALTHCHECK: catches a file the server needs that the image does not copy, an ENV that points
+    nowhere, or a default SAM_CHECKPOINT that MODEL_DIR cannot resolve.
+
+    The stage's venv is stood in for by this test environment; the checkpoint is a tiny random one saved
+    under the official ViT-B file name, as a user would drop the real one into the models volume.
+    """
+    from tests.backend_helpers import make_tiny_checkpoint
+
+    stage = _final_stage()
+    app = tmp_path / "app"
+    workdir = next(rest for key, rest in stage if key == "WORKDIR")
+    assert workdir == "/app"
+    for key, rest in stage:
+        if key == "COPY" and "--from=" not in rest:
+            *sources, destination = rest.split()
+            for source in sources:
+                target = app / destination / Path(source).name if destination.endswith("/") else app / destination
+                target.parent.mkdir(parents=True, exist_ok=True)
+                copy = shutil.copytree if (REPO_ROOT / source).is_dir() else shutil.copy2
+                copy(REPO_ROOT / source, target)
+    image_env: dict[str, str] = {}
+    for key, rest in stage:
+        if key == "ENV":
+            image_env.update(pair.split("=", 1) for pair in rest.split())
+    models = tmp_path / "models"
+    models.mkdir()
+    assert image_env["MODEL_DIR"] == "/models" and image_env["SAM_CHECKPOINT"] == "vit_b"
+    make_tiny_checkpoint(models / "sam_vit_b_01ec64.pth")
+
+    port = free_port()
+    env = {name: value for name, value in os.environ.items() if name not in ("PYTHONPATH",)}
+    env.update(image_env)
+    env.update({"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(app),
+                "MODEL_DIR": str(models), "HOST": "127.0.0.1", "PORT": str(port), "SAM_TORCH_THREADS": "1"})
+    where = subprocess.run([sys.executable, "-c", "import backend.cli as c; print(c.GUNICORN_CONF)"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert where.stdout.strip() == str(app / "gunicorn.conf.py"), where.stdout + where.stderr
+    command = json.loads(dict(stage)["CMD"])
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, health = time.monotonic() + 120, {}
+        while time.monotonic() < deadline and not health.get("model_loaded"):
+            assert process.poll() is None, f"{command} exited with {process.returncode}:\n{log.read_text()}"
+            with contextlib.suppress(requests.RequestException):
+                health = requests.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+            assert "model_error" not in health, health
+            time.sleep(0.5)
+        assert health.get("model_loaded"), f"no model after 120 s: {health}\n{log.read_text()[-3000:]}"
+        healthcheck = json.loads(dict(stage)["HEALTHCHECK"].split(" CMD ", 1)[1])
+        assert healthcheck[0] == "python"
+        probe = subprocess.run([sys.executable, *healthcheck[1:]], env=env, capture_output=True, text=True,
+                               timeout=30)
+        assert probe.returncode == 0, probe.stderr
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

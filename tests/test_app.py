@@ -468,6 +468,35 @@ def test_health_answers_fast_while_an_image_is_encoded(checkpoint: Path, image_s
     assert answers == [200]
 
 
+def test_concurrent_annotators_get_masks_of_their_own_images(app: Any, oracle: Any) -> None:
+    """Eight threads clicking on two different images at once: nobody gets a mask of the other image."""
+    bodies = []
+    for index in range(8):
+        body = fixture_body("predict_interactive_keypoint_api.json")
+        if index % 2:
+            body["tasks"][0]["data"]["image"] = "/data/upload/4/ab0e8e49-red_square.png"
+        body["params"]["context"]["result"][0]["value"].update(x=30.0 + 5 * index, y=40.0 + 3 * index)
+        bodies.append(body)
+    answers: dict[int, Any] = {}
+    start = threading.Barrier(len(bodies))
+
+    def click(index: int) -> None:
+        client = app.test_client()
+        start.wait()
+        answers[index] = client.post("/predict", json=bodies[index])
+
+    threads = [threading.Thread(target=click, args=(i,)) for i in range(len(bodies))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for index, body in enumerate(bodies):
+        assert answers[index].status_code == 200, answers[index].json
+        (got,) = decoded_masks(answers[index].json["results"][0])
+        (want,) = expected_masks(oracle, body)
+        np.testing.assert_array_equal(got, want)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Basic auth
 @pytest.mark.parametrize("route", ["/health", "/metrics", "/versions"])

@@ -182,7 +182,8 @@ class MaskGenerator:
             data = data.select(batched_nms(data.boxes.float(), scores, None, self.crop_nms_thresh))
 
         if self.min_mask_region_area > 0:
-            data = self._remove_small_regions(data, max(self.box_nms_thresh, self.crop_nms_thresh))
+            data = self._remove_small_regions(data, self.min_mask_region_area,
+                                              max(self.box_nms_thresh, self.crop_nms_thresh))
         return _records(data)
 
     def _process_crop(self, image: np.ndarray, crop_box: Box, layer: int,

@@ -41,6 +41,27 @@ accesslog = "-"
 errorlog = "-"
 capture_output = True
 
+# Our own loggers (backend.*, model.*) go to stderr beside gunicorn's, with their names, at LOG_LEVEL:
+# the one log line per refused request and the model-load line are what an operator looks for.
+_LEVEL = loglevel.upper()
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "root": {"level": _LEVEL, "handlers": ["error_console"]},
+    "loggers": {
+        "gunicorn.error": {"level": _LEVEL, "handlers": ["error_console"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "generic", "stream": "ext://sys.stdout"},
+        "error_console": {"class": "logging.StreamHandler", "formatter": "generic", "stream": "ext://sys.stderr"},
+    },
+    "formatters": {
+        "generic": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+                    "datefmt": "[%Y-%m-%d %H:%M:%S %z]", "class": "logging.Formatter"},
+    },
+}
+
 
 def pre_fork(server, worker) -> None:
     """Give each worker a stable slot (0..WORKERS-1), reused when a worker is replaced.

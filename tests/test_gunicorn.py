@@ -137,6 +137,7 @@ def test_health_is_fast_and_the_model_loads_after_the_fork(server: Server) -> No
     health = wait_loaded(server)
     assert health["model_loaded"] is True, health  # post_worker_init loaded it without any /predict
     assert health["model_version"].startswith("custom-")
+    assert "backend.segmenter: model custom-" in server.log.read_text()
 
 
 @pytest.mark.parametrize("name", fixture_names("predict_interactive"))
@@ -181,6 +182,9 @@ def test_bad_requests_get_json_errors_and_the_worker_keeps_serving(connected: Se
     assert missing.status_code == 404 and missing.headers["Content-Type"].startswith("application/json")
     assert connected.post("/predict", json=fixture_body("predict_interactive_keypoint_api.json")).status_code == 200
     assert connected.process.poll() is None
+    log = connected.log.read_text()
+    assert "backend.app: POST /predict -> 400 BadRequest" in log  # one readable line per refused request
+    assert "Traceback" not in log
 
 
 def test_metrics_over_http(connected: Server) -> None:

@@ -110,11 +110,14 @@ class Reference:
         return self._embeddings[image.path]
 
     def mask(self, image: SceneImage, points: list[tuple[float, float]] | None = None,
-             box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+             box: tuple[float, float, float, float] | None = None,
+             positive: list[bool] | None = None) -> np.ndarray:
         """SAM's rule for one object: a single click is ambiguous, so the best of three by predicted IoU;
         anything more specific gives one mask."""
         coords = np.asarray(points, dtype=np.float32).reshape(-1, 2) if points else None
-        labels = np.ones(len(coords), dtype=np.int32) if coords is not None else None
+        labels = None
+        if coords is not None:
+            labels = np.asarray(positive if positive is not None else [True] * len(coords), dtype=np.int32)
         box_array = np.asarray(box, dtype=np.float32) if box is not None else None
         single_click = coords is not None and len(coords) == 1 and box is None
         prediction = self.predictor.predict(self.embedding(image), points=coords, labels=labels, box=box_array,
@@ -126,11 +129,12 @@ class Reference:
 # Label Studio regions, as the smart tools send them (percent of the displayed image)
 
 
-def keypoint_region(image: SceneImage, x_px: float, y_px: float, region_id: str = "kp1") -> dict[str, Any]:
+def keypoint_region(image: SceneImage, x_px: float, y_px: float, region_id: str = "kp1",
+                    positive: bool = True) -> dict[str, Any]:
     return {
         "id": region_id, "from_name": "kp", "to_name": "image", "type": "keypointlabels", "origin": "manual",
         "original_width": image.width, "original_height": image.height, "image_rotation": 0,
-        "is_positive": True,
+        "is_positive": positive,
         "value": {"x": 100.0 * x_px / image.width, "y": 100.0 * y_px / image.height, "width": 0.26,
                   "labels": [LABEL], "keypointlabels": [LABEL]},
     }
@@ -234,19 +238,24 @@ def test_label_studio_connects_the_backend(label_studio: LabelStudio, sam_backen
     assert ml["url"].rstrip("/") == sam_backend.url, ml
 
 
-@pytest.mark.parametrize("prompt", ["keypoint", "rectangle", "keypoint_and_rectangle"])
+@pytest.mark.parametrize("prompt", ["keypoint", "rectangle", "keypoint_and_rectangle", "keypoint_and_negative"])
 def test_interactive_annotating_returns_the_predictor_mask(label_studio: LabelStudio, project: Project,
                                                            reference: Reference, prompt: str) -> None:
     """A smart keypoint, a smart rectangle, and both: Label Studio hands back our brush mask, which equals
-    model.Predictor's mask for the same prompt, at the displayed size of every image (EXIF included)."""
+    model.Predictor's mask for the same prompt, at the displayed size of every image (EXIF included). An
+    Alt-click (is_positive false) must reach SAM as a negative point."""
     for image, task in zip(project.images, project.tasks, strict=True):
         # Whole-pixel positions on exact percentages keep the percent -> pixel round trip exact.
         point = (image.width // 2, image.height // 2)
         box = (image.width // 4, image.height // 4, 3 * image.width // 4, 3 * image.height // 4)
-        regions, points, expected_box = [], None, None
+        regions, points, positive, expected_box = [], None, None, None
         if "keypoint" in prompt:
             regions.append(keypoint_region(image, *point))
-            points = [point]
+            points, positive = [point], [True]
+        if "negative" in prompt:
+            negative = (image.width // 8, image.height // 8)
+            regions.append(keypoint_region(image, *negative, region_id="kp2", positive=False))
+            points, positive = [point, negative], [True, False]
         if "rectangle" in prompt:
             regions.append(rectangle_region(image, box))
             expected_box = box
@@ -257,7 +266,7 @@ def test_interactive_annotating_returns_the_predictor_mask(label_studio: LabelSt
         assert len(brushes) == 1, f"{image.path.name}: expected one brush region, got {result}"
         got = decode_brush(brushes[0], image)
         assert got.any(), f"{image.path.name}: empty mask"
-        assert_same_mask(got, reference.mask(image, points=points, box=expected_box),
+        assert_same_mask(got, reference.mask(image, points=points, box=expected_box, positive=positive),
                          f"{prompt} on {image.path.name}")
 
 

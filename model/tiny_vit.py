@@ -52,12 +52,17 @@ class Conv2dBN(nn.Module):
         self.c = nn.Conv2d(in_chans, out_chans, kernel_size, stride, kernel_size // 2, groups=groups,
                            bias=False)
         self.bn = nn.BatchNorm2d(out_chans)
+        self._pointwise = kernel_size == 1 and stride == 1 and groups == 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         weight = self.c.weight * scale[:, None, None, None]
         bias = bn.bias - bn.running_mean * scale
+        if self._pointwise:
+            # A 1x1 convolution is a matrix product over channels: on the channels-last activations
+            # that is one GEMM, where PyTorch's CPU convolution would take its slow im2col path.
+            return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
         return F.conv2d(x, weight, bias, self.c.stride, self.c.padding, groups=self.c.groups)
 
 
@@ -144,7 +149,9 @@ class Attention(nn.Module):
         # The reference lays qkv out per head as [q | k | v], not as [all q | all k | all v].
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)
-        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
+        # A 4-d (1, heads, N, N) mask: with a 3-d one PyTorch's CPU dispatch falls back from the fused
+        # kernel to the unfused math path, about 4x slower here.
+        bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0).to(q.dtype)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
@@ -283,10 +290,12 @@ class TinyViT(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
+        # Channels-last throughout: oneDNN runs the 1x1 and depthwise convolutions in that layout
+        # several times faster than in NCHW, and the attention stages' (B, H, W, C) view of it is free.
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         for layer in self.layers:
             x = layer(x)
-        return self.neck(x)
+        return self.neck(x).contiguous()
 
 
 def tiny_vit_name(config: Mapping[str, object]) -> str:

@@ -31,6 +31,7 @@ from backend.metrics import Metrics
 from backend.prompts import RECTANGLE, parse_prompts, resolve_output_label
 from backend.results import mask_regions, prediction
 from backend.segmenter import Segmenter
+from backend.warmup import Warmer, WarmupJob, make_encoder
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,21 @@ class Backend:
     segmenter: Segmenter
     fetcher: Any  # backend.images.ImageFetcher
     metrics: Metrics
+    warmer: Warmer | None = None  # None when SAM_WARMUP is off
     projects: dict[str, str] = field(default_factory=dict)  # project id -> label config seen in /setup
+    label_studio: tuple[str | None, str | None] = (None, None)  # hostname + token from /setup, for warm-up jobs
+
+    def warm_up(self, tasks: list[dict[str, Any]], label_config: LabelConfig, source: str) -> int:
+        """Queue background encodes of the tasks' images; never raises, never waits for an encode."""
+        if self.warmer is None:
+            return 0
+        url, token = self.label_studio
+        jobs = [WarmupJob(task=task, value_key=label_config.image.value_key, label_studio_url=url,
+                          label_studio_token=token) for task in tasks if isinstance(task, dict)]
+        queued = self.warmer.submit(jobs)
+        if queued:
+            self.metrics.warmup_jobs.labels(source=source).inc(queued)
+        return queued
 
 
 def create_app(settings: Settings | None = None, segmenter: Segmenter | None = None) -> Flask:
@@ -60,8 +75,12 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     settings = settings if settings is not None else Settings.from_env()
     metrics = segmenter.metrics if segmenter is not None else Metrics()
     segmenter = segmenter if segmenter is not None else Segmenter.from_settings(settings, metrics)
-    backend = Backend(settings=settings, segmenter=segmenter, fetcher=ImageFetcher.from_settings(settings),
-                      metrics=metrics)
+    fetcher = ImageFetcher.from_settings(settings)
+    warmer = None
+    if settings.sam_warmup:
+        warmer = Warmer(redis_url=settings.redis_url or None, encoder=make_encoder(segmenter, fetcher),
+                        on_depth=metrics.warmup_queue_depth.set)
+    backend = Backend(settings=settings, segmenter=segmenter, fetcher=fetcher, metrics=metrics, warmer=warmer)
 
     app = Flask(__name__)
     app.json.sort_keys = False
@@ -91,6 +110,8 @@ def start_model_loading(app: Flask, slot: int = 0) -> None:
         if count > 1:
             device = f"cuda:{slot % count}"
     backend.segmenter.start_loading(device)
+    if backend.warmer is not None:
+        backend.warmer.start()  # this process consumes the shared warm-up queue with its model
 
 
 def _backend() -> Backend:
@@ -192,6 +213,7 @@ def setup() -> Response:
         raise BadRequest("'access_token' must be a string")
     if hostname or token:
         backend.fetcher.set_label_studio(hostname or None, token or None)
+        backend.label_studio = (hostname or None, token or None)
     return jsonify({"model_version": backend.segmenter.model_version})
 
 
@@ -213,6 +235,10 @@ def predict() -> Response:
     if context is not None and not isinstance(context, dict):
         raise BadRequest("'params.context' must be an object or null")
     regions = (context or {}).get("result")
+    if not regions:
+        # Label Studio sends this when an annotator opens a task (and for "Retrieve predictions"): start
+        # encoding now, so that the first click finds the embedding ready.
+        backend.warm_up(tasks, config, source="open" if len(tasks) == 1 else "batch")
     predictor = Predictions(backend, config)
     # Interactive (smart-tool click): one task, one prediction. Batch (context null): one per task.
     results = [predictor.interactive(tasks[0], regions)] if regions else predictor.batch(tasks)
@@ -221,12 +247,39 @@ def predict() -> Response:
 
 @api.post("/webhook")
 def webhook() -> Response:
-    """Label Studio's project events: accepted (200), whatever the action."""
+    """Label Studio's project events: accepted (200), whatever the action.
+
+    ``TASKS_CREATED`` (an import) queues the warm-up of the new tasks' images. The label config, which says
+    which task field holds the image, comes with the event's project, else from the project's /setup.
+    """
+    backend = _backend()
     body = _json_body()
     action = body.get("action")
     if action == "START_TRAINING":
         return jsonify({"status": "ok", "action": action, "message": TRAIN_MESSAGE})
+    if action == "TASKS_CREATED":
+        return jsonify({"status": "ok", "action": action, "queued": _warm_created_tasks(backend, body)})
     return jsonify({"status": "ok", "action": action})
+
+
+def _warm_created_tasks(backend: Backend, body: dict[str, Any]) -> int:
+    tasks = body.get("tasks")
+    project = body.get("project") if isinstance(body.get("project"), dict) else {}
+    xml = project.get("label_config")
+    if not xml:
+        xml = next((schema for key, schema in backend.projects.items()
+                    if key.split(".")[0] == str(project.get("id"))), None)
+    if not isinstance(tasks, list) or not xml:
+        log.info("TASKS_CREATED without tasks or a label config: nothing to warm up")
+        return 0
+    try:
+        config = parse_label_config(xml)
+    except BackendError as error:
+        log.info("TASKS_CREATED for a project this backend cannot serve (%s): nothing to warm up", error.message)
+        return 0
+    queued = backend.warm_up(tasks, config, source="webhook")
+    log.info("TASKS_CREATED: %d task(s), %d image(s) queued for warm-up", len(tasks), queued)
+    return queued
 
 
 @api.get("/versions")

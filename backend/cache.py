@@ -165,7 +165,7 @@ class RedisTier:
         return self._call("get", lambda: self._client.get(key))
 
     def put(self, key: str, value: bytes) -> None:
-        self._call("set", lambda: self._client.set(key, value, ex=self.ttl_s))
+        self._call("set", lambda: self._client.set(key, value, ex=self.ttl_s or None))  # 0: no expiry
 
     def delete(self, key: str) -> None:
         self._call("delete", lambda: self._client.delete(key))

@@ -100,6 +100,8 @@ class Settings:
     sam_output: str = "auto"  # auto | brush | polygon
     sam_label_map: tuple[tuple[str, str], ...] = field(default=())
     sam_batch_mode: str = "boxes"  # boxes | everything | off
+    # -- warm-up: encode task images before the first click
+    sam_warmup: bool = True
 
     @property
     def label_map(self) -> dict[str, str]:
@@ -173,6 +175,7 @@ class Settings:
             sam_output=env.choice("SAM_OUTPUT", cls.sam_output, OUTPUTS),
             sam_label_map=tuple(parse_label_map(env.text("SAM_LABEL_MAP")).items()),
             sam_batch_mode=env.choice("SAM_BATCH_MODE", cls.sam_batch_mode, BATCH_MODES),
+            sam_warmup=env.flag("SAM_WARMUP", cls.sam_warmup),
         )
 
 

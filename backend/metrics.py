@@ -72,6 +72,14 @@ class Metrics:
             "sam_backend_embedding_cache_misses", "Embeddings that had to be computed by the encoder.",
             registry=self.registry,
         )
+        self.warmup_queue_depth = Gauge(
+            "sam_backend_warmup_queue_depth", "Warm-up jobs waiting: the shared Redis queue plus this process's own.",
+            registry=self.registry,
+        )
+        self.warmup_jobs = Counter(
+            "sam_backend_warmup_jobs", "Warm-up jobs queued by this process, by source (webhook, open, cli).",
+            ["source"], registry=self.registry,
+        )
         self.redis_errors = Counter(
             "sam_backend_redis_errors", "Redis operations of the embedding cache that failed.",
             ["operation"], registry=self.registry,

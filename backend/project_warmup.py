@@ -117,13 +117,11 @@ def _warm_through_redis(settings: Settings, project: Project, fetcher: ImageFetc
     log.info("queued %d of %d tasks of project %s for warm-up", queued, len(project.tasks), project.id)
     if local:
         from backend.segmenter import Segmenter
-        from backend.warmup import bind_encoder, make_encoder
+        from backend.warmup import make_encoder
 
         segmenter = Segmenter.from_settings(settings)
         segmenter.load()
-        bind_encoder(make_encoder(segmenter, fetcher))
-        warmer.consume = True
-        warmer.start()
+        Warmer(redis_url=settings.redis_url, encoder=make_encoder(segmenter, fetcher)).start()
     if wait or local:
         _wait_for_queue(warmer, queued, progress)
     return queued

@@ -107,6 +107,12 @@ class Segmenter:
         return self._sam.name if self._sam is not None else None
 
     @property
+    def fingerprint(self) -> str:
+        """The loaded model's checkpoint fingerprint, the embedding-cache key (waits for the model)."""
+        self.predictor()
+        return self._sam.fingerprint
+
+    @property
     def model_version(self) -> str:
         """``<name>-<fingerprint[:8]>`` once loaded; before that the checkpoint's file name.
 

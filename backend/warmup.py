@@ -62,15 +62,17 @@ class WarmupJob:
                    label_studio_token=payload.get("label_studio_token"))
 
 
-# What encodes one job in this process: fetch the image, embed it through the cache. Returns True when the
-# encoder ran, False when the embedding was already cached. Bound by the app once its model is loaded.
+# What encodes one job: fetch the image, embed it through the cache. Returns True when the encoder ran,
+# False when the embedding was already cached.
 Encoder = Callable[[WarmupJob], bool]
+# rq calls ``run_job`` by its import path, so the shared queue's jobs find this process's encoder here: the
+# one of the Warmer that consumes the shared queue in this process (one model per process).
 _encoder: Encoder | None = None
 _encoder_ready = threading.Event()
 
 
 def bind_encoder(encoder: Encoder) -> None:
-    """Make this process able to run warm-up jobs (called when the model has loaded)."""
+    """Make this process able to run jobs of the shared queue with ``encoder``."""
     global _encoder
     _encoder = encoder
     _encoder_ready.set()
@@ -126,10 +128,11 @@ def _clear_pending(job: WarmupJob) -> None:
 class Warmer:
     """Accepts warm-up jobs without blocking and runs them in the background."""
 
-    def __init__(self, redis_url: str | None = None, consume: bool = True,
+    def __init__(self, redis_url: str | None = None, encoder: Encoder | None = None, consume: bool = True,
                  on_depth: Callable[[int], None] | None = None) -> None:
         self.redis_url = redis_url
-        self.consume = consume
+        self.encoder = encoder
+        self.consume = consume and encoder is not None
         self.on_depth = on_depth
         self._local: queue.Queue[WarmupJob] = queue.Queue(maxsize=10_000)
         self._local_pending: set[str] = set()
@@ -152,6 +155,7 @@ class Warmer:
     # -- producing ---------------------------------------------------------------------------------
     def submit(self, jobs: list[WarmupJob]) -> int:
         """Queue each job whose image is not already queued; return how many were queued. Never raises."""
+        self.start()
         queued = 0
         for job in jobs:
             if not job.image_ref:
@@ -210,12 +214,18 @@ class Warmer:
 
     # -- consuming ---------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the background consumers of this process (idempotent)."""
-        if not self.consume or self._threads:
-            return
+        """Start the background consumers of this process (idempotent; nothing when not consuming)."""
+        with self._lock:
+            if not self.consume or self._threads:
+                return
+            self._start_threads()
+
+    def _start_threads(self) -> None:
+        assert self.encoder is not None
         local = threading.Thread(target=self._consume_local, name="warmup-local", daemon=True)
         self._threads.append(local)
         if self._rq_queue is not None:
+            bind_encoder(self.encoder)
             shared = threading.Thread(target=self._consume_shared, name="warmup-rq", daemon=True)
             self._threads.append(shared)
         for thread in self._threads:
@@ -234,8 +244,7 @@ class Warmer:
                 continue
             self._local_running = 1
             try:
-                if _encoder_ready.wait(timeout=600) and _encoder is not None:
-                    _encoder(job)
+                self.encoder(job)
             except Exception as error:
                 log.warning("warm-up of task %s failed: %s", job.task.get("id"), error)
             finally:

@@ -58,8 +58,7 @@ def test_payload_round_trip_keeps_only_what_a_worker_needs() -> None:
 
 
 def test_in_process_queue_encodes_in_the_background(encoder: RecordingEncoder) -> None:
-    warmer = Warmer(redis_url=None)
-    warmer.start()
+    warmer = Warmer(redis_url=None, encoder=encoder)
     try:
         started = time.monotonic()
         assert warmer.submit([job(1), job(2), job(3)]) == 3
@@ -72,7 +71,7 @@ def test_in_process_queue_encodes_in_the_background(encoder: RecordingEncoder) -
 
 
 def test_same_image_is_queued_once_while_pending(encoder: RecordingEncoder) -> None:
-    warmer = Warmer(redis_url=None)  # not started: jobs stay pending
+    warmer = Warmer(redis_url=None)  # no encoder, so no consumer: jobs stay pending
     assert warmer.submit([job(1), job(1), job(2, url="/data/upload/1/1.png")]) == 1
     assert warmer.depth() == 1
 
@@ -97,7 +96,7 @@ def test_jobs_go_through_the_shared_rq_queue(encoder: RecordingEncoder, redis_se
     assert depths[-1] == 2 and producer.depth() == 2
     assert encoder.seen == []
 
-    consumer = Warmer(redis_url=redis_server.url)  # another process, in effect: it only shares Redis
+    consumer = Warmer(redis_url=redis_server.url, encoder=encoder)  # another process, in effect: only Redis is shared
     consumer.start()
     try:
         encoder.wait_for(2)
@@ -117,9 +116,8 @@ def test_jobs_go_through_the_shared_rq_queue(encoder: RecordingEncoder, redis_se
 def test_redis_down_falls_back_to_this_process(encoder: RecordingEncoder, tmp_path) -> None:
     server = RedisServer(tmp_path)
     server.start()
-    warmer = Warmer(redis_url=server.url)
+    warmer = Warmer(redis_url=server.url, encoder=encoder)
     server.stop()
-    warmer.start()
     try:
         assert warmer.submit([job(21)]) == 1
         encoder.wait_for(1)

@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import requests
 from PIL import Image, ImageDraw
 
-from tests.conftest import FIXTURES_DIR
+from tests.conftest import FIXTURES_DIR, free_port
 
 # The images the recorded Label Studio requests point at, with their size as Label Studio saw it.
 FIXTURE_IMAGES = {
@@ -88,3 +94,82 @@ def start_label_studio() -> Any:
         server.files[url_path.rsplit("/", 1)[-1]] = (png_bytes(draw_image(kind)), "image/png")
     server.files["not-an-image.png"] = server.files["notes.txt"]
     return server
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a real server: `sam-backend serve` (gunicorn) as a subprocess on a free port
+SAM_BACKEND = Path(sys.executable).parent / "sam-backend"
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    """This environment without any backend setting of the developer's shell, one torch thread, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SAM_", "BASIC_AUTH_", "LABEL_STUDIO_", "REDIS_URL", "WORKERS", "THREADS"))}
+    env.update({"SAM_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "LOG_LEVEL": "info"}, **extra)
+    return env
+
+
+class ServerProcess:
+    """A running ``sam-backend serve``; ``stop()`` takes its whole process group down."""
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.process, self.url, self.log = process, url, log
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return requests.get(self.url + path, timeout=60, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return requests.post(self.url + path, timeout=60, **kwargs)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """One sample of /metrics, e.g. ``metric("sam_backend_embedding_cache_hits_total", 'tier="redis"')``; 0 if absent."""
+        wanted = f"{name}{{{labels}}}" if labels else name
+        for line in self.get("/metrics").text.splitlines():
+            sample, _, value = line.rpartition(" ")
+            if sample == wanted:
+                return float(value)
+        return 0.0
+
+    def wait_loaded(self, timeout: float = 90.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            health = self.get("/health").json()
+            if health["model_loaded"] or time.monotonic() > deadline:
+                return health
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def start_server(checkpoint: Path, log: Path, *, threads: int = 4, timeout: float = 90.0,
+                 **env: str) -> ServerProcess:
+    """``sam-backend serve`` on a free port with ``env`` on top of ``server_env()``; waits for /health."""
+    port = free_port()
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [str(SAM_BACKEND), "serve", "--host", "127.0.0.1", "--port", str(port), "--checkpoint", str(checkpoint),
+             "--device", "cpu", "--workers", "1", "--threads", str(threads)],
+            env=server_env(**env), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"sam-backend serve exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if server.get("/health").status_code in (200, 401):
+                return server
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"the server did not answer /health within {timeout:.0f} s:\n{log.read_text()}")
+        time.sleep(0.2)

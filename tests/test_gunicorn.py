@@ -8,10 +8,7 @@ the same mask ``model.Predictor`` gives, and bad requests leave the worker servi
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,33 +16,22 @@ from typing import Any
 
 import numpy as np
 import pytest
-import requests
 from label_studio_sdk.converter.brush import decode_rle
 
 from backend.prompts import parse_prompts
 from tests.backend_helpers import (
     FIXTURE_IMAGES,
     IMAGE_SIZE,
+    SAM_BACKEND,
+    ServerProcess,
     draw_image,
     fixture_body,
     fixture_names,
     make_tiny_checkpoint,
+    server_env,
     start_label_studio,
+    start_server,
 )
-from tests.conftest import free_port
-
-SAM_BACKEND = Path(sys.executable).parent / "sam-backend"
-
-
-class Server:
-    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
-        self.process, self.url, self.log = process, url, log
-
-    def get(self, path: str, **kwargs: Any) -> requests.Response:
-        return requests.get(self.url + path, timeout=60, **kwargs)
-
-    def post(self, path: str, **kwargs: Any) -> requests.Response:
-        return requests.post(self.url + path, timeout=60, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -61,44 +47,14 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "sam_tiny.pth", seed=5)
 
 
-def server_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SAM_", "BASIC_AUTH_", "LABEL_STUDIO_", "REDIS_URL", "WORKERS", "THREADS"))}
-    env.update({"SAM_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1", "LOG_LEVEL": "info"}, **extra)
-    return env
-
-
 @pytest.fixture(scope="module")
-def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("gunicorn") / "server.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [str(SAM_BACKEND), "serve", "--host", "127.0.0.1", "--port", str(port), "--checkpoint", str(checkpoint),
-             "--device", "cpu", "--workers", "1", "--threads", "4"],
-            env=server_env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    server = Server(process, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 90
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"sam-backend serve exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            if server.get("/health").status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not answer /health within 90 s:\n{log.read_text()}")
-        time.sleep(0.2)
-    yield server
-    os.killpg(process.pid, signal.SIGTERM)
+def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        server = start_server(checkpoint, tmp_path_factory.mktemp("gunicorn") / "server.log")
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +68,7 @@ def oracle(checkpoint: Path) -> Any:
 
 
 @pytest.fixture(scope="module")
-def connected(server: Server, label_studio: Any) -> Server:
+def connected(server: ServerProcess, label_studio: Any) -> ServerProcess:
     body = fixture_body("setup.json")
     body["hostname"] = label_studio.url
     response = server.post("/setup", json=body)
@@ -120,28 +76,19 @@ def connected(server: Server, label_studio: Any) -> Server:
     return server
 
 
-def wait_loaded(server: Server, timeout: float = 60.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        health = server.get("/health").json()
-        if health["model_loaded"] or time.monotonic() > deadline:
-            return health
-        time.sleep(0.1)
-
-
-def test_health_is_fast_and_the_model_loads_after_the_fork(server: Server) -> None:
+def test_health_is_fast_and_the_model_loads_after_the_fork(server: ServerProcess) -> None:
     started = time.perf_counter()
     response = server.get("/health")
     assert time.perf_counter() - started < 1.0  # Label Studio's ML_TIMEOUT_HEALTH
     assert response.json()["status"] == "UP" and response.json()["model_class"] == "SegmentAnything"
-    health = wait_loaded(server)
+    health = server.wait_loaded()
     assert health["model_loaded"] is True, health  # post_worker_init loaded it without any /predict
     assert health["model_version"].startswith("custom-")
     assert "backend.segmenter: model custom-" in server.log.read_text()
 
 
 @pytest.mark.parametrize("name", fixture_names("predict_interactive"))
-def test_interactive_fixtures_decode_to_predictor_masks(connected: Server, oracle: Any, name: str) -> None:
+def test_interactive_fixtures_decode_to_predictor_masks(connected: ServerProcess, oracle: Any, name: str) -> None:
     body = fixture_body(name)
     response = connected.post("/predict", json=body)
     assert response.status_code == 200, response.text
@@ -165,13 +112,13 @@ def test_interactive_fixtures_decode_to_predictor_masks(connected: Server, oracl
         assert region["score"] == pytest.approx(float(out.scores[best]), abs=1e-5)
 
 
-def test_batch_fixture_gives_one_prediction_per_task(connected: Server) -> None:
+def test_batch_fixture_gives_one_prediction_per_task(connected: ServerProcess) -> None:
     response = connected.post("/predict", json=fixture_body("predict_batch_two_tasks.json"))
     assert response.status_code == 200
     assert len(response.json()["results"]) == 2
 
 
-def test_bad_requests_get_json_errors_and_the_worker_keeps_serving(connected: Server) -> None:
+def test_bad_requests_get_json_errors_and_the_worker_keeps_serving(connected: ServerProcess) -> None:
     malformed = connected.post("/predict", data=b'{"tasks": [', headers={"Content-Type": "application/json"})
     assert malformed.status_code == 400 and malformed.json()["status"] == 400
     body = fixture_body("predict_interactive_keypoint_api.json")
@@ -187,7 +134,7 @@ def test_bad_requests_get_json_errors_and_the_worker_keeps_serving(connected: Se
     assert "Traceback" not in log
 
 
-def test_metrics_over_http(connected: Server) -> None:
+def test_metrics_over_http(connected: ServerProcess) -> None:
     connected.post("/predict", json=fixture_body("predict_interactive_keypoint_api.json"))
     response = connected.get("/metrics")
     assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/plain")
@@ -211,30 +158,15 @@ def test_serve_with_a_bad_setting_names_it() -> None:
 
 
 def test_basic_auth_on_a_real_server(checkpoint: Path, tmp_path: Path) -> None:
-    port = free_port()
-    with (tmp_path / "auth.log").open("wb") as sink:
-        process = subprocess.Popen(
-            [str(SAM_BACKEND), "serve", "--host", "127.0.0.1", "--port", str(port), "--checkpoint", str(checkpoint),
-             "--device", "cpu", "--threads", "2"],
-            env=server_env(BASIC_AUTH_USER="ann", BASIC_AUTH_PASS="s3cret"), stdout=sink,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
+    server = start_server(checkpoint, tmp_path / "auth.log", threads=2, BASIC_AUTH_USER="ann",
+                          BASIC_AUTH_PASS="s3cret")
     try:
-        url = f"http://127.0.0.1:{port}/health"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                anonymous = requests.get(url, timeout=10)
-                break
-            except requests.ConnectionError:
-                assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "auth.log").read_text()
-                time.sleep(0.2)
+        anonymous = server.get("/health")
         assert anonymous.status_code == 401 and anonymous.json()["status"] == 401
-        assert requests.get(url, auth=("ann", "wrong"), timeout=10).status_code == 401
-        assert requests.get(url, auth=("ann", "s3cret"), timeout=10).status_code == 200
+        assert server.get("/health", auth=("ann", "wrong")).status_code == 401
+        assert server.get("/health", auth=("ann", "s3cret")).status_code == 200
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        server.stop()
 
 
 def test_download_fetches_a_checkpoint_url_into_the_model_dir(checkpoint: Path, tmp_path: Path) -> None:

@@ -179,14 +179,18 @@ def click_point(index: int) -> tuple[float, float]:
 Snapshot = dict[str, dict[str, Any]]  # histogram name -> {"buckets": [(le, cumulative)], "sum", "count"}
 HISTOGRAMS = {"request": "sam_backend_request_seconds", "decoder": "sam_backend_decoder_seconds",
               "encoder": "sam_backend_encoder_seconds"}
+WARMUP_JOBS = "sam_backend_warmup_jobs"  # counter of warm-up jobs queued, by source
 
 
 def parse_metrics(text: str) -> Snapshot:
-    """The three histograms of interest (request: the /predict endpoint only) from Prometheus text."""
+    """The three histograms of interest (request: the /predict endpoint only) and the warm-up jobs queued."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    found: Snapshot = {}
+    found: Snapshot = {"warmup_jobs": {"count": 0.0}}
     for family in text_string_to_metric_families(text):
+        if family.name == WARMUP_JOBS:
+            found["warmup_jobs"]["count"] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+            continue
         key = next((k for k, name in HISTOGRAMS.items() if family.name == name), None)
         if key is None:
             continue
@@ -502,7 +506,6 @@ class Cell:
         opened = self.server.metrics()
         for _ in range(self.args.cold_rounds):
             tasks = self.publish()
-            encodes_before = opened.get("encoder", {}).get("count", 0.0)
             started = time.perf_counter()
 
             def open_task(i: int, gate: threading.Barrier, tasks: list[tuple[int, str]] = tasks) -> Sample:
@@ -514,24 +517,35 @@ class Cell:
                     row.open_s.append(sample.seconds)
                 else:
                     row.errors.append(f"opening the task: {sample.error}")
-            row.wait = self.wait_for_warmup(encodes_before, started)
+            row.wait = self.wait_for_warmup(opened, started)
             with self.measured(row):
                 self.add(row, self.first_clicks(tasks))
             opened = self.server.metrics()
         return row
 
-    def wait_for_warmup(self, encodes_before: float, started: float) -> dict[str, Any]:
-        """Wait as an annotator would before the first click: until the encodes finished, or a think time."""
+    def wait_for_warmup(self, before: Snapshot, started: float) -> dict[str, Any]:
+        """Wait as an annotator would before the first click: until the encodes finished, or a think time.
+
+        A server that queued no warm-up job for the opened tasks (SAM_WARMUP off, an older backend) is not
+        waited for: the click goes at once and shows what the annotator would get.
+        """
+        now = self.server.metrics()
+        queued = int(now["warmup_jobs"]["count"] - before["warmup_jobs"]["count"])
+        if queued == 0:
+            return {"mode": "none-queued", "seconds": time.perf_counter() - started, "queued": 0}
         if self.args.warmup_wait != "metrics":
             time.sleep(max(0.0, float(self.args.warmup_wait) - (time.perf_counter() - started)))
-            return {"mode": "think", "seconds": time.perf_counter() - started}
+            return {"mode": "think", "seconds": time.perf_counter() - started, "queued": queued}
+        encodes_before = before.get("encoder", {}).get("count", 0.0)
         deadline = started + self.args.warmup_timeout
         while True:
             done = self.server.metrics().get("encoder", {}).get("count", 0.0) - encodes_before
             if done >= self.count:
-                return {"mode": "metrics", "seconds": time.perf_counter() - started, "encodes": int(done)}
+                return {"mode": "metrics", "seconds": time.perf_counter() - started, "queued": queued,
+                        "encodes": int(done)}
             if time.perf_counter() > deadline:
-                return {"mode": "metrics-timeout", "seconds": time.perf_counter() - started, "encodes": int(done)}
+                return {"mode": "metrics-timeout", "seconds": time.perf_counter() - started, "queued": queued,
+                        "encodes": int(done)}
             self.server.check_alive()
             time.sleep(0.05)
 
@@ -594,7 +608,7 @@ def format_row(row: Row) -> str:
     notes = []
     if row.wait is not None:
         label = {"metrics": "waited for the encodes", "metrics-timeout": "encodes NOT done after",
-                 "think": "fixed think time"}[row.wait["mode"]]
+                 "think": "fixed think time", "none-queued": "NO warm-up queued, clicked after"}[row.wait["mode"]]
         notes.append(f"{label} {row.wait['seconds']:.1f} s; opening p50 {_ms(percentile(row.open_s, 0.5))} ms")
     if len(row.client_s) == 1:
         notes.append("1 sample")

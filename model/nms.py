@@ -58,13 +58,14 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor | 
     order = torch.sort(scores.to(device), descending=True, stable=True).indices
     sorted_boxes = boxes[order]
     areas = box_area(sorted_boxes)
+    coords = tuple(sorted_boxes[:, k].contiguous() for k in range(4))
     sorted_idxs = idxs.to(device)[order] if idxs is not None else None
 
     removed = np.zeros(n, dtype=bool)
     keep: list[int] = []
     for start in range(0, n, _BLOCK_ROWS):
         stop = min(start + _BLOCK_ROWS, n)
-        over = _overlaps(sorted_boxes, areas, start, stop, iou_threshold)
+        over = _overlaps(coords, areas, start, stop, iou_threshold)
         if sorted_idxs is not None:
             over &= sorted_idxs[start:stop, None] == sorted_idxs[None, start:]
         over_np = over.cpu().numpy()
@@ -78,19 +79,18 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor | 
     return order[torch.as_tensor(keep, dtype=torch.int64, device=device)]
 
 
-def _overlaps(sorted_boxes: torch.Tensor, areas: torch.Tensor, start: int, stop: int,
+def _overlaps(coords: tuple[torch.Tensor, ...], areas: torch.Tensor, start: int, stop: int,
               iou_threshold: float) -> torch.Tensor:
     """Boolean (stop - start, N - start) matrix: IoU(row box, column box) > threshold.
 
-    Rows are boxes ``start:stop`` and columns boxes ``start:`` of the score-sorted list; the arithmetic
-    mirrors torchvision's kernel operation for operation so that results agree to the last bit.
+    Rows are boxes ``start:stop`` and columns boxes ``start:`` of the score-sorted list; ``coords`` are
+    the contiguous x1, y1, x2, y2 columns. The arithmetic mirrors torchvision's kernel operation for
+    operation so that results agree to the last bit.
     """
-    rows = sorted_boxes[start:stop, None, :]
-    cols = sorted_boxes[None, start:, :]
-    xx1 = torch.maximum(rows[..., 0], cols[..., 0])
-    yy1 = torch.maximum(rows[..., 1], cols[..., 1])
-    xx2 = torch.minimum(rows[..., 2], cols[..., 2])
-    yy2 = torch.minimum(rows[..., 3], cols[..., 3])
-    inter = (xx2 - xx1).clamp(min=0) * (yy2 - yy1).clamp(min=0)
-    iou = inter / (areas[start:stop, None] + areas[None, start:] - inter)
-    return iou.double() > iou_threshold
+    x1, y1, x2, y2 = coords
+    rows, cols = slice(start, stop), slice(start, None)
+    width = torch.minimum(x2[rows, None], x2[None, cols]).sub_(torch.maximum(x1[rows, None], x1[None, cols]))
+    height = torch.minimum(y2[rows, None], y2[None, cols]).sub_(torch.maximum(y1[rows, None], y1[None, cols]))
+    inter = width.clamp_(min=0).mul_(height.clamp_(min=0))
+    union = (areas[rows, None] + areas[None, cols]).sub_(inter)
+    return inter.div_(union).double() > iou_threshold

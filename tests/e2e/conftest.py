@@ -95,7 +95,7 @@ class LabelStudio:
 
     def environment(self) -> dict[str, str]:
         env = {key: value for key, value in os.environ.items()
-               if not key.startswith(("LABEL_STUDIO_", "DJANGO_", "ML_TIMEOUT_"))}
+               if not key.startswith(("LABEL_STUDIO_", "HEARTEX_", "DJANGO_", "ML_TIMEOUT_"))}
         env.update({
             "LABEL_STUDIO_USERNAME": USERNAME,
             "LABEL_STUDIO_PASSWORD": PASSWORD,
@@ -166,6 +166,12 @@ class LabelStudio:
     def import_tasks(self, project: int, tasks: list[dict[str, Any]]) -> None:
         answer = self.request("POST", f"/api/projects/{project}/import", json=tasks)
         assert answer["task_count"] == len(tasks), answer
+
+    def add_local_storage(self, project: int, path: Path) -> dict[str, Any]:
+        """A "Local files" source storage: Label Studio serves /data/local-files/?d=<path under the document
+        root> only for folders some project of the user has such a storage for."""
+        return self.request("POST", "/api/storages/localfiles", json={
+            "project": project, "path": str(path), "title": path.name, "use_blob_urls": True})
 
     def tasks(self, project: int) -> list[dict[str, Any]]:
         answer = self.request("GET", "/api/tasks", params={"project": project, "page_size": 1000})

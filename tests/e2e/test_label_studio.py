@@ -323,3 +323,45 @@ def test_retrieve_predictions_stores_one_brush_prediction_per_task(
         expected = reference.predictor.predict_boxes(reference.embedding(image),
                                                      np.asarray([boxes[prediction["task"]]], np.float32))
         assert_same_mask(got, expected.masks[0], f"box prediction on {image.path.name}")
+
+
+def test_retrieve_predictions_masks_every_rectangle_of_an_annotation_on_local_files(
+        label_studio: LabelStudio, sam_backend: SamBackend, reference: Reference) -> None:
+    """Tasks imported as JSON with Label Studio local-files URLs and an annotation holding two rectangles:
+    the backend downloads each image through Label Studio with its token and returns one mask per
+    rectangle, in order, equal to model.Predictor.predict_boxes on both boxes at once."""
+    folder = label_studio.files_dir / "local-batch"
+    images = make_images(folder)
+    project_id = label_studio.create_project("SAM e2e local files", label_config())
+    label_studio.add_local_storage(project_id, folder)
+    boxes_of = {}
+    tasks = []
+    for image in images:
+        w, h = image.width, image.height
+        boxes = [(w // 10, h // 10, w // 2, h // 2), (w // 3, h // 3, 9 * w // 10, 9 * h // 10)]
+        boxes_of[image.path.name] = boxes
+        tasks.append({
+            "data": {"image": f"/data/local-files/?d={folder.name}/{image.path.name}"},
+            "annotations": [{"result": [rectangle_region(image, box, region_id=f"r{i}")
+                                        for i, box in enumerate(boxes)]}],
+        })
+    label_studio.import_tasks(project_id, tasks)
+    ml = label_studio.add_ml_backend(project_id, sam_backend.url)
+    assert ml.get("state") == "CO", ml
+
+    label_studio.retrieve_predictions(project_id)
+
+    image_of_task = {task["id"]: next(image for image in images if task["data"]["image"].endswith(image.path.name))
+                     for task in label_studio.tasks(project_id)}
+    ours = [p for p in label_studio.predictions(project_id) if p["model_version"] == reference.model_version]
+    assert sorted(p["task"] for p in ours) == sorted(image_of_task), (
+        f"expected one prediction per task; backend log:\n{sam_backend.log.read_text()[-3000:]}")
+    for prediction in ours:
+        image = image_of_task[prediction["task"]]
+        brushes = [region for region in prediction["result"] if region["type"] == "brushlabels"]
+        assert len(brushes) == 2, prediction["result"]
+        expected = reference.predictor.predict_boxes(reference.embedding(image),
+                                                     np.asarray(boxes_of[image.path.name], np.float32))
+        for index, region in enumerate(brushes):
+            assert_same_mask(decode_brush(region, image), expected.masks[index],
+                             f"rectangle {index} of the annotation on {image.path.name}")

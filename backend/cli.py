@@ -10,7 +10,7 @@ first experience than one line saying how to get the file.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -64,11 +64,54 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _has_download() -> bool:
-    """Whether model/download.py exists, found without importing ``model`` (and torch) for --help."""
-    spec = importlib.util.find_spec("model")
-    locations = spec.submodule_search_locations if spec is not None else None
-    return any((Path(location) / "download.py").is_file() for location in locations or ())
+def _settings_or_exit() -> Settings | None:
+    try:
+        return Settings.from_env()
+    except SettingsError as error:
+        print(f"sam-backend: {error}", file=sys.stderr)
+        return None
+
+
+def _warm(args: argparse.Namespace) -> int:
+    from backend.errors import BackendError
+    from backend.project_warmup import warm_project
+
+    settings = _settings_or_exit()
+    if settings is None:
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        queued = warm_project(settings, args.project, backend_url=args.backend, local=args.local,
+                              wait=not args.no_wait, progress=not args.quiet)
+    except BackendError as error:
+        print(f"sam-backend: {error.message}", file=sys.stderr)
+        return 1
+    print(f"project {args.project}: {queued} image(s) queued for warm-up")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from backend.errors import BackendError
+    from backend.images import ImageFetcher
+    from backend.segmenter import Segmenter
+    from backend.warmup import make_encoder, run_worker
+
+    settings = _settings_or_exit()
+    if settings is None:
+        return 2
+    if not settings.redis_url:
+        print("sam-backend: the worker consumes the shared warm-up queue: set REDIS_URL to the backend's Redis",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    segmenter = Segmenter.from_settings(settings)
+    try:
+        segmenter.load()
+    except BackendError as error:
+        print(f"sam-backend: {error.message}", file=sys.stderr)
+        return 2
+    run_worker(settings.redis_url, make_encoder(segmenter, ImageFetcher.from_settings(settings)), burst=args.burst)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,16 +136,37 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="request threads per worker (THREADS, default 4)")
     serve.set_defaults(handler=_serve)
 
-    if _has_download():
-        download = commands.add_parser("download", help="download an official checkpoint",
-                                       description="Download an official SAM / MobileSAM checkpoint (its "
-                                                   "sha256 is checked) and print where it is; an already "
-                                                   "downloaded, verified file is not fetched again.")
-        download.add_argument("name", help="an official name (" + ", ".join(OFFICIAL_CHECKPOINTS)
-                              + ", sam_b, sam_l, ultralytics_mobile_sam) or an http(s) URL of a checkpoint")
-        download.add_argument("--dir", type=Path, default=None,
-                              help="where to put it (MODEL_DIR, default ./models)")
-        download.set_defaults(handler=_download)
+    download = commands.add_parser("download", help="download an official checkpoint",
+                                   description="Download an official SAM / MobileSAM checkpoint (its "
+                                               "sha256 is checked) and print where it is; an already "
+                                               "downloaded, verified file is not fetched again.")
+    download.add_argument("name", help="an official name (" + ", ".join(OFFICIAL_CHECKPOINTS)
+                          + ", sam_b, sam_l, ultralytics_mobile_sam) or an http(s) URL of a checkpoint")
+    download.add_argument("--dir", type=Path, default=None,
+                          help="where to put it (MODEL_DIR, default ./models)")
+    download.set_defaults(handler=_download)
+
+    warm = commands.add_parser(
+        "warm", help="encode every image of a Label Studio project ahead of the annotators",
+        description="List the project's tasks through Label Studio's API (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY) "
+                    "and queue one warm-up encode per task: on the shared Redis queue (REDIS_URL), consumed by "
+                    "every backend process and `sam-backend worker`; or, without Redis, by posting the tasks "
+                    "to a running backend's /webhook (--backend).")
+    warm.add_argument("--project", type=int, required=True, help="the Label Studio project id")
+    warm.add_argument("--backend", help="URL of a running backend to warm (used when REDIS_URL is not set)")
+    warm.add_argument("--local", action="store_true",
+                      help="also encode in this process (loads the model; needs REDIS_URL)")
+    warm.add_argument("--no-wait", action="store_true", help="queue and return without waiting for the encodes")
+    warm.add_argument("--quiet", action="store_true", help="no progress bars")
+    warm.set_defaults(handler=_warm)
+
+    worker = commands.add_parser(
+        "worker", help="consume the shared warm-up queue with a model of its own (needs REDIS_URL)",
+        description="Load the model (SAM_CHECKPOINT, SAM_DEVICE, ...) and encode warm-up jobs from the shared "
+                    "Redis queue into the shared embedding cache. Run one per GPU, on any machine that reaches "
+                    "the same Redis and task images.")
+    worker.add_argument("--burst", action="store_true", help="stop when the queue is empty")
+    worker.set_defaults(handler=_worker)
     return parser
 
 

@@ -268,6 +268,22 @@ class Warmer:
             self._stop.wait(5)
 
 
+def run_worker(redis_url: str, encoder: Encoder, burst: bool = False) -> None:
+    """A dedicated consumer of the shared queue in this process's main thread (``sam-backend worker``).
+
+    rq's own signal handling applies: Ctrl-C or SIGTERM finishes the current job, then stops.
+    """
+    import redis
+    from rq import Queue, SimpleWorker
+
+    global _redis_for_pending
+    connection = redis.Redis.from_url(redis_url, socket_connect_timeout=5.0)
+    _redis_for_pending = connection
+    bind_encoder(encoder)
+    worker = SimpleWorker([Queue(QUEUE_NAME, connection=connection)], connection=connection)
+    worker.work(burst=burst, logging_level="INFO")
+
+
 def _thread_worker_class() -> type:
     from rq import SimpleWorker
     from rq.timeouts import TimerDeathPenalty

@@ -60,6 +60,20 @@ def draw_image(kind: str, size: tuple[int, int] = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(img)
 
 
+def scene(seed: int, size: tuple[int, int] = (320, 240)) -> np.ndarray:
+    """A distinct picture per seed: a few coloured shapes on a textured background."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    img = Image.fromarray((150 + rng.integers(0, 60, size=(height, width, 3))).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, width - 60)), int(rng.integers(0, height - 60))
+        x1, y1 = x0 + int(rng.integers(30, 120)), y0 + int(rng.integers(30, 100))
+        colour = tuple(int(c) for c in rng.integers(0, 255, size=3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
+    return np.asarray(img)
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import redis
 from label_studio_sdk.converter.brush import decode_rle
-from PIL import Image, ImageDraw
 
 from tests.backend_helpers import (
     ServerProcess,
     fixture_body,
     make_tiny_checkpoint,
     png_bytes,
+    scene,
     start_label_studio,
     start_server,
 )
@@ -34,20 +34,6 @@ HITS = "sam_backend_embedding_cache_hits_total"
 MISSES = "sam_backend_embedding_cache_misses_total"
 ENCODES = "sam_backend_encoder_seconds_count"
 REDIS_ERRORS = "sam_backend_redis_errors_total"
-
-
-def scene(seed: int, size: tuple[int, int] = (320, 240)) -> np.ndarray:
-    """A distinct picture per seed: a few coloured shapes on a textured background."""
-    rng = np.random.default_rng(seed)
-    width, height = size
-    img = Image.fromarray((150 + rng.integers(0, 60, size=(height, width, 3))).astype(np.uint8))
-    draw = ImageDraw.Draw(img)
-    for _ in range(4):
-        x0, y0 = int(rng.integers(0, width - 60)), int(rng.integers(0, height - 60))
-        x1, y1 = x0 + int(rng.integers(30, 120)), y0 + int(rng.integers(30, 100))
-        colour = tuple(int(c) for c in rng.integers(0, 255, size=3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x1, y1], fill=colour)
-    return np.asarray(img)
 
 
 @pytest.fixture(scope="module")

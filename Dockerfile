@@ -37,14 +37,8 @@ RUN groupadd --system --gid 1000 sam \
     && chown sam:sam /models
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-# `sam-backend serve` execs gunicorn with the gunicorn.conf.py beside the `backend` package it runs from,
-# so the image keeps the source tree here and puts it first on the path (the venv holds the same code
-# and all dependencies).
-COPY gunicorn.conf.py ./
-COPY model ./model
-COPY backend ./backend
+# The venv holds the installed package, its gunicorn settings (backend/gunicorn_conf.py) included.
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MODEL_DIR=/models \

@@ -1,8 +1,8 @@
 """``sam-backend``: run the backend (``serve``) and fetch official checkpoints (``download``).
 
 ``serve`` turns its options into the environment variables of ``backend.config`` and execs gunicorn with
-the repository's gunicorn.conf.py, so there is exactly one way settings reach the server, whether it runs
-from this command, docker-compose or a bare ``gunicorn -c gunicorn.conf.py``. It checks the checkpoint
+the package's gunicorn settings (``backend/gunicorn_conf.py``), so there is exactly one way settings reach the
+server, whether it runs from this command, docker-compose or a bare ``gunicorn -c gunicorn.conf.py``. It checks the checkpoint
 before starting, because a server that boots and then answers every click with "no checkpoint" is a worse
 first experience than one line saying how to get the file.
 """
@@ -20,7 +20,8 @@ from pathlib import Path
 from backend.config import OFFICIAL_CHECKPOINTS, Settings, SettingsError
 from backend.segmenter import missing_checkpoint_message
 
-GUNICORN_CONF = Path(__file__).resolve().parent.parent / "gunicorn.conf.py"
+# The settings ship inside the package, so a plain `pip install .` serves like a checkout does.
+GUNICORN_CONF = "python:backend.gunicorn_conf"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -36,16 +37,11 @@ def _serve(args: argparse.Namespace) -> int:
     if not settings.checkpoint_path.is_file():
         print(f"sam-backend: {missing_checkpoint_message(settings.checkpoint_path)}", file=sys.stderr)
         return 2
-    if not GUNICORN_CONF.is_file():
-        print(f"sam-backend: {GUNICORN_CONF} is missing; run from a checkout of the repository "
-              "(pip install -e .)", file=sys.stderr)
-        return 2
     gunicorn = shutil.which("gunicorn", path=str(Path(sys.executable).parent)) or shutil.which("gunicorn")
     if gunicorn is None:
         print("sam-backend: gunicorn is not installed in this environment (pip install gunicorn)", file=sys.stderr)
         return 2
-    os.chdir(GUNICORN_CONF.parent)
-    argv = [gunicorn, "--config", str(GUNICORN_CONF)]
+    argv = [gunicorn, "--config", GUNICORN_CONF]
     os.execve(gunicorn, argv, env)
     return 0  # not reached
 
@@ -123,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
-        "serve", help="run the HTTP server (gunicorn with gunicorn.conf.py)",
+        "serve", help="run the HTTP server (gunicorn with backend/gunicorn_conf.py)",
         description="Run the backend under gunicorn. The model loads in the background after start; "
                     "/health answers at once and /predict waits for the model.",
     )

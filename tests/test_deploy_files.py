@@ -66,8 +66,8 @@ def _final_stage() -> list[tuple[str, str]]:
 
 
 def _backend_variables() -> set[str]:
-    """Every environment variable the backend reads: Settings.from_env plus gunicorn.conf.py."""
-    source = (REPO_ROOT / "backend" / "config.py").read_text() + (REPO_ROOT / "gunicorn.conf.py").read_text()
+    """Every environment variable the backend reads: Settings.from_env plus the gunicorn settings."""
+    source = (REPO_ROOT / "backend" / "config.py").read_text() + (REPO_ROOT / "backend" / "gunicorn_conf.py").read_text()
     return set(re.findall(r"""["']([A-Z][A-Z0-9_]+)["']""", source))
 
 
@@ -179,7 +179,7 @@ def test_the_image_layout_serves_with_the_default_settings(tmp_path: Path) -> No
                 "MODEL_DIR": str(models), "HOST": "127.0.0.1", "PORT": str(port), "SAM_TORCH_THREADS": "1"})
     where = subprocess.run([sys.executable, "-c", "import backend.cli as c; print(c.GUNICORN_CONF)"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=60)
-    assert where.stdout.strip() == str(app / "gunicorn.conf.py"), where.stdout + where.stderr
+    assert where.stdout.strip() == "python:backend.gunicorn_conf", where.stdout + where.stderr
     command = json.loads(dict(stage)["CMD"])
     log = tmp_path / "serve.log"
     with log.open("wb") as out:

@@ -1,0 +1,80 @@
+"""gunicorn settings for the SAM backend (`sam-backend serve` runs gunicorn with this file).
+
+Why it looks like this:
+- One worker per GPU, threads inside it (WORKERS, default 1; THREADS, default 4). A SAM model is
+  hundreds of MB to 2.5 GB of weights plus activations; every extra worker is another copy of them on
+  the same GPU, which is how the "CUDA out of memory with several workers" reports happen. Threads
+  share one model and one embedding cache: the predictor is stateless, so concurrent annotators never
+  see each other's images, and PyTorch releases the GIL while it computes.
+- Never ``preload_app`` with CUDA. Preloading imports the app in the arbiter and forks it; a CUDA
+  context does not survive fork() (children fail with "Cannot re-initialize CUDA in forked
+  subprocess" or hang), and a model loaded in the arbiter would be duplicated copy-on-write into
+  every worker anyway. So the app is imported in each worker and the model is loaded there, after
+  the fork, in ``post_worker_init``.
+- The model loads in a background thread, so the worker answers ``/health`` and ``/setup`` within
+  milliseconds while a multi-GB checkpoint is read (Label Studio gives /health 1 s and /setup 3 s,
+  and marks the backend disconnected otherwise). A ``/predict`` that arrives during the load waits
+  for it, bounded, then answers 503 "model is loading".
+- ``timeout`` is generous: on a CPU one ViT-H encode takes tens of seconds and a batch predict of many
+  tasks longer. With gthread workers the timeout only fires when the worker's main loop is stuck, not
+  while a request thread computes, but a small value would still kill a worker whose load is slow.
+
+Every value comes from the environment so the same file serves docker-compose, scripts/serve and
+the tests: HOST, PORT, WORKERS, THREADS, TIMEOUT, LOG_LEVEL.
+"""
+
+from __future__ import annotations
+
+import os
+
+wsgi_app = "backend.app:create_app()"
+bind = [f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '9090')}"]
+workers = int(os.environ.get("WORKERS", "1"))
+threads = int(os.environ.get("THREADS", "4"))
+worker_class = "gthread"
+timeout = int(os.environ.get("TIMEOUT", "600"))
+graceful_timeout = 30
+keepalive = 5
+preload_app = False  # see the module docstring: CUDA does not survive fork()
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+accesslog = "-"
+errorlog = "-"
+capture_output = True
+
+# Our own loggers (backend.*, model.*) go to stderr beside gunicorn's, with their names, at LOG_LEVEL:
+# the one log line per refused request and the model-load line are what an operator looks for.
+_LEVEL = loglevel.upper()
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "root": {"level": _LEVEL, "handlers": ["error_console"]},
+    "loggers": {
+        "gunicorn.error": {"level": _LEVEL, "handlers": ["error_console"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "generic", "stream": "ext://sys.stdout"},
+        "error_console": {"class": "logging.StreamHandler", "formatter": "generic", "stream": "ext://sys.stderr"},
+    },
+    "formatters": {
+        "generic": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s",
+                    "datefmt": "[%Y-%m-%d %H:%M:%S %z]", "class": "logging.Formatter"},
+    },
+}
+
+
+def pre_fork(server, worker) -> None:
+    """Give each worker a stable slot (0..WORKERS-1), reused when a worker is replaced.
+
+    Runs in the arbiter before the fork, so the attribute is inherited by the child. The slot picks
+    the GPU of that worker when there are several.
+    """
+    taken = {getattr(w, "sam_slot", None) for w in server.WORKERS.values()}
+    worker.sam_slot = next(slot for slot in range(len(taken) + 1) if slot not in taken)
+
+
+def post_worker_init(worker) -> None:
+    """Start loading the model in this worker, in a background thread (after the fork)."""
+    from backend.app import start_model_loading
+
+    start_model_loading(worker.wsgi, slot=getattr(worker, "sam_slot", 0))

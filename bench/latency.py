@@ -295,11 +295,12 @@ class Server:
         return parse_metrics(response.text)
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL: a benchmark stopped mid-phase must not wait out gunicorn's graceful 30 s."""
         _RUNNING.discard(self)
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
@@ -318,7 +319,7 @@ def _stop_servers() -> None:
 
 
 def _raise_on_sigterm(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+    raise KeyboardInterrupt  # the same clean stop as Ctrl-C
 
 
 def _free_port() -> int:

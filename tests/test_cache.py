@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from collections import Counter
@@ -218,3 +219,38 @@ def test_no_redis_configured_is_memory_only() -> None:
     assert cache.redis is None
     cache.get_or_compute(FINGERPRINT, "e" * 64, CountingEncoder())
     assert cache.contains(FINGERPRINT, "e" * 64) == "memory"
+
+
+def test_redis_full_keeps_clicks_working(tmp_path) -> None:
+    """A Redis at maxmemory with noeviction refuses writes with OOM: the click still gets its embedding."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", 1)  # any write is over the limit
+        metrics = RecordingMetrics()
+        cache = EmbeddingCache(memory_bytes=1 << 30, redis_url=server.url, metrics=metrics)
+        encoder = CountingEncoder()
+        assert cache.get_or_compute(FINGERPRINT, "9" * 64, encoder) is not None
+        assert encoder.calls == 1 and metrics.events["redis_error"] >= 1
+        assert cache.get_or_compute(FINGERPRINT, "9" * 64, encoder) is not None and encoder.calls == 1
+    finally:
+        server.stop()
+
+
+def test_slow_redis_costs_one_timeout_not_one_per_click(tmp_path) -> None:
+    """A Redis that stops answering (paused, not gone) is given up on after one socket timeout."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        cache = EmbeddingCache(memory_bytes=1 << 30, redis_url=server.url)
+        cache.get_or_compute(FINGERPRINT, "7" * 64, CountingEncoder())
+        server.process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        for i in range(4):
+            assert cache.get_or_compute(FINGERPRINT, f"{i + 100:064x}", CountingEncoder()) is not None
+        assert time.monotonic() - started < 3.0
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        server.stop()

@@ -16,9 +16,10 @@ from torch import nn
 
 from model.common import LayerNorm2d, MLPBlock
 
-# Upper bound on elements of one attention-bias chunk (fp32: 128 MiB). A global-attention block of
-# ViT-H at 1024 px would otherwise need 16 heads x 4096 x 4096 floats = 1 GiB at once.
-_MAX_BIAS_ELEMENTS = 1 << 25
+# Upper bound on elements of one attention-bias chunk (fp32: 16 MiB, about an L2 + share of L3). A global
+# block of ViT-H at 1024 px would otherwise need 16 heads x 4096 x 4096 floats = 1 GiB at once, and on
+# CPU a bias that has left the cache before SDPA reads it costs more than the attention itself.
+_MAX_BIAS_ELEMENTS = 1 << 22
 
 
 class PatchEmbed(nn.Module):
@@ -64,19 +65,20 @@ class Attention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
-    def rel_pos_bias(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """The additive attention bias (N, h*w, h*w) for queries q (N, h*w, C), N = batch x heads.
+    def rel_pos_bias(self, q: torch.Tensor, h: int, w: int, rows: slice) -> torch.Tensor:
+        """The additive attention bias (N, rows*w, h*w) for the queries q (N, rows*w, C) of grid rows
+        ``rows``; N = batch x heads.
 
-        Meta adds ``q . R_h[qh, kh]`` and ``q . R_w[qw, kw]`` to the logits; both only depend on one
-        key axis each, so they are computed small and broadcast into the full matrix here.
+        Meta adds ``q . R_h[qh, kh]`` and ``q . R_w[qw, kw]`` to the logits; each depends on one key
+        axis only, so both are computed small and broadcast into the bias here.
         """
-        rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)
+        rh = get_rel_pos(h, h, self.rel_pos_h)[rows].to(q.dtype)
         rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)
-        r_q = q.reshape(q.shape[0], h, w, -1)
+        r_q = q.reshape(q.shape[0], -1, w, q.shape[-1])
         rel_h = torch.einsum("nhwc,hkc->nhwk", r_q, rh)
         rel_w = torch.einsum("nhwc,wkc->nhwk", r_q, rw)
         bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
-        return bias.reshape(q.shape[0], h * w, h * w)
+        return bias.reshape(q.shape[0], -1, h * w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
@@ -86,15 +88,20 @@ class Attention(nn.Module):
         if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            # Chunk over (batch x heads) so the bias of a global block stays bounded in memory.
+            # Chunks over (batch x heads) and query rows keep each bias small enough to be consumed
+            # from cache right after it is written: a global block of ViT-B at 1024 px would otherwise
+            # stream 12 x 4096 x 4096 floats (805 MB) through memory twice.
+            out = torch.empty_like(q)
             step = max(1, _MAX_BIAS_ELEMENTS // (n * n))
-            outs = []
+            rows_per = h if step > 1 else max(1, _MAX_BIAS_ELEMENTS // (w * n))
             for start in range(0, q.shape[0], step):
-                qs = q[start:start + step]
-                bias = self.rel_pos_bias(qs, h, w)
-                outs.append(F.scaled_dot_product_attention(qs, k[start:start + step], v[start:start + step],
-                                                           attn_mask=bias))
-            out = outs[0] if len(outs) == 1 else torch.cat(outs)
+                heads = slice(start, start + step)
+                for row in range(0, h, rows_per):
+                    rows = slice(row, min(h, row + rows_per))
+                    tokens = slice(rows.start * w, rows.stop * w)
+                    qs = q[heads, tokens]
+                    out[heads, tokens] = F.scaled_dot_product_attention(
+                        qs, k[heads], v[heads], attn_mask=self.rel_pos_bias(qs, h, w, rows))
         out = out.reshape(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(out)
 

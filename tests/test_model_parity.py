@@ -188,3 +188,15 @@ def test_vit_b_matches_reference(tmp_path):
         box = np.array([w * 0.2, h * 0.1, w * 0.9, h * 0.7])
         assert_same(ours.predict(embedding, point, np.array([0]), box=box, multimask=False),
                     *meta.predict(point, np.array([0]), box=box, multimask_output=False))
+
+
+@pytest.mark.parametrize("budget", [300, 5000])
+def test_chunked_attention_bias_gives_the_same_embedding(small, monkeypatch, budget):
+    """Tiny bias budgets force the per-head and per-row chunking that full-size global blocks use."""
+    import model.image_encoder
+
+    ours, reference = small
+    image = make_image(150, 220, seed=4)
+    reference.set_image(image)
+    monkeypatch.setattr(model.image_encoder, "_MAX_BIAS_ELEMENTS", budget)
+    torch.testing.assert_close(ours.embed(image).features, reference.features, atol=1e-4, rtol=0)

@@ -34,6 +34,10 @@ def _serve(args: argparse.Namespace) -> int:
     except SettingsError as error:
         print(f"sam-backend: {error}", file=sys.stderr)
         return 2
+    missing = not settings.checkpoint_path.is_file()
+    if missing and args.download and settings.checkpoint_name \
+            and _fetch_checkpoint(settings.checkpoint_name, settings.model_dir) is None:
+        return 1
     if not settings.checkpoint_path.is_file():
         print(f"sam-backend: {missing_checkpoint_message(settings.checkpoint_path)}", file=sys.stderr)
         return 2
@@ -46,15 +50,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def _download(args: argparse.Namespace) -> int:
+def _fetch_checkpoint(name: str, directory: Path) -> Path | None:
+    """Download an official checkpoint (or a URL) into ``directory``; None after printing why it failed."""
     import requests
 
     from model.download import DownloadError, fetch
 
     try:
-        path = fetch(args.name, args.dir)
+        return fetch(name, directory)
     except (DownloadError, ValueError, OSError, requests.RequestException) as error:
-        print(f"sam-backend: could not download {args.name}: {error}", file=sys.stderr)
+        print(f"sam-backend: could not download {name}: {error}", file=sys.stderr)
+        return None
+
+
+def _download(args: argparse.Namespace) -> int:
+    path = _fetch_checkpoint(args.name, args.dir)
+    if path is None:
         return 1
     print(path)
     return 0
@@ -130,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N (SAM_DEVICE, default auto)")
     serve.add_argument("--workers", type=int, help="worker processes, one per GPU (WORKERS, default 1)")
     serve.add_argument("--threads", type=int, help="request threads per worker (THREADS, default 4)")
+    serve.add_argument("--download", action="store_true",
+                       help="when --checkpoint is an official name and the file is not in MODEL_DIR, download "
+                            "it first (sha256-checked, with progress)")
     serve.set_defaults(handler=_serve)
 
     download = commands.add_parser("download", help="download an official checkpoint",

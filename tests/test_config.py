@@ -109,3 +109,12 @@ def test_every_field_is_documented() -> None:
     read = set(re.findall(r'env\.\w+\("([A-Z_]+)"', source))
     assert len(read) >= len(fields(Settings)), "every Settings field comes from a variable"
     assert read <= rows, f"undocumented: {sorted(read - rows)}"
+
+
+def test_official_checkpoint_names_match_the_download_table() -> None:
+    """SAM_CHECKPOINT=vit_b must find the very file `sam-backend download vit_b` writes."""
+    from backend.config import OFFICIAL_CHECKPOINTS
+    from model.download import resolve
+
+    for name, file_name in OFFICIAL_CHECKPOINTS.items():
+        assert resolve(name).filename == file_name, name

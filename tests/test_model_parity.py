@@ -17,7 +17,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 import model
 from model.transforms import resize_longest_side
-from tests.checkpoints import make_image, small_checkpoint, vit_b_checkpoint
+from tests.checkpoints import make_image, reference_sam, small_checkpoint, vit_b_checkpoint
 
 LOGIT_ATOL = 1e-3
 SCORE_ATOL = 1e-4
@@ -200,3 +200,17 @@ def test_chunked_attention_bias_gives_the_same_embedding(small, monkeypatch, bud
     reference.set_image(image)
     monkeypatch.setattr(model.image_encoder, "_MAX_BIAS_ELEMENTS", budget)
     torch.testing.assert_close(ours.embed(image).features, reference.features, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("input_size, original_size", [((768, 1024), (480, 640)), ((1024, 421), (700, 288)),
+                                                       ((1024, 1024), (1024, 1024)), ((20, 1024), (1, 50)),
+                                                       ((1024, 740), (37, 27)), ((768, 1024), (1500, 2000))])
+def test_one_pass_postprocess_matches_meta(input_size, original_size):
+    from model.transforms import postprocess_masks
+
+    logits = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 3
+    ours = postprocess_masks(logits, 1024, input_size, original_size)
+    meta = reference_sam(img_size=1024, depth=1, global_attn_indexes=(0,))
+    reference = meta.postprocess_masks(logits, input_size, original_size)
+    torch.testing.assert_close(ours, reference, atol=1e-3, rtol=0)
+    assert ((ours > 0) != (reference > 0)).float().mean() < 1e-5

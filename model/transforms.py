@@ -76,12 +76,13 @@ def postprocess_masks(masks: torch.Tensor, image_size: int, input_size: tuple[in
     rows, row_weights = _composed_taps(original_size[0], input_size[0], image_size, masks.shape[-2], masks.device)
     cols, col_weights = _composed_taps(original_size[1], input_size[1], image_size, masks.shape[-1], masks.device)
     masks = masks.float()
-    x = masks.index_select(-2, rows[:, 0]) * row_weights[:, 0, None]
-    for t in range(1, rows.shape[1]):
-        x += masks.index_select(-2, rows[:, t]) * row_weights[:, t, None]
-    out = x.index_select(-1, cols[:, 0]) * col_weights[:, 0]
+    # Columns first, on the small low-res grid; then whole rows are gathered, which is a fast copy.
+    x = masks.index_select(-1, cols[:, 0]) * col_weights[:, 0]
     for t in range(1, cols.shape[1]):
-        out += x.index_select(-1, cols[:, t]) * col_weights[:, t]
+        x.addcmul_(masks.index_select(-1, cols[:, t]), col_weights[:, t])
+    out = x.index_select(-2, rows[:, 0]) * row_weights[:, 0, None]
+    for t in range(1, rows.shape[1]):
+        out.addcmul_(x.index_select(-2, rows[:, t]), row_weights[:, t, None])
     return out
 
 

@@ -94,7 +94,7 @@ class Settings:
     image_max_pixels: int = 100_000_000
     # -- embedding cache
     redis_url: str = ""  # empty: no Redis, memory cache only
-    sam_cache_memory_mb: int = 1024
+    sam_cache_memory_mb: int | None = None  # None: sized for the device (backend.segmenter.default_cache_bytes)
     sam_cache_ttl_s: int = 7 * 24 * 3600
     # -- what predictions look like
     sam_output: str = "auto"  # auto | brush | polygon
@@ -114,8 +114,9 @@ class Settings:
         return (self.basic_auth_user, self.basic_auth_pass) if self.basic_auth_user else None
 
     @property
-    def cache_memory_bytes(self) -> int:
-        return self.sam_cache_memory_mb * 1024 * 1024
+    def cache_memory_bytes(self) -> int | None:
+        """The in-process cache bound, or None to size it for the device the model runs on."""
+        return None if self.sam_cache_memory_mb is None else self.sam_cache_memory_mb * 1024 * 1024
 
     @property
     def checkpoint_name(self) -> str | None:
@@ -170,7 +171,8 @@ class Settings:
             image_max_bytes=int(env.number("IMAGE_MAX_MB", cls.image_max_bytes / 2**20, positive=True) * 2**20),
             image_max_pixels=env.integer("IMAGE_MAX_PIXELS", cls.image_max_pixels, minimum=1),
             redis_url=env.redis_url("REDIS_URL"),
-            sam_cache_memory_mb=env.integer("SAM_CACHE_MEMORY_MB", cls.sam_cache_memory_mb, minimum=0),
+            sam_cache_memory_mb=None if env.text("SAM_CACHE_MEMORY_MB").lower() in ("", "auto")
+            else env.integer("SAM_CACHE_MEMORY_MB", 0, minimum=0),
             sam_cache_ttl_s=env.integer("SAM_CACHE_TTL_S", cls.sam_cache_ttl_s, minimum=0),
             sam_output=env.choice("SAM_OUTPUT", cls.sam_output, OUTPUTS),
             sam_label_map=tuple(parse_label_map(env.text("SAM_LABEL_MAP")).items()),

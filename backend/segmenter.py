@@ -17,6 +17,7 @@ object well enough for one mask, which is what Meta's predictor recommends.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -86,9 +87,11 @@ class Segmenter:
         from backend.cache import EmbeddingCache
 
         metrics = metrics if metrics is not None else Metrics()
-        cache = EmbeddingCache(settings.cache_memory_bytes, settings.redis_url or None,
-                               ttl_s=settings.sam_cache_ttl_s, metrics=metrics)
-        return cls(settings.checkpoint_path, None if settings.sam_device == "auto" else settings.sam_device,
+        device = None if settings.sam_device == "auto" else settings.sam_device
+        memory = settings.cache_memory_bytes
+        cache = EmbeddingCache(default_cache_bytes(device) if memory is None else memory,
+                               settings.redis_url or None, ttl_s=settings.sam_cache_ttl_s, metrics=metrics)
+        return cls(settings.checkpoint_path, device,
                    cache=cache, metrics=metrics, torch_threads=settings.sam_torch_threads,
                    load_options={"dtype": settings.sam_dtype, "compile": settings.sam_compile})
 
@@ -255,6 +258,25 @@ class Segmenter:
         records = self._mask_generator_cls(self._sam, **{**self.everything_options, **options}).generate(image)
         return [Mask(mask=np.asarray(r["segmentation"], dtype=bool), score=float(r["predicted_iou"]))
                 for r in records]
+
+
+def default_cache_bytes(device: str | None) -> int:
+    """The in-process embedding cache bound for SAM_CACHE_MEMORY_MB=auto.
+
+    Embeddings stay on the model's device, ready to decode. On a GPU they share its memory with the model's
+    activations, so a tenth of it (at most 4 GiB, ~1000 embeddings) leaves the encoder room; on a CPU a
+    twentieth of the RAM (256 MiB to 2 GiB, ~60 to 500 embeddings) keeps a laptop usable.
+    """
+    import torch
+
+    if (device or "cuda").startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device or "cuda").index or 0
+        return min(torch.cuda.get_device_properties(index).total_memory // 10, 4 << 30)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 << 30
+    return max(256 << 20, min(ram // 20, 2 << 30))
 
 
 def missing_checkpoint_message(path: Path | None) -> str:

@@ -118,3 +118,12 @@ def test_official_checkpoint_names_match_the_download_table() -> None:
 
     for name, file_name in OFFICIAL_CHECKPOINTS.items():
         assert resolve(name).filename == file_name, name
+
+
+def test_cache_memory_is_sized_for_the_device_unless_set() -> None:
+    from backend.segmenter import default_cache_bytes
+
+    assert Settings.from_env({}).cache_memory_bytes is None
+    assert Settings.from_env({"SAM_CACHE_MEMORY_MB": "auto"}).cache_memory_bytes is None
+    assert Settings.from_env({"SAM_CACHE_MEMORY_MB": "0"}).cache_memory_bytes == 0
+    assert 256 << 20 <= default_cache_bytes("cpu") <= 2 << 30

@@ -65,54 +65,91 @@ class Attention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
-    def rel_pos_bias(self, q: torch.Tensor, h: int, w: int, rows: slice) -> torch.Tensor:
-        """The additive attention bias (N, rows*w, h*w) for the queries q (N, rows*w, C) of grid rows
-        ``rows``; N = batch x heads.
+    def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
+        """Self-attention over x (B, H, W, C), within non-overlapping windows if ``window_size`` > 0.
 
-        Meta adds ``q . R_h[qh, kh]`` and ``q . R_w[qw, kw]`` to the logits; each depends on one key
-        axis only, so both are computed small and broadcast into the bias here.
+        Meta partitions the normalised input into windows (zero padding at the bottom / right edge)
+        and runs qkv and proj per window. Both are per-token linear maps, so here they run on the
+        unpadded grid and only q, k, v are partitioned; a zero input maps to qkv's bias, so the
+        padding is filled with that bias and the result is the same.
         """
-        rh = get_rel_pos(h, h, self.rel_pos_h)[rows].to(q.dtype)
-        rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)
-        r_q = q.reshape(q.shape[0], -1, w, q.shape[-1])
-        rel_h = torch.einsum("nhwc,hkc->nhwk", r_q, rh)
-        rel_w = torch.einsum("nhwc,wkc->nhwk", r_q, rw)
-        bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
-        return bias.reshape(q.shape[0], -1, h * w)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
-        n = h * w
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.reshape(3, b * self.num_heads, n, -1).unbind(0)
-        if not self.use_rel_pos:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            # Chunks over (batch x heads) and query rows keep each bias small enough to be consumed
-            # from cache right after it is written: a global block of ViT-B at 1024 px would otherwise
-            # stream 12 x 4096 x 4096 floats (805 MB) through memory twice.
-            out = torch.empty_like(q)
-            step = max(1, _MAX_BIAS_ELEMENTS // (n * n))
-            rows_per = h if step > 1 else max(1, _MAX_BIAS_ELEMENTS // (w * n))
-            for start in range(0, q.shape[0], step):
-                heads = slice(start, start + step)
-                for row in range(0, h, rows_per):
-                    rows = slice(row, min(h, row + rows_per))
-                    tokens = slice(rows.start * w, rows.stop * w)
-                    qs = q[heads, tokens]
-                    out[heads, tokens] = F.scaled_dot_product_attention(
-                        qs, k[heads], v[heads], attn_mask=self.rel_pos_bias(qs, h, w, rows))
-        out = out.reshape(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        qkv = self.qkv(x)
+        if window_size > 0:
+            fill = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(qkv.shape[-1])
+            qkv, padded = window_partition(qkv, window_size, fill)
+        out = self.attend(qkv)
+        if window_size > 0:
+            out = window_unpartition(out, window_size, padded, (h, w))
         return self.proj(out)
 
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention from fused projections (B, H, W, 3C) -> (B, H, W, C), before ``proj``."""
+        b, h, w, _ = qkv.shape
+        n = h * w
+        # (B, heads, N, head_dim) views into qkv: SDPA reads strided inputs, no copy needed.
+        q, k, v = (t.transpose(1, 2) for t in qkv.reshape(b, n, 3, self.num_heads, -1).unbind(2))
+        if not self.use_rel_pos:
+            out = F.scaled_dot_product_attention(q, k, v)
+            return out.transpose(1, 2).reshape(b, h, w, -1)
+        rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)
+        rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)
+        # Chunks over windows, heads and query rows keep each bias small enough to be consumed from
+        # cache right after it is written: a global block of ViT-B at 1024 px would otherwise stream
+        # 12 x 4096 x 4096 floats (805 MB) through memory twice.
+        out = q.new_empty(b, n, self.num_heads, q.shape[-1])
+        out_heads = out.transpose(1, 2)
+        # One bias buffer reused by all chunks: a fresh 16 MB tensor per chunk goes back to the OS on
+        # free and costs its page faults again on the next chunk, as much time as building the bias.
+        buffer: torch.Tensor | None = None
+        per_window = self.num_heads * n * n
+        step_b = max(1, _MAX_BIAS_ELEMENTS // per_window)
+        step_h = self.num_heads if step_b > 1 else max(1, _MAX_BIAS_ELEMENTS // (n * n))
+        rows_per = h if n * n <= _MAX_BIAS_ELEMENTS else max(1, _MAX_BIAS_ELEMENTS // (w * n))
+        for b0 in range(0, b, step_b):
+            for h0 in range(0, self.num_heads, step_h):
+                for r0 in range(0, h, rows_per):
+                    r1 = min(h, r0 + rows_per)
+                    idx = (slice(b0, b0 + step_b), slice(h0, h0 + step_h))
+                    qs = q[idx][:, :, r0 * w:r1 * w]
+                    bias, buffer = _decomposed_bias(qs, rh[r0:r1], rw, w, buffer)
+                    out_heads[idx + (slice(r0 * w, r1 * w),)] = F.scaled_dot_product_attention(
+                        qs, k[idx], v[idx], attn_mask=bias)
+        return out.reshape(b, h, w, -1)
 
-def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Split (B, H, W, C) into (B * windows, ws, ws, C), zero-padding H and W up to a multiple of ws."""
+
+def _decomposed_bias(q: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor, w: int,
+                     buffer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive attention bias (B, heads, rows*w, H*W) for queries q (B, heads, rows*w, C), written
+    into ``buffer`` (grown when too small); returns the bias and the buffer.
+
+    Meta adds ``q . R_h[qh, kh]`` and ``q . R_w[qw, kw]`` to the logits; each depends on one key axis
+    only, so both are computed small and broadcast into the bias. The broadcast runs on flat 3-d
+    views: from the einsum's strided 5-d output it is an order of magnitude slower on CPU.
+    """
+    b, heads, _, c = q.shape
+    r_q = q.reshape(b, heads, -1, w, c)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, rh).reshape(-1, rh.shape[1], 1)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, rw).reshape(-1, 1, rw.shape[1])
+    numel = rel_h.shape[0] * rh.shape[1] * rw.shape[1]
+    if buffer is None or buffer.numel() < numel:
+        buffer = q.new_empty(numel)
+    bias = torch.add(rel_h, rel_w, out=buffer[:numel].view(-1, rh.shape[1], rw.shape[1]))
+    return bias.view(b, heads, r_q.shape[2] * w, -1), buffer
+
+
+def window_partition(x: torch.Tensor, window_size: int,
+                     fill: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Split (B, H, W, C) into (B * windows, ws, ws, C), padding H and W up to a multiple of ws with
+    ``fill`` (C,) or zeros."""
     b, h, w, c = x.shape
     pad_h = (window_size - h % window_size) % window_size
     pad_w = (window_size - w % window_size) % window_size
     if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        padded = x.new_empty(b, h + pad_h, w + pad_w, c)
+        padded[:] = 0 if fill is None else fill
+        padded[:, :h, :w] = x
+        x = padded
     hp, wp = h + pad_h, w + pad_w
     x = x.view(b, hp // window_size, window_size, wp // window_size, window_size, c)
     windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, c)
@@ -128,7 +165,7 @@ def window_unpartition(windows: torch.Tensor, window_size: int, padded_hw: tuple
     x = windows.view(b, hp // window_size, wp // window_size, window_size, window_size, -1)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
     if hp > h or wp > w:
-        x = x[:, :h, :w, :].contiguous()
+        x = x[:, :h, :w, :]
     return x
 
 
@@ -147,15 +184,7 @@ class Block(nn.Module):
         self.window_size = window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.norm1(x)
-        if self.window_size > 0:
-            h, w = x.shape[1], x.shape[2]
-            x, padded = window_partition(x, self.window_size)
-            x = window_unpartition(self.attn(x), self.window_size, padded, (h, w))
-        else:
-            x = self.attn(x)
-        x = shortcut + x
+        x = x + self.attn(self.norm1(x), self.window_size)
         return x + self.mlp(self.norm2(x))
 
 

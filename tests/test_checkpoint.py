@@ -159,3 +159,34 @@ def test_dtype_argument(checkpoint):
     assert agree > 0.9
     with pytest.raises(ValueError):
         model.load(checkpoint, device="cpu", dtype=torch.int8)
+
+
+def test_set_threads():
+    from model import runtime
+
+    previous = torch.get_num_threads()
+    try:
+        runtime.set_threads(1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(ValueError):
+            runtime.set_threads(0)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(checkpoint):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA"):
+        model.load(checkpoint, device="cuda")
+
+
+@pytest.mark.slow
+def test_compiled_encoder_gives_the_same_embedding(checkpoint):
+    compiled = model.load(checkpoint, device="cpu", compile=True)
+    assert "encode" not in dict(compiled.named_modules())  # state-dict keys stay Meta's
+    assert set(compiled.state_dict()) == set(model.load(checkpoint, device="cpu").state_dict())
+    plain = model.Predictor(model.load(checkpoint, device="cpu"))
+    image = make_image(70, 90, seed=5)
+    torch.testing.assert_close(model.Predictor(compiled).embed(image).features, plain.embed(image).features,
+                               atol=1e-4, rtol=0)

@@ -23,12 +23,13 @@ the bucket-interpolated p50 (``~``) of ``sam_backend_request_seconds`` (the /pre
     .venv/bin/python bench/latency.py --models vit_t --sizes 1024x768 --annotators 1 --clicks 20
     .venv/bin/python bench/latency.py --checkpoint vit_b=/models/sam_vit_b_01ec64.pth --device cuda --json out.json
 
-Cold and warm-up clicks cost one encode each, and a ViT-B encode takes seconds on a CPU, so each annotator
-makes ``--cold-rounds`` of them (default 1: with 1 annotator p50 = p95 = that one sample; the output says
-so). ViT-B runs 1 and 4 annotators unless ``--annotators`` says otherwise. Goals of the issue, checked on the last lines: on a warm cache the server time of a click is dominated
-by the decoder, with a MobileSAM click <= 100 ms p50 at 1024x768 (1 annotator, on a 2-core CPU); after the
-warm-up the first click costs no more than a warm click. Weights are random: masks are meaningless, only
-times are.
+Cold and warm-up clicks cost one encode each, and a ViT-B encode takes 5-40 s on a shared 2-core CPU, so
+ViT-B makes one per annotator (with 1 annotator p50 = p95 = that one sample; the output says so) and runs 1
+and 4 annotators; MobileSAM makes at least 3 per cell and runs 1, 4 and 8. ``--cold-rounds`` and
+``--annotators`` override both. Goals of the issue, checked on the last lines: on a warm cache the server
+time of a click is dominated by the decoder, with a MobileSAM click <= 100 ms p50 at 1024x768 (1 annotator,
+2-core CPU); after the warm-up the first click costs no more than a warm click (judged with 25 % room for
+timing noise). Weights are random: masks are meaningless, only times are.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ ANNOTATORS = (1, 4, 8)
 # Every annotator of a cold or warm-up phase costs one encode, and a ViT-B encode takes 5-40 s on a busy 2-core
 # CPU: by default ViT-B runs without the 8-annotator cells (--annotators 1,4,8 asks for them).
 DEFAULT_ANNOTATORS = {"vit_b": (1, 4)}
+# First clicks (cold, warm-up+click) per cell by default: rounds of one per annotator until there are this many.
+# One for ViT-B (an encode each); three elsewhere, so the 1-annotator cells do not rest on a single sample.
+DEFAULT_FIRST_CLICKS = {"vit_b": 1}
+FIRST_CLICKS = 3
 TOKEN = "benchtoken0123456789abcdef"  # the legacy token the fake Label Studio accepts
 PROJECT = 9
 SEED = 0
@@ -212,16 +217,22 @@ def parse_metrics(text: str) -> Snapshot:
     return found
 
 
-def histogram_delta(before: Snapshot, after: Snapshot, key: str) -> dict[str, Any]:
-    """What the histogram recorded between two snapshots: count, mean and p50/p95 from the buckets."""
-    new = after.get(key, {"buckets": [], "sum": 0.0, "count": 0.0})
-    old = before.get(key, {"buckets": [], "sum": 0.0, "count": 0.0})
-    old_buckets = dict(old["buckets"])
-    buckets = [(le, value - old_buckets.get(le, 0.0)) for le, value in new["buckets"]]
-    count = int(round(new["count"] - old["count"]))
-    mean = (new["sum"] - old["sum"]) / count if count else None
-    return {"count": count, "mean_s": mean, "p50_s": bucket_quantile(buckets, 0.5),
-            "p95_s": bucket_quantile(buckets, 0.95)}
+def histogram_delta(windows: list[tuple[Snapshot, Snapshot]], key: str) -> dict[str, Any]:
+    """What the histogram recorded inside the (before, after) windows: count, mean, p50/p95 from the buckets."""
+    empty = {"buckets": [], "sum": 0.0, "count": 0.0}
+    buckets: dict[float, float] = {}
+    total = count = 0.0
+    for before, after in windows:
+        new, old = after.get(key, empty), before.get(key, empty)
+        old_buckets = dict(old["buckets"])
+        for le, value in new["buckets"]:
+            buckets[le] = buckets.get(le, 0.0) + value - old_buckets.get(le, 0.0)
+        total += new["sum"] - old["sum"]
+        count += new["count"] - old["count"]
+    ordered = sorted(buckets.items())
+    n = int(round(count))
+    return {"count": n, "mean_s": total / n if n else None, "p50_s": bucket_quantile(ordered, 0.5),
+            "p95_s": bucket_quantile(ordered, 0.95)}
 
 
 def bucket_quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
@@ -381,7 +392,7 @@ class Row:
     client_s: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     server: dict[str, Any] = field(default_factory=dict)  # request / decoder / encoder histogram deltas
-    wait: dict[str, Any] | None = None  # warm-up: how the annotators waited before the first click
+    waits: list[dict[str, Any]] = field(default_factory=list)  # warm-up: how they waited before the first click
     open_s: list[float] = field(default_factory=list)  # warm-up: the no-context /predict of opening the task
 
     def p(self, q: float) -> float | None:
@@ -449,6 +460,7 @@ class Cell:
         self.next_image, self.args = next_image, args
         self.size = (images.width, images.height)
         self.annotators = [Annotator(server, bodies) for _ in range(count)]
+        self.rounds = cold_rounds(model, count, args)
 
     def publish(self) -> list[tuple[int, str]]:
         """One never-seen image per annotator, uploaded to the fake Label Studio: (task id, /data path)."""
@@ -474,11 +486,12 @@ class Cell:
         return together(self.count, first)
 
     @contextmanager
-    def measured(self, row: Row) -> Iterator[None]:
+    def measured(self, row: Row, windows: list[tuple[Snapshot, Snapshot]]) -> Iterator[None]:
+        """Add what /metrics records meanwhile to ``row.server`` (over all ``windows`` of the row so far)."""
         before = self.server.metrics()
         yield
-        after = self.server.metrics()
-        row.server = {key: histogram_delta(before, after, key) for key in HISTOGRAMS}
+        windows.append((before, self.server.metrics()))
+        row.server = {key: histogram_delta(windows, key) for key in HISTOGRAMS}
 
     def row(self, scenario: str) -> Row:
         return Row(MODEL_TITLES.get(self.model, self.model), self.size_name, self.count, scenario)
@@ -494,8 +507,8 @@ class Cell:
     def run(self) -> list[Row]:
         cold, warm = self.row("cold"), self.row("warm")
         tasks: list[tuple[int, str]] = []
-        with self.measured(cold):
-            for _ in range(self.args.cold_rounds):
+        with self.measured(cold, []):
+            for _ in range(self.rounds):
                 tasks = self.publish()
                 self.add(cold, self.first_clicks(tasks))
         self.server.check_alive()
@@ -504,7 +517,7 @@ class Cell:
             gate.wait()
             return [self.click(i, tasks[i], k) for k in range(1, self.args.clicks + 1)]
 
-        with self.measured(warm):
+        with self.measured(warm, []):
             for samples in together(self.count, warm_clicks):
                 self.add(warm, samples)
         self.server.check_alive()
@@ -515,8 +528,9 @@ class Cell:
 
     def warmup_then_click(self) -> Row:
         row = self.row("warm-up+click")
+        windows: list[tuple[Snapshot, Snapshot]] = []  # the clicks only: not the opening nor the wait
         opened = self.server.metrics()
-        for _ in range(self.args.cold_rounds):
+        for _ in range(self.rounds):
             tasks = self.publish()
             started = time.perf_counter()
 
@@ -529,8 +543,8 @@ class Cell:
                     row.open_s.append(sample.seconds)
                 else:
                     row.errors.append(f"opening the task: {sample.error}")
-            row.wait = self.wait_for_warmup(opened, started)
-            with self.measured(row):
+            row.waits.append(self.wait_for_warmup(opened, started))
+            with self.measured(row, windows):
                 self.add(row, self.first_clicks(tasks))
             opened = self.server.metrics()
         return row
@@ -603,6 +617,11 @@ def annotator_counts(model: str, args: argparse.Namespace) -> list[int]:
     return args.annotators or list(DEFAULT_ANNOTATORS.get(model, ANNOTATORS))
 
 
+def cold_rounds(model: str, count: int, args: argparse.Namespace) -> int:
+    """--cold-rounds when given, else enough rounds for the model's number of first clicks per cell."""
+    return args.cold_rounds or math.ceil(DEFAULT_FIRST_CLICKS.get(model, FIRST_CLICKS) / count)
+
+
 def _load() -> str:
     return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
@@ -620,10 +639,15 @@ HEADER = (f"{'model':<9} {'size':<9} {'ann':>3} {'scenario':<13} {'n':>3} {'p50 
 def format_row(row: Row) -> str:
     request, decoder, encoder = (row.server.get(k, {}) for k in ("request", "decoder", "encoder"))
     notes = []
-    if row.wait is not None:
-        label = {"metrics": "waited for the encodes", "metrics-timeout": "encodes NOT done after",
-                 "think": "fixed think time", "none-queued": "NO warm-up queued, clicked after"}[row.wait["mode"]]
-        notes.append(f"{label} {row.wait['seconds']:.1f} s; opening p50 {_ms(percentile(row.open_s, 0.5))} ms")
+    if row.waits:
+        labels = {"metrics": "waited for the encodes", "metrics-timeout": "encodes NOT done after",
+                  "think": "fixed think time", "none-queued": "NO warm-up queued, clicked after"}
+        modes = sorted({w["mode"] for w in row.waits}, key=list(labels).index)
+        seconds = sorted(w["seconds"] for w in row.waits)
+        low, high = f"{seconds[0]:.1f}", f"{seconds[-1]:.1f}"
+        span = low if low == high else f"{low}-{high}"
+        notes.append(f"{' / '.join(labels[m] for m in modes)} {span} s; opening p50 "
+                     f"{_ms(percentile(row.open_s, 0.5))} ms")
     if len(row.client_s) == 1:
         notes.append("1 sample")
     if row.errors:
@@ -674,8 +698,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"(default {','.join(map(str, ANNOTATORS))}; for ViT-B "
                              f"{','.join(map(str, DEFAULT_ANNOTATORS['vit_b']))})")
     parser.add_argument("--clicks", type=int, default=5, help="warm clicks per annotator and image (default 5)")
-    parser.add_argument("--cold-rounds", type=int, default=1,
-                        help="cold clicks and warm-up+clicks per annotator (each costs an encode; default 1)")
+    parser.add_argument("--cold-rounds", type=int, default=None,
+                        help="cold clicks and warm-up+clicks per annotator, each an encode (default: ViT-B 1; "
+                             f"others enough for {FIRST_CLICKS} per cell, so 3 rounds for 1 annotator)")
     parser.add_argument("--warmup-wait", default="metrics",
                         help="'metrics': poll /metrics until the warm-up encodes finished (default); or a fixed "
                              "think time in seconds between opening a task and the first click")
@@ -710,7 +735,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--annotators: {args.annotators!r} is not a list of whole numbers")
         if not args.annotators or min(args.annotators) < 1:
             parser.error("--annotators: counts must be 1 or more")
-    if args.clicks < 1 or args.cold_rounds < 1:
+    if args.clicks < 1 or (args.cold_rounds is not None and args.cold_rounds < 1):
         parser.error("--clicks and --cold-rounds must be 1 or more")
     if args.warmup_wait != "metrics":
         try:
@@ -774,8 +799,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# click latency over HTTP: sam-backend serve, 1 worker, device {args.device}, "
           f"SAM_TORCH_THREADS={args.torch_threads}, {os.cpu_count()} CPUs; load average {loads['start']} at start, "
           f"{loads['end']} at end; {seconds / 60:.1f} min")
-    print(f"# {args.clicks} warm clicks and {args.cold_rounds} cold click(s) / warm-up+click(s) per annotator "
-          "(each costs an encode, so few): with 1 annotator their p50 = p95 = one sample; annotators "
+    rounds = (f"{args.cold_rounds} per annotator" if args.cold_rounds else
+              ", ".join(f"{MODEL_TITLES.get(m, m)} {DEFAULT_FIRST_CLICKS.get(m, FIRST_CLICKS)}+ per cell"
+                        for m in args.models))
+    print(f"# {args.clicks} warm clicks per annotator; cold clicks and warm-up+clicks: {rounds} (each costs an "
+          "encode, so few: n=1 means p50 = p95 = one sample); annotators "
           + ", ".join(f"{MODEL_TITLES.get(m, m)} {','.join(map(str, annotator_counts(m, args)))}"
                       for m in args.models)
           + ("" if args.annotators else " (ViT-B without 8 by default: its encodes take seconds each)"))

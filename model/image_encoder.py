@@ -20,6 +20,8 @@ from model.common import LayerNorm2d, MLPBlock
 # block of ViT-H at 1024 px would otherwise need 16 heads x 4096 x 4096 floats = 1 GiB at once, and on
 # CPU a bias that has left the cache before SDPA reads it costs more than the attention itself.
 _MAX_BIAS_ELEMENTS = 1 << 22
+# On a GPU the concern is kernel launches, not caches: 64 M elements is 4 chunks per ViT-B global block.
+_MAX_BIAS_ELEMENTS_GPU = 1 << 26
 
 
 class PatchEmbed(nn.Module):
@@ -102,10 +104,11 @@ class Attention(nn.Module):
         # One bias buffer reused by all chunks: a fresh 16 MB tensor per chunk goes back to the OS on
         # free and costs its page faults again on the next chunk, as much time as building the bias.
         buffer: torch.Tensor | None = None
+        budget = _MAX_BIAS_ELEMENTS if q.device.type == "cpu" else _MAX_BIAS_ELEMENTS_GPU
         per_window = self.num_heads * n * n
-        step_b = max(1, _MAX_BIAS_ELEMENTS // per_window)
-        step_h = self.num_heads if step_b > 1 else max(1, _MAX_BIAS_ELEMENTS // (n * n))
-        rows_per = h if n * n <= _MAX_BIAS_ELEMENTS else max(1, _MAX_BIAS_ELEMENTS // (w * n))
+        step_b = max(1, budget // per_window)
+        step_h = self.num_heads if step_b > 1 else max(1, budget // (n * n))
+        rows_per = h if n * n <= budget else max(1, budget // (w * n))
         for b0 in range(0, b, step_b):
             for h0 in range(0, self.num_heads, step_h):
                 for r0 in range(0, h, rows_per):

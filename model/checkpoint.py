@@ -164,13 +164,16 @@ def vit_name(config: dict[str, Any]) -> str:
 def build(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Sam:
     """An untrained ``Sam`` whose shapes match the state dict."""
     if ENC + "patch_embed.seq.0.c.weight" in sd or any(k.startswith(ENC + "layers.") for k in sd):
-        from model.tiny_vit import TinyViT, tiny_vit_config_from_state_dict
+        from model.tiny_vit import TinyViT, tiny_vit_config_from_state_dict, tiny_vit_name
 
         try:
-            encoder = TinyViT(**tiny_vit_config_from_state_dict(sd))
+            tiny_config = tiny_vit_config_from_state_dict(sd)
+            encoder = TinyViT(**tiny_config)
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(path, f"unknown MobileSAM (TinyViT) architecture: {exc}") from None
-        image_size, grid, name = getattr(encoder, "img_size", 1024), 64, "vit_t"
+        # TinyViT downsamples by 16 overall, like the ViT's patch embedding.
+        image_size = getattr(encoder, "img_size", 1024)
+        grid, name = image_size // 16, tiny_vit_name(tiny_config)
     elif ENC + "patch_embed.proj.weight" in sd:
         config = vit_config(sd, path)
         encoder = ImageEncoderViT(**config)

@@ -14,7 +14,7 @@ import torch
 from mobile_sam import SamPredictor
 
 import model
-from tests.mobilesam_checkpoints import random_reference_sam, test_image
+from tests.mobilesam_checkpoints import make_mobile_sam_checkpoint, random_reference_sam, test_image
 
 MASK_IOU = 0.99
 LOGIT_ATOL = 1e-3
@@ -112,3 +112,10 @@ def test_vit_t_matches_reference(tmp_path):
     ours, reference = pair(tmp_path, "vit_t", seed=5)
     assert ours.sam.name == "vit_t" and ours.sam.image_size == 1024
     check_prompts(ours, reference, test_image(seed=11, height=480, width=640))
+
+
+def test_a_custom_tiny_vit_is_not_named_vit_t(tmp_path) -> None:
+    """Only MobileSAM's released configuration is vit_t; model_version must not claim it for another one."""
+    sam = model.load(make_mobile_sam_checkpoint(tmp_path / "small.pt", config="small"), device="cpu")
+    assert sam.name == "custom"
+    assert sam.prompt_encoder.image_embedding_size == (64, 64)

@@ -225,9 +225,8 @@ class Segmenter:
         single_click = n_points == 1 and box is None
         with self.metrics.time_decoder():
             prediction = predictor.predict(embedding, points=points, labels=labels, box=box,
-                                           multimask=single_click)
-        best = int(np.argmax(prediction.scores))
-        return Mask(mask=prediction.masks[best], score=float(prediction.scores[best]))
+                                           multimask=single_click, best_only=True)
+        return Mask(mask=prediction.masks[0], score=float(prediction.scores[0]))
 
     def segment_boxes(self, embedding: Any, boxes: np.ndarray) -> list[Mask]:
         """One mask per box (xyxy pixels), in one decoder call."""

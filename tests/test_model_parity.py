@@ -112,6 +112,20 @@ def test_predict_boxes_matches_reference_predict_torch(small):
     assert empty.masks.shape == (0, 360, 500) and empty.scores.shape == (0,)
 
 
+def test_best_only_is_the_reference_candidate_with_the_highest_score(small):
+    """A single click keeps the best of 3 by predicted IoU; picking it before upsampling changes nothing."""
+    ours, reference = small
+    image = make_image(360, 500, seed=9)
+    embedding = ours.embed(image)
+    reference.set_image(image)
+    for point in ([[250.0, 180.0]], [[40.0, 300.0]], [[480.0, 20.0]]):
+        masks, scores, logits = reference.predict(np.array(point), np.array([1]), multimask_output=True)
+        best = int(np.argmax(scores))
+        result = ours.predict(embedding, np.array(point), np.array([1]), multimask=True, best_only=True)
+        assert result.masks.shape == (1, 360, 500)
+        assert_same(result, masks[best:best + 1], scores[best:best + 1], logits[best:best + 1])
+
+
 def test_grayscale_and_rgba_are_converted(small):
     ours, _ = small
     rgb = make_image(120, 90, seed=11)

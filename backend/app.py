@@ -344,11 +344,11 @@ class Predictions:
                 tool = self._tool_for(region)
                 tools.setdefault(tool.name, tool)
         image = self._image(task)
-        prompts = parse_prompts(regions, image.array.shape[:2])
+        prompts = parse_prompts(regions, image.size)
         if not prompts:
             raise BadRequest("the context has no keypoint or rectangle regions to segment")
         labels = [self._output_label(p.label, tools.get(p.from_name)) for p in prompts]
-        embedding = self.segmenter.embed(image.array, image.sha256)
+        embedding = self.segmenter.embed(image.decode, image.sha256)
         result: list[dict[str, Any]] = []
         for prompt, label in zip(prompts, labels, strict=True):
             mask = self.segmenter.segment(embedding, prompt.point_coords,
@@ -394,7 +394,7 @@ class Predictions:
         if not rectangles:
             return prediction([], self.version)
         image = self._image(task)
-        size = image.array.shape[:2]
+        size = image.size
         labels, boxes = [], []
         for region in rectangles:
             prompt = parse_prompts([region], size)[0]
@@ -402,7 +402,7 @@ class Predictions:
             labels.append(resolve_output_label(prompt.label, self.output.labels, self.settings.label_map,
                                                tag.labels if tag is not None else ()))
             boxes.append(prompt.box)
-        embedding = self.segmenter.embed(image.array, image.sha256)
+        embedding = self.segmenter.embed(image.decode, image.sha256)
         masks = self.segmenter.segment_boxes(embedding, boxes)
         result: list[dict[str, Any]] = []
         for mask, label in zip(masks, labels, strict=True):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import http.cookiejar
 import io
@@ -35,7 +36,9 @@ import re
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlencode, urljoin, urlsplit, urlunsplit
@@ -43,7 +46,7 @@ from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlencode, urljoin
 import numpy as np
 import requests
 import urllib3.exceptions
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import ImageAccessError, ImageError
 
@@ -81,11 +84,32 @@ _DOCKER_HINT = (
 
 @dataclass(frozen=True)
 class TaskImage:
-    """One decoded task image."""
+    """One task image: its bytes, decoded only when pixels are needed.
 
-    array: np.ndarray  # HxWx3 uint8 RGB as the browser shows it (EXIF orientation applied)
+    A click on an image whose embedding is cached needs the image's size (for the prompt's pixels) and the
+    hash of its bytes (the cache key), not its pixels: decoding a 4000x3000 JPEG costs more than the decoder.
+    """
+
+    data: bytes
     sha256: str  # of the downloaded bytes: the embedding-cache key
     source: str  # the URL or path it came from, for messages and logs
+    content_type: str | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @cached_property
+    def array(self) -> np.ndarray:
+        """HxWx3 uint8 RGB as the browser shows it (EXIF orientation applied)."""
+        return decode_image(self.data, self.source, self.max_pixels, self.content_type)
+
+    @cached_property
+    def size(self) -> tuple[int, int]:
+        """(height, width) as the browser shows it, read from the header unless already decoded."""
+        if "array" in self.__dict__:
+            return self.array.shape[0], self.array.shape[1]
+        return image_size(self.data, self.source, self.max_pixels, self.content_type)
+
+    def decode(self) -> np.ndarray:
+        return self.array
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -355,7 +379,28 @@ def _status_error(status: int, url: str, ls: _LabelStudio | None, signed: bool) 
 
 def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS,
                  content_type: str | None = None) -> np.ndarray:
-    """Image bytes -> HxWx3 uint8 RGB as the browser shows them (EXIF orientation applied).
+    """Image bytes -> HxWx3 uint8 RGB as the browser shows them (EXIF orientation applied)."""
+    with _open_image(data, source, max_pixels, content_type) as img:
+        return _to_rgb(ImageOps.exif_transpose(img))
+
+
+# EXIF orientations that turn the stored image by 90 degrees (the browser swaps width and height).
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def image_size(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+               content_type: str | None = None) -> tuple[int, int]:
+    """(height, width) of the image as the browser shows it, from the header alone (no decompression)."""
+    with _open_image(data, source, max_pixels, content_type) as img:
+        width, height = img.size
+        if img.getexif().get(ExifTags.Base.Orientation, 1) in _TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
+        return height, width
+
+
+@contextlib.contextmanager
+def _open_image(data: bytes, source: str, max_pixels: int, content_type: str | None) -> Iterator[Image.Image]:
+    """The opened image, with every decoding failure turned into an ImageError that names the image.
 
     The pixel count is checked on the header, before anything is decompressed: a few-KB PNG can claim
     gigapixels (a decompression bomb).
@@ -365,7 +410,7 @@ def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS,
             width, height = img.size
             if width * height > max_pixels:
                 raise ImageError(_too_many_pixels(source, width, height, max_pixels))
-            return _to_rgb(ImageOps.exif_transpose(img))
+            yield img
     except Image.DecompressionBombError as exc:
         size = re.findall(r"\d+", str(exc))
         pixels = f" ({size[0]} pixels)" if size else ""
@@ -599,8 +644,10 @@ class ImageFetcher:
                 f"The task image '{value}' is not a URL: it has no scheme. Use http(s)://host/path, a Label "
                 f"Studio path (/data/upload/..., /data/local-files/?d=...), s3://... or a data: URI.{guess}"
             )
-        array = decode_image(data, source, self.max_pixels, content_type)
-        return TaskImage(array=array, sha256=hashlib.sha256(data).hexdigest(), source=source)
+        image = TaskImage(data=data, sha256=hashlib.sha256(data).hexdigest(), source=source,
+                          content_type=content_type, max_pixels=self.max_pixels)
+        image.size  # noqa: B018 - reads the header: a file that is not an image fails here, not on first use
+        return image
 
     def label_studio_json(self, path: str, params: dict[str, Any] | None = None) -> Any:
         """GET a Label Studio API path as JSON, with the same URL, token and limits as task images.

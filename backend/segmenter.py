@@ -200,13 +200,17 @@ class Segmenter:
 
     # ----------------------------------------------------------------------------------------------------
     # inference
-    def embed(self, image: np.ndarray, image_sha256: str) -> Any:
-        """The image's embedding, from the cache or computed (and timed) by the encoder."""
+    def embed(self, image: np.ndarray | Callable[[], np.ndarray], image_sha256: str) -> Any:
+        """The image's embedding, from the cache or computed (and timed) by the encoder.
+
+        ``image`` may be a function that decodes it: a cached embedding then costs no decoding at all.
+        """
         predictor = self.predictor()
 
         def compute() -> Any:
+            pixels = image() if callable(image) else image
             with self.metrics.time_encoder():
-                return predictor.embed(image)
+                return predictor.embed(pixels)
 
         return self.cache.get_or_compute(self._sam.fingerprint, image_sha256, compute)
 

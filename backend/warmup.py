@@ -105,7 +105,7 @@ def make_encoder(segmenter: Any, fetcher: Any) -> Encoder:
         image = fetcher.fetch(job.task, job.value_key)
         if segmenter.cache.contains(segmenter.fingerprint, image.sha256):
             return False
-        segmenter.embed(image.array, image.sha256)
+        segmenter.embed(image.decode, image.sha256)
         log.info("warmed up task %s (%s)", job.task.get("id"), image.source)
         return True
 

@@ -453,6 +453,14 @@ def test_exif_orientation_is_applied(cloud: CloudStorage) -> None:
     np.testing.assert_allclose(array[35, 10], (0, 0, 255), atol=12)
 
 
+@pytest.mark.parametrize("name", ["exif.jpg", "rgb.png", "gray.png", "rgba.png"])
+def test_size_comes_from_the_header_without_decoding(cloud: CloudStorage, name: str) -> None:
+    """A click on a cached image needs its size and hash, not its pixels: fetch must not decode."""
+    image = ImageFetcher().fetch(task(f"{cloud.url}/public/{name}"), "image")
+    assert "array" not in image.__dict__, "fetch decoded the image"
+    assert image.size == image.array.shape[:2]
+
+
 def test_grayscale_palette_and_cmyk(cloud: CloudStorage) -> None:
     gray = fetch_public(cloud, "gray.png")
     np.testing.assert_array_equal(gray[..., 0], np.tile(np.arange(0, 256, 8, dtype=np.uint8), (8, 1)))

@@ -256,16 +256,24 @@ class Warmer:
     def _consume_shared(self) -> None:
         """An rq worker in a thread: no signal handlers (only the main thread may set them), timer timeouts.
 
-        ``work()`` blocks on the queue and returns only when Redis fails; then it is restarted after a pause,
-        while the local consumer keeps serving whatever ``submit`` queued locally in the meantime.
+        Each round drains the queue in burst mode, then the thread sleeps briefly: it stops within a second
+        of ``stop()`` and notices new jobs within a second, at a few Redis commands per round. When Redis
+        fails the round ends and the next one retries, while the local consumer keeps serving whatever
+        ``submit`` queued locally in the meantime.
         """
+        failures = 0
         while not self._stop.is_set():
             try:
-                worker = ThreadWorker([self._rq_queue], connection=self._redis)
-                worker.work(burst=False, logging_level="WARNING")
+                # rq retries a lost connection forever inside work(); check first so an outage ends the round.
+                self._redis.ping()
+                ThreadWorker([self._rq_queue], connection=self._redis).work(burst=True, logging_level="WARNING")
+                failures = 0
             except Exception as error:
-                log.warning("warm-up worker stopped on an error (%s); restarting in 5 s", error)
-            self._stop.wait(5)
+                failures += 1
+                if failures == 1:
+                    log.warning("warm-up worker cannot reach Redis (%s); retrying", error)
+            self._report_depth()
+            self._stop.wait(1.0 if failures == 0 else min(30.0, 2.0 ** failures))
 
 
 def run_worker(redis_url: str, encoder: Encoder, burst: bool = False) -> None:

@@ -452,19 +452,30 @@ def modes_table(results: list[ModelResult]) -> list[str]:
     return lines
 
 
+def verdict(reference: Timing, ours: Timing, masks_ok: bool) -> str:
+    """MET / NOT MET when the median and the best-of ratio agree; UNCLEAR when load noise splits them."""
+    median, best = reference.median_ms / ours.median_ms, reference.best_ms / ours.best_ms
+    numbers = f"median {median:.2f}x, best-of {best:.2f}x"
+    if not masks_ok:
+        return f"NOT MET: masks differ ({numbers})"
+    if median >= GOAL_RATIO and best >= GOAL_RATIO:
+        return f"MET ({numbers})"
+    if median < GOAL_RATIO and best < GOAL_RATIO:
+        return f"NOT MET ({numbers})"
+    return f"UNCLEAR, the machine was too noisy to tell ({numbers})"
+
+
 def goals(results: list[ModelResult]) -> list[str]:
     """Issue #2's goals, met or not, in words."""
     lines = []
     for r in results:
         if r.model == "vit_b":
             same = r.agreement.min_iou >= IDENTICAL_IOU
-            met = r.encoder_ratio >= GOAL_RATIO and same
-            lines.append(f"- vit_b encoder >= {GOAL_RATIO:.0f}x the reference at fp32 with identical masks: "
-                         f"{'MET' if met else 'NOT MET'} ({r.encoder_ratio:.2f}x, "
-                         f"{r.agreement.differing_pixels} differing mask pixels)")
-        met = r.decode_ratio >= GOAL_RATIO and r.agreement.min_iou >= AGREE_IOU
+            lines.append(f"- vit_b encoder >= {GOAL_RATIO:.0f}x the reference at fp32 with identical masks "
+                         f"(min IoU {r.agreement.min_iou:.6f}, {r.agreement.differing_pixels} differing pixels): "
+                         f"{verdict(r.reference_encoder, r.ours_encoder, same)}")
         lines.append(f"- {r.model} one-click decode >= {GOAL_RATIO:.0f}x the reference: "
-                     f"{'MET' if met else 'NOT MET'} ({r.decode_ratio:.2f}x)")
+                     f"{verdict(r.reference_decode, r.ours_decode, r.agreement.min_iou >= AGREE_IOU)}")
     return lines
 
 

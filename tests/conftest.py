@@ -74,6 +74,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One PyTorch thread for a module's tests: small networks run no faster on more, and CI shares its cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """Real request bodies recorded from Label Studio 1.23.2."""

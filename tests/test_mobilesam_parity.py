@@ -1,7 +1,7 @@
 """MobileSAM end to end: ``model.load`` + ``model.Predictor`` against ``mobile_sam.SamPredictor``.
 
 Both sides hold the same seeded random weights, ours read from a ``mobile_sam.pt``-format file. Masks
-must agree to IoU >= MASK_IOU, low-res logits within LOGIT_ATOL, predicted IoU within SCORE_ATOL, the
+must agree to IoU >= MASK_IOU, low-res logits within LOGIT_ATOL, predicted IoU within SCORE_ATOL (tests/parity.py), the
 image embedding within FEATURE_ATOL. Each compared reference mask set must be non-trivial (some mask
 neither empty nor full), or two empty masks would "agree" without proving anything.
 """
@@ -15,19 +15,12 @@ from mobile_sam import SamPredictor
 
 import model
 from tests.mobilesam_checkpoints import make_mobile_sam_checkpoint, random_reference_sam, test_image
+from tests.parity import assert_same
 
-MASK_IOU = 0.99
-LOGIT_ATOL = 1e-3
-SCORE_ATOL = 1e-4
 FEATURE_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pair(directory, config: str, seed: int) -> tuple[model.Predictor, SamPredictor]:
@@ -40,21 +33,6 @@ def pair(directory, config: str, seed: int) -> tuple[model.Predictor, SamPredict
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> tuple[model.Predictor, SamPredictor]:
     return pair(tmp_path_factory.mktemp("mobilesam"), "small", seed=3)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
-def assert_same(ours: model.Prediction, masks: np.ndarray, scores: np.ndarray, logits: np.ndarray) -> None:
-    assert ours.masks.shape == masks.shape and ours.masks.dtype == np.bool_
-    fractions = masks.reshape(masks.shape[0], -1).mean(axis=1)
-    assert ((fractions > 0.01) & (fractions < 0.99)).any(), f"trivial reference masks {fractions}"
-    for k in range(masks.shape[0]):
-        assert iou(ours.masks[k], masks[k]) >= MASK_IOU, f"mask {k}"
-    np.testing.assert_allclose(ours.low_res_logits, logits, atol=LOGIT_ATOL, rtol=0)
-    np.testing.assert_allclose(ours.scores, scores, atol=SCORE_ATOL, rtol=0)
 
 
 def check_prompts(ours: model.Predictor, reference: SamPredictor, image: np.ndarray) -> None:

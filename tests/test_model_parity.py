@@ -1,6 +1,6 @@
 """Parity of our engine with Meta's ``SamPredictor`` on the same (seeded random) weights and images.
 
-Masks must agree to IoU >= 0.99, low-res logits within LOGIT_ATOL, predicted IoU within SCORE_ATOL.
+Masks must agree to IoU >= 0.99, low-res logits within LOGIT_ATOL, predicted IoU within SCORE_ATOL (tests/parity.py).
 Each compared prediction must also be non-trivial (some mask neither empty nor full), otherwise two
 all-empty masks would "agree" without proving anything.
 """
@@ -19,40 +19,19 @@ from segment_anything.utils.transforms import ResizeLongestSide
 import model
 from model.transforms import resize_longest_side
 from tests.checkpoints import make_image, reference_sam, small_checkpoint, vit_b_checkpoint
+from tests.parity import assert_same
 
-LOGIT_ATOL = 1e-3
-SCORE_ATOL = 1e-4
 # (height, width): landscape, portrait, square, tiny, a 1-pixel-high strip.
 SIZES = [(300, 400), (480, 200), (256, 256), (37, 50), (1, 40)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     path, reference = small_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=3)
     return model.Predictor(model.load(path, device="cpu")), SamPredictor(reference)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
-def assert_same(ours: model.Prediction, masks: np.ndarray, scores: np.ndarray, logits: np.ndarray) -> None:
-    assert ours.masks.shape == masks.shape and ours.masks.dtype == np.bool_
-    fractions = masks.reshape(masks.shape[0], -1).mean(axis=1)
-    assert ((fractions > 0.01) & (fractions < 0.99)).any(), f"trivial reference masks {fractions}"
-    for k in range(masks.shape[0]):
-        assert iou(ours.masks[k], masks[k]) >= 0.99
-    np.testing.assert_allclose(ours.low_res_logits, logits, atol=LOGIT_ATOL, rtol=0)
-    np.testing.assert_allclose(ours.scores, scores, atol=SCORE_ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("size", [(300, 400), (480, 200), (37, 50), (1, 40), (1000, 777), (256, 256)])

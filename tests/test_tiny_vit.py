@@ -23,12 +23,7 @@ from tests.mobilesam_checkpoints import (
 FEATURE_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_reference(config: str, seed: int = 0) -> torch.nn.Module:

@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -399,13 +400,26 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def engine_version() -> str:
+    """The commit the engine was measured at, marked when model/ has uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "model"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "commit unknown"
+    return f"commit {commit}" + (" + uncommitted model/ changes" if dirty else "")
+
+
 def environment(device: str) -> str:
     """One line: what the numbers were measured on."""
     where = (f"GPU {torch.cuda.get_device_name(torch.device(device))}" if torch.device(device).type == "cuda"
              else f"CPU {cpu_model()}, {os.cpu_count()} cores")
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {where}, "
-            f"python {platform.python_version()}, load average {load}")
+            f"python {platform.python_version()}, {engine_version()}, load average {load}")
 
 
 def fmt(value: float | None, spec: str) -> str:

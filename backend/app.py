@@ -4,7 +4,7 @@
 and one ``Metrics`` registry; nothing is loaded at import. The model is loaded in the background: by
 gunicorn's ``post_worker_init`` (``start_model_loading``), or by the first /predict if nobody started it.
 
-Label Studio's timeouts shape the endpoints (docs in /work/shared/docs/label-studio-ml-protocol.md):
+Label Studio's timeouts shape the endpoints (docs/label-studio-protocol.md):
 ``/health`` gets 1 s and ``/setup`` 3 s, so both only read a few attributes and never wait for the
 model; ``/predict`` gets 100 s, so it may wait (bounded) for a model that is still loading, then 503.
 

@@ -63,7 +63,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests.image_server import CloudStorage, FakeLabelStudio  # noqa: E402
 
-FIXTURES = Path(os.environ.get("SAM_FIXTURES_DIR", "/work/shared/fixtures/label-studio-1.23.2"))
+FIXTURES = Path(os.environ.get("SAM_FIXTURES_DIR", Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+                                                      / "label-studio-1.23.2"))
 SAM_BACKEND = Path(sys.executable).parent / "sam-backend"
 MODELS = ("vit_t", "vit_b")
 MODEL_TITLES = {"vit_t": "MobileSAM", "vit_b": "ViT-B"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-FIXTURES_DIR = REPO_ROOT.parent / "shared" / "fixtures" / "label-studio-1.23.2"
+FIXTURES_DIR = REPO_ROOT / "tests" / "fixtures" / "label-studio-1.23.2"
 
 
 def free_port() -> int:

@@ -17,20 +17,18 @@ import redis
 
 from backend.cache import KEY_PREFIX
 from tests.backend_helpers import make_tiny_checkpoint, png_bytes, scene
-from tests.conftest import RedisServer
+from tests.conftest import FIXTURES_DIR, RedisServer
 from tests.e2e.conftest import API_TOKEN, LabelStudio, SamBackend
 
 pytestmark = pytest.mark.e2e
 
-CONFIG = (Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "label-studio-1.23.2"
-          / "setup.json")
 SAM_BACKEND = Path(sys.executable).parent / "sam-backend"
 
 
 def label_config() -> str:
     import json
 
-    return json.loads(CONFIG.read_text())["body"]["schema"]
+    return json.loads((FIXTURES_DIR / "setup.json").read_text())["body"]["schema"]
 
 
 class Backend(SamBackend):

@@ -2,7 +2,8 @@
 
 Keys follow Meta's ``MaskDecoder``. Differences in mechanics, not in results: the image embedding and
 its positional encoding are broadcast over the prompt batch instead of copied per prompt, only the
-masks asked for are computed, and the upscaling runs channels-last as matmuls (see ``upscale``).
+masks asked for are computed, and the upscaling runs channels-last as matmuls in pixel-block order, with
+one pixel shuffle of the final masks instead of two of the upscaled features (see ``upscale``).
 """
 
 from __future__ import annotations
@@ -87,33 +88,38 @@ class MaskDecoder(nn.Module):
         iou_pred = self.iou_prediction_head(hs[:, 0, :])[:, keep]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens, :]
 
-        upscaled = self.upscale(src, h, w)  # (B, 4h*4w, C/8), channels last
+        upscaled = self.upscale(src)  # (B, h*w*16, C/8), channels last, pixel-block order
         indexes = range(self.num_mask_tokens)[keep]
         hyper_in = torch.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in indexes], dim=1)
-        masks = (hyper_in @ upscaled.transpose(1, 2)).reshape(bs, len(indexes), 4 * h, 4 * w)
+        masks = (hyper_in @ upscaled.transpose(1, 2)).reshape(bs, len(indexes), h, w, 2, 2, 2, 2)
+        # Pixel (4y + 2a + c, 4x + 2b + d) sits at block (y, x, a, b, c, d): one shuffle, of K masks only.
+        masks = masks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(bs, len(indexes), 4 * h, 4 * w)
         return masks, iou_pred
 
-    def upscale(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """``output_upscaling`` on image tokens (B, h*w, C) -> (B, 4h*4w, C/8), channels last.
+    def upscale(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``output_upscaling`` on image tokens (B, h*w, C) -> (B, h*w*16, C/8), channels last.
 
         Same weights and result as running the ``nn.Sequential`` on (B, C, h, w), but a transposed
-        convolution whose kernel equals its stride writes each output pixel once, so it is one matmul
-        followed by a pixel shuffle; staying channels-last also saves the layout copies around
-        LayerNorm2d. On CPU this is several times faster than the convolution kernels.
+        convolution whose kernel equals its stride writes each output pixel once, so it is one matmul.
+        Everything after each matmul (LayerNorm over channels, GELU, the next such convolution) acts on
+        each pixel alone, so the pixels need not be in image order until the very end: the output stays
+        in pixel-block order (y, x, a, b, c, d) for pixel (4y + 2a + c, 4x + 2b + d), and the caller
+        shuffles the K masks made from it instead of the 32-channel features (16x fewer values to move).
+        On CPU this is several times faster than the convolution kernels.
         """
         up1, norm, act1, up2, act2 = self.output_upscaling
-        x = tokens.reshape(tokens.shape[0], h, w, -1)
-        x = act1(F.layer_norm(_conv_transpose_2x2(x, up1), (norm.weight.shape[0],), norm.weight, norm.bias,
-                              norm.eps))
+        x = _conv_transpose_2x2(tokens, up1)
+        x = act1(F.layer_norm(x, (norm.weight.shape[0],), norm.weight, norm.bias, norm.eps))
         x = act2(_conv_transpose_2x2(x, up2))
-        return x.reshape(x.shape[0], -1, x.shape[-1])
+        return x
 
 
 def _conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
-    """``conv`` (kernel 2, stride 2, no padding) applied to channels-last x (B, h, w, Cin) -> (B, 2h, 2w, Cout)."""
-    b, h, w, _ = x.shape
-    c_out = conv.weight.shape[1]
-    weight = conv.weight.reshape(conv.weight.shape[0], c_out * 4).t()  # (Cout*2*2, Cin)
-    bias = None if conv.bias is None else conv.bias.repeat_interleave(4)
-    y = F.linear(x, weight, bias).reshape(b, h, w, c_out, 2, 2)
-    return y.permute(0, 1, 4, 2, 5, 3).reshape(b, 2 * h, 2 * w, c_out)
+    """``conv`` (kernel 2, stride 2, no padding) on channels-last pixels x (B, N, Cin) -> (B, 4N, Cout).
+
+    Output pixel 4n + 2a + b is input pixel n's kernel position (a, b): pixel-block order.
+    """
+    c_in, c_out = conv.weight.shape[:2]
+    weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * c_out, c_in)  # rows in (a, b, Cout) order
+    bias = None if conv.bias is None else conv.bias.repeat(4)
+    return F.linear(x, weight, bias).reshape(x.shape[0], 4 * x.shape[1], c_out)

@@ -78,7 +78,12 @@ class MaskDecoder(nn.Module):
         bs = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(bs, -1, -1), sparse_prompt_embeddings], dim=1)
-        src = image_embeddings + dense_prompt_embeddings
+        # The sum is written channels-last (token-major), the layout the transformer works in, so the
+        # transformer's flatten + transpose of it is a view rather than another copy of every token.
+        image, dense = image_embeddings.permute(0, 2, 3, 1), dense_prompt_embeddings.permute(0, 2, 3, 1)
+        src = image.new_empty(torch.broadcast_shapes(image.shape, dense.shape),
+                              dtype=torch.result_type(image, dense))
+        src = torch.add(image, dense, out=src).permute(0, 3, 1, 2)
         if src.shape[0] != bs:
             src = src.expand(bs, -1, -1, -1)
         pos_src = image_pe.expand(bs, -1, -1, -1)

@@ -49,7 +49,9 @@ class Predictor:
         self.device = sam.device
         # The positional encoding of the embedding grid does not depend on the prompt: compute it once.
         with torch.inference_mode():
-            self._dense_pe = sam.prompt_encoder.get_dense_pe().to(self.device)
+            # Channels-last: the decoder reads it token-major, so each click then skips a transposing copy.
+            pe = sam.prompt_encoder.get_dense_pe().to(self.device)
+            self._dense_pe = pe.contiguous(memory_format=torch.channels_last)
         self._mask_input_size = sam.prompt_encoder.mask_input_size
 
     def embed(self, image: np.ndarray) -> Embedding:

@@ -52,6 +52,22 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
+def servers(checkpoint: Path, label_studio: Any, tmp_path: Path) -> Iterator[Any]:
+    """Start connected servers with ``servers(name, threads=4, **env)``; all are stopped after the test,
+    whatever fails, so no server outlives its test to consume the next test's queue."""
+    started: list[ServerProcess] = []
+
+    def start(name: str, threads: int = 4, **env: str) -> ServerProcess:
+        server = start_server(checkpoint, tmp_path / f"{name}.log", threads=threads, **env)
+        started.append(server)
+        return connect(server, label_studio)
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
 def fresh_redis(redis_server: RedisServer) -> RedisServer:
     redis.Redis.from_url(redis_server.url).flushdb()
     return redis_server
@@ -101,122 +117,97 @@ def wait_for(condition: Any, timeout: float = 60.0, what: str = "condition") -> 
         time.sleep(0.1)
 
 
-def test_a_click_on_process_b_after_process_a_is_a_redis_hit(
-        checkpoint: Path, label_studio: Any, fresh_redis: RedisServer, tmp_path: Path) -> None:
+def test_a_click_on_process_b_after_process_a_is_a_redis_hit(servers: Any, fresh_redis: RedisServer) -> None:
     env = {"REDIS_URL": fresh_redis.url, "SAM_WARMUP": "false"}
-    a = start_server(checkpoint, tmp_path / "a.log", **env)
-    b = start_server(checkpoint, tmp_path / "b.log", **env)
-    try:
-        connect(a, label_studio), connect(b, label_studio)
-        from_a = mask_of(a.post("/predict", json=click_body("scene1.png")))
-        assert a.metric(ENCODES) == 1 and a.metric(MISSES) == 1
-        from_b = mask_of(b.post("/predict", json=click_body("scene1.png")))
-        assert b.metric(ENCODES) == 0, "process B ran its encoder although A had shared the embedding"
-        assert b.metric(HITS, 'tier="redis"') == 1 and b.metric(MISSES) == 0
-        assert (from_a == from_b).mean() > 0.999  # B decodes from the fp16 copy
-        mask_of(b.post("/predict", json=click_body("scene1.png", x=30)))
-        assert b.metric(HITS, 'tier="memory"') == 1 and b.metric(ENCODES) == 0
-    finally:
-        a.stop(), b.stop()
+    a, b = servers("a", **env), servers("b", **env)
+    from_a = mask_of(a.post("/predict", json=click_body("scene1.png")))
+    assert a.metric(ENCODES) == 1 and a.metric(MISSES) == 1
+    from_b = mask_of(b.post("/predict", json=click_body("scene1.png")))
+    assert b.metric(ENCODES) == 0, "process B ran its encoder although A had shared the embedding"
+    assert b.metric(HITS, 'tier="redis"') == 1 and b.metric(MISSES) == 0
+    assert (from_a == from_b).mean() > 0.999  # B decodes from the fp16 copy
+    mask_of(b.post("/predict", json=click_body("scene1.png", x=30)))
+    assert b.metric(HITS, 'tier="memory"') == 1 and b.metric(ENCODES) == 0
 
 
-def test_same_picture_in_another_task_is_not_encoded_again(
-        checkpoint: Path, label_studio: Any, tmp_path: Path) -> None:
+def test_same_picture_in_another_task_is_not_encoded_again(servers: Any, label_studio: Any) -> None:
     label_studio.files["scene2-copy.png"] = label_studio.files["scene2.png"]
-    server = connect(start_server(checkpoint, tmp_path / "s.log", SAM_WARMUP="false"), label_studio)
-    try:
-        mask_of(server.post("/predict", json=click_body("scene2.png", task_id=1)))
-        mask_of(server.post("/predict", json=click_body("scene2-copy.png", task_id=2)))
-        assert server.metric(ENCODES) == 1
-    finally:
-        server.stop()
+    server = servers("s", SAM_WARMUP="false")
+    mask_of(server.post("/predict", json=click_body("scene2.png", task_id=1)))
+    mask_of(server.post("/predict", json=click_body("scene2-copy.png", task_id=2)))
+    assert server.metric(ENCODES) == 1
 
 
-def test_redis_stopped_mid_session_clicks_keep_answering(
-        checkpoint: Path, label_studio: Any, tmp_path: Path) -> None:
+def test_redis_stopped_mid_session_clicks_keep_answering(servers: Any, tmp_path: Path) -> None:
     own_redis = RedisServer(tmp_path)
     own_redis.start()
-    server = connect(start_server(checkpoint, tmp_path / "s.log", REDIS_URL=own_redis.url, SAM_WARMUP="false"),
-                     label_studio)
     try:
+        server = servers("s", REDIS_URL=own_redis.url, SAM_WARMUP="false")
         mask_of(server.post("/predict", json=click_body("scene3.png")))
         own_redis.stop()
         for image in ("scene3.png", "scene4.png", "scene4.png", "scene5.png"):
             response = server.post("/predict", json=click_body(image))
             assert response.status_code == 200, response.text
-        assert server.metric(REDIS_ERRORS, 'operation="get"') + server.metric(REDIS_ERRORS, 'operation="exists"') \
-            + server.metric(REDIS_ERRORS, 'operation="lock"') >= 1
+        failures = sum(server.metric(REDIS_ERRORS, f'operation="{operation}"') for operation in ("get", "exists", "lock"))
+        assert failures >= 1
         warnings = [line for line in server.log.read_text().splitlines() if "serving embeddings from memory" in line]
         assert len(warnings) == 1, warnings
     finally:
-        server.stop()
         own_redis.stop()
 
 
-def test_opening_a_task_makes_the_first_click_warm(checkpoint: Path, label_studio: Any, tmp_path: Path) -> None:
-    server = connect(start_server(checkpoint, tmp_path / "s.log"), label_studio)
-    try:
-        started = time.monotonic()
-        response = server.post("/predict", json=open_body("scene6.png"))
-        assert response.status_code == 200 and len(response.json()["results"]) == 1
-        assert time.monotonic() - started < 5
-        wait_for(lambda: server.metric(ENCODES) == 1, what="the background encode")
-        mask_of(server.post("/predict", json=click_body("scene6.png")))
-        assert server.metric(ENCODES) == 1 and server.metric(HITS, 'tier="memory"') >= 1
-        assert server.metric("sam_backend_warmup_jobs_total", 'source="open"') == 1
-    finally:
-        server.stop()
+def test_opening_a_task_makes_the_first_click_warm(servers: Any) -> None:
+    server = servers("s")
+    started = time.monotonic()
+    response = server.post("/predict", json=open_body("scene6.png"))
+    assert response.status_code == 200 and len(response.json()["results"]) == 1
+    assert time.monotonic() - started < 5
+    wait_for(lambda: server.metric(ENCODES) == 1, what="the background encode")
+    mask_of(server.post("/predict", json=click_body("scene6.png")))
+    assert server.metric(ENCODES) == 1 and server.metric(HITS, 'tier="memory"') >= 1
+    assert server.metric("sam_backend_warmup_jobs_total", 'source="open"') == 1
 
 
-def test_imported_tasks_are_warmed_through_the_shared_queue(
-        checkpoint: Path, label_studio: Any, fresh_redis: RedisServer, tmp_path: Path) -> None:
+def test_imported_tasks_are_warmed_through_the_shared_queue(servers: Any, fresh_redis: RedisServer) -> None:
     env = {"REDIS_URL": fresh_redis.url}
-    a = connect(start_server(checkpoint, tmp_path / "a.log", **env), label_studio)
-    b = connect(start_server(checkpoint, tmp_path / "b.log", **env), label_studio)
-    try:
-        event = copy.deepcopy(fixture_body("webhook_annotation_created.json"))
-        event["action"] = "TASKS_CREATED"
-        event["tasks"] = [{"id": 100 + i, "data": {"image": f"/data/upload/4/scene{i}.png"}} for i in (7, 8, 9)]
-        answer = a.post("/webhook", json=event)
-        assert answer.status_code == 200 and answer.json()["queued"] == 3
-        wait_for(lambda: a.metric(ENCODES) + b.metric(ENCODES) == 3, what="three warm-up encodes")
-        for i in (7, 8, 9):
-            mask_of(b.post("/predict", json=click_body(f"scene{i}.png", task_id=100 + i)))
-        assert a.metric(ENCODES) + b.metric(ENCODES) == 3, "a click after warm-up ran the encoder again"
-    finally:
-        a.stop(), b.stop()
+    a, b = servers("a", **env), servers("b", **env)
+    event = copy.deepcopy(fixture_body("webhook_annotation_created.json"))
+    event["action"] = "TASKS_CREATED"
+    event["tasks"] = [{"id": 100 + i, "data": {"image": f"/data/upload/4/scene{i}.png"}} for i in (7, 8, 9)]
+    answer = a.post("/webhook", json=event)
+    assert answer.status_code == 200 and answer.json()["queued"] == 3
+    wait_for(lambda: a.metric(ENCODES) + b.metric(ENCODES) == 3, what="three warm-up encodes")
+    for i in (7, 8, 9):
+        mask_of(b.post("/predict", json=click_body(f"scene{i}.png", task_id=100 + i)))
+    assert a.metric(ENCODES) + b.metric(ENCODES) == 3, "a click after warm-up ran the encoder again"
 
 
-def test_eight_annotators_interleaved_each_get_their_own_masks(
-        checkpoint: Path, label_studio: Any, tmp_path: Path) -> None:
+def test_eight_annotators_interleaved_each_get_their_own_masks(servers: Any) -> None:
     """8 threads x 8 images x 10 clicks against one server with 8 threads: every mask equals the mask the same
     request gets when sent alone."""
-    server = connect(start_server(checkpoint, tmp_path / "s.log", threads=8, SAM_WARMUP="false"), label_studio)
-    try:
-        clicks = {(annotator, k): click_body(f"scene{annotator}.png", x=10 + 8 * k, y=20 + 6 * k,
-                                             task_id=200 + annotator)
-                  for annotator in range(8) for k in range(10)}
-        concurrent: dict[tuple[int, int], np.ndarray] = {}
-        errors: list[BaseException] = []
-        barrier = threading.Barrier(8)
+    server = servers("s", threads=8, SAM_WARMUP="false")
+    clicks = {(annotator, k): click_body(f"scene{annotator}.png", x=10 + 8 * k, y=20 + 6 * k,
+                                         task_id=200 + annotator)
+              for annotator in range(8) for k in range(10)}
+    concurrent: dict[tuple[int, int], np.ndarray] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
 
-        def annotate(annotator: int) -> None:
-            try:
-                barrier.wait()
-                for k in range(10):
-                    concurrent[annotator, k] = mask_of(server.post("/predict", json=clicks[annotator, k]))
-            except BaseException as error:  # reported below, with the others
-                errors.append(error)
+    def annotate(annotator: int) -> None:
+        try:
+            barrier.wait()
+            for k in range(10):
+                concurrent[annotator, k] = mask_of(server.post("/predict", json=clicks[annotator, k]))
+        except BaseException as error:  # reported below, with the others
+            errors.append(error)
 
-        threads = [threading.Thread(target=annotate, args=(i,)) for i in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert not errors, errors
-        assert server.metric(ENCODES) == 8, "one encode per image, whatever the interleaving"
-        for key, body in clicks.items():
-            alone = mask_of(server.post("/predict", json=body))
-            assert np.array_equal(concurrent[key], alone), f"annotator {key[0]}, click {key[1]} got another mask"
-    finally:
-        server.stop()
+    threads = [threading.Thread(target=annotate, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert server.metric(ENCODES) == 8, "one encode per image, whatever the interleaving"
+    for key, body in clicks.items():
+        alone = mask_of(server.post("/predict", json=body))
+        assert np.array_equal(concurrent[key], alone), f"annotator {key[0]}, click {key[1]} got another mask"

@@ -123,14 +123,14 @@ def _check_mask_logits_straddle_zero(sam: Sam, seed: int) -> None:
     enough across the image that logits take both signs; this check keeps it that way if the
     initialisation or the reference ever changes.
     """
-    logits = reference_logits(sam, test_image(seed))
+    logits = reference_logits(sam, sample_image(seed))
     positive = (logits > 0).flatten(1).float().mean(1)
     if not ((positive > 0.05) & (positive < 0.95)).any():
         shares = ", ".join(f"{p:.1%}" for p in positive.tolist())
         raise RuntimeError(f"seed {seed}: random MobileSAM masks have {shares} positive logits")
 
 
-def test_image(seed: int = 0, height: int = 480, width: int = 640) -> np.ndarray:
+def sample_image(seed: int = 0, height: int = 480, width: int = 640) -> np.ndarray:
     """A seeded RGB uint8 image with structure (gradients and rectangles), not only noise."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]

@@ -14,7 +14,7 @@ import torch
 from mobile_sam import SamPredictor
 
 import model
-from tests.mobilesam_checkpoints import make_mobile_sam_checkpoint, random_reference_sam, test_image
+from tests.mobilesam_checkpoints import make_mobile_sam_checkpoint, random_reference_sam, sample_image
 from tests.parity import assert_same
 
 FEATURE_ATOL = 1e-4
@@ -69,12 +69,12 @@ def check_prompts(ours: model.Predictor, reference: SamPredictor, image: np.ndar
 @pytest.mark.parametrize("size", [(480, 640), (700, 300)])
 def test_small_mobilesam_matches_reference(small, size):
     ours, reference = small
-    check_prompts(ours, reference, test_image(seed=size[0], height=size[0], width=size[1]))
+    check_prompts(ours, reference, sample_image(seed=size[0], height=size[0], width=size[1]))
 
 
 def test_small_mobilesam_batched_boxes_match_reference(small):
     ours, reference = small
-    image = test_image(seed=7, height=360, width=500)
+    image = sample_image(seed=7, height=360, width=500)
     embedding = ours.embed(image)
     reference.set_image(image)
     boxes = np.array([[10, 20, 300, 340], [200, 50, 480, 200], [0, 0, 499, 359]], float)
@@ -89,7 +89,7 @@ def test_small_mobilesam_batched_boxes_match_reference(small):
 def test_vit_t_matches_reference(tmp_path):
     ours, reference = pair(tmp_path, "vit_t", seed=5)
     assert ours.sam.name == "vit_t" and ours.sam.image_size == 1024
-    check_prompts(ours, reference, test_image(seed=11, height=480, width=640))
+    check_prompts(ours, reference, sample_image(seed=11, height=480, width=640))
 
 
 def test_a_custom_tiny_vit_is_not_named_vit_t(tmp_path) -> None:

@@ -123,6 +123,17 @@ def server_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def metric_sample(url: str, name: str, labels: str = "") -> float:
+    """One sample of a backend's /metrics, e.g. ``("sam_backend_embedding_cache_hits_total", 'tier="redis"')``;
+    0 when absent."""
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in requests.get(f"{url}/metrics", timeout=30).text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == wanted:
+            return float(value)
+    return 0.0
+
+
 class ServerProcess:
     """A running ``sam-backend serve``; ``stop()`` takes its whole process group down."""
 
@@ -136,13 +147,7 @@ class ServerProcess:
         return requests.post(self.url + path, timeout=60, **kwargs)
 
     def metric(self, name: str, labels: str = "") -> float:
-        """One sample of /metrics, e.g. ``metric("sam_backend_embedding_cache_hits_total", 'tier="redis"')``; 0 if absent."""
-        wanted = f"{name}{{{labels}}}" if labels else name
-        for line in self.get("/metrics").text.splitlines():
-            sample, _, value = line.rpartition(" ")
-            if sample == wanted:
-                return float(value)
-        return 0.0
+        return metric_sample(self.url, name, labels)
 
     def wait_loaded(self, timeout: float = 90.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from backend.cache import KEY_PREFIX
-from tests.backend_helpers import make_tiny_checkpoint, png_bytes, scene
+from tests.backend_helpers import make_tiny_checkpoint, metric_sample, png_bytes, scene
 from tests.conftest import FIXTURES_DIR, RedisServer
 from tests.e2e.conftest import API_TOKEN, LabelStudio, SamBackend
 
@@ -41,14 +41,8 @@ class Backend(SamBackend):
     def environment(self) -> dict[str, str]:
         return {**super().environment(), **self.extra}
 
-    def metric(self, name: str) -> float:
-        import requests
-
-        for line in requests.get(f"{self.url}/metrics", timeout=30).text.splitlines():
-            sample, _, value = line.rpartition(" ")
-            if sample == name:
-                return float(value)
-        return 0.0
+    def metric(self, name: str, labels: str = "") -> float:
+        return metric_sample(self.url, name, labels)
 
 
 def write_images(folder: Path, seeds: range) -> list[Path]:
@@ -91,7 +85,7 @@ def test_imported_tasks_are_encoded_before_the_first_click(
         tasks = label_studio.upload_images(project, write_images(tmp_path / "images", range(30, 33)))
         wait_for(lambda: backend.metric("sam_backend_encoder_seconds_count") == 3, 120,
                  "three encodes started by Label Studio's TASKS_CREATED webhook")
-        assert backend.metric('sam_backend_warmup_jobs_total{source="webhook"}') == 3
+        assert backend.metric("sam_backend_warmup_jobs_total", 'source="webhook"') == 3
         answer = label_studio.interactive_annotating(ml["id"], tasks[0]["id"], click(tasks[0]))
         assert "data" in answer, answer
         assert backend.metric("sam_backend_encoder_seconds_count") == 3, "the first click ran the encoder"
@@ -124,7 +118,7 @@ def test_warm_command_fills_redis_for_every_task(
         answer = label_studio.interactive_annotating(ml["id"], tasks[1]["id"], click(tasks[1]))
         assert "data" in answer, answer
         assert backend.metric("sam_backend_encoder_seconds_count") == 0
-        assert backend.metric('sam_backend_embedding_cache_hits_total{tier="redis"}') == 1
+        assert backend.metric("sam_backend_embedding_cache_hits_total", 'tier="redis"') == 1
     finally:
         backend.stop()
 

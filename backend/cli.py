@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from backend.config import OFFICIAL_CHECKPOINTS, Settings, SettingsError
@@ -29,10 +29,8 @@ def _serve(args: argparse.Namespace) -> int:
                  "SAM_DEVICE": args.device, "WORKERS": args.workers, "THREADS": args.threads}
     env = dict(os.environ)
     env.update({name: str(value) for name, value in overrides.items() if value is not None})
-    try:
-        settings = Settings.from_env(env)
-    except SettingsError as error:
-        print(f"sam-backend: {error}", file=sys.stderr)
+    settings = _settings_or_exit(env)
+    if settings is None:
         return 2
     missing = not settings.checkpoint_path.is_file()
     if missing and args.download and settings.checkpoint_name \
@@ -71,9 +69,10 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings_or_exit() -> Settings | None:
+def _settings_or_exit(environ: Mapping[str, str] = os.environ) -> Settings | None:
+    """The settings, or None after printing which variable is wrong."""
     try:
-        return Settings.from_env()
+        return Settings.from_env(environ)
     except SettingsError as error:
         print(f"sam-backend: {error}", file=sys.stderr)
         return None

@@ -9,6 +9,7 @@ the backend's masks with ``model.Predictor``'s for the same prompt, never with a
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,17 @@ def basic_auth_header(user: str, password: str) -> dict[str, str]:
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     return {"Authorization": f"Basic {token}"}
 
+
+
+@contextlib.contextmanager
+def running_label_studio() -> Iterator[Any]:
+    """``start_label_studio()``, with it and its cloud server closed afterwards."""
+    server = start_label_studio()
+    try:
+        yield server
+    finally:
+        server.close()
+        server.cloud.close()
 
 
 def start_label_studio() -> Any:

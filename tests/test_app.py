@@ -32,7 +32,7 @@ from tests.backend_helpers import (
     fixture_body,
     fixture_names,
     make_tiny_checkpoint,
-    start_label_studio,
+    running_label_studio,
 )
 
 INTERACTIVE = fixture_names("predict_interactive")
@@ -54,10 +54,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def image_server() -> Iterator[Any]:
-    server = start_label_studio()
-    yield server
-    server.close()
-    server.cloud.close()
+    with running_label_studio() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -28,18 +28,16 @@ from tests.backend_helpers import (
     fixture_body,
     fixture_names,
     make_tiny_checkpoint,
+    running_label_studio,
     server_env,
-    start_label_studio,
     start_server,
 )
 
 
 @pytest.fixture(scope="module")
 def label_studio() -> Iterator[Any]:
-    server = start_label_studio()
-    yield server
-    server.close()
-    server.cloud.close()
+    with running_label_studio() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,8 @@ from tests.backend_helpers import (
     fixture_body,
     make_tiny_checkpoint,
     png_bytes,
+    running_label_studio,
     scene,
-    start_label_studio,
     start_server,
 )
 from tests.conftest import RedisServer
@@ -38,12 +38,10 @@ REDIS_ERRORS = "sam_backend_redis_errors_total"
 
 @pytest.fixture(scope="module")
 def label_studio() -> Iterator[Any]:
-    server = start_label_studio()
-    for seed in range(12):
-        server.files[f"scene{seed}.png"] = (png_bytes(scene(seed)), "image/png")
-    yield server
-    server.close()
-    server.cloud.close()
+    with running_label_studio() as server:
+        for seed in range(12):
+            server.files[f"scene{seed}.png"] = (png_bytes(scene(seed)), "image/png")
+        yield server
 
 
 @pytest.fixture(scope="module")

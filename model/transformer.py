@@ -1,8 +1,14 @@
 """The two-way transformer of the mask decoder: prompt tokens and image tokens attend to each other.
 
-Keys follow Meta's ``TwoWayTransformer``; attention runs through ``F.scaled_dot_product_attention``,
-except image tokens attending to the few prompt tokens on the CPU (see ``Attention.attend``). The two
-projections of the same image tokens in each block run as one matmul (see ``TwoWayAttentionBlock``).
+Keys follow Meta's ``TwoWayTransformer``. The mechanics differ where the few prompt tokens (about 7 for a
+click) meet the 4096 image tokens. Meta projects every image token to q, k or v (4096 x 256 x 128
+multiply-adds each) and projects the attention output back (as much again). Each of those maps is linear,
+so it can be moved to the token side of the product instead: the tokens' queries are pulled back through
+``k_proj`` to the image tokens' own 256 channels, the image tokens are averaged before ``v_proj`` rather
+than after, and for image -> token attention ``q_proj`` and ``out_proj`` are folded into the tokens' keys and
+values. The image side then only meets ``heads x tokens`` vectors (56 for a click) instead of 128-wide
+projections, which leaves the transformer with less than half the arithmetic and exactly the same
+function, up to float rounding (see ``Attention.tokens_to_image`` and ``Attention.image_to_tokens``).
 """
 
 from __future__ import annotations
@@ -34,37 +40,80 @@ class Attention(nn.Module):
         return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return self.out_proj(self.attend(self.q_proj(q), self.k_proj(k), self.v_proj(v)))
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Attention of projected q (B, Nq, D) over projected k, v (B, Nk, D) -> (B, Nq, D), heads merged.
-
-        Many queries over a handful of keys (the 4096 image tokens over the ~7 prompt tokens) is the
-        worst case of PyTorch's CPU attention kernels: a softmax over 7 values per row, 32768 times,
-        costs more than all the arithmetic. There the heads are laid block-diagonally instead, so that
-        scores and output are one matmul each and the softmax runs along the long axis of the query
-        tokens. The zeros off the diagonal add nothing, so the result is the same up to float rounding.
-        """
-        heads = self.num_heads
-        if q.device.type == "cpu" and k.shape[1] * heads <= _FEW_KEYS and q.shape[1] >= _MANY_QUERIES:
-            b, n_k, width = k.shape
-            head_dim = width // heads
-            eye = torch.eye(heads, dtype=k.dtype, device=k.device).view(1, heads, 1, heads, 1)
-            # (B, heads * Nk, D): row (h, j) holds key j's head-h slice in head h's columns, zeros elsewhere.
-            k_blocks = (k.reshape(b, n_k, heads, head_dim).transpose(1, 2).unsqueeze(3) * eye)
-            v_blocks = (v.reshape(b, n_k, heads, head_dim).transpose(1, 2).unsqueeze(3) * eye)
-            scores = (k_blocks.reshape(b, heads * n_k, width) @ q.transpose(1, 2)).mul_(head_dim**-0.5)
-            weights = scores.reshape(b, heads, n_k, -1).softmax(dim=2).reshape(b, heads * n_k, -1)
-            return weights.transpose(1, 2) @ v_blocks.reshape(b, heads * n_k, width)
-        out = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
+        """Meta's order of operations: project q, k, v, attend per head, project the output."""
+        q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
+        out = F.scaled_dot_product_attention(q, k, v)
         b, _, n, _ = out.shape
-        return out.transpose(1, 2).reshape(b, n, self.internal_dim)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
 
+    def folds_image_side(self, n_tokens: int) -> bool:
+        """Whether the folded forms below cost less than ``forward`` for ``n_tokens`` prompt tokens.
 
-# Where ``Attention.attend`` lays the heads block-diagonally: at most this many (key, head) pairs, and
-# at least this many queries. The block form multiplies by zeros ``heads`` times over, cheap only there.
-_FEW_KEYS = 256
-_MANY_QUERIES = 256
+        Folded, the image tokens meet ``heads x n_tokens`` vectors of ``embedding_dim`` twice; in
+        ``forward`` they go through two ``embedding_dim x internal_dim`` projections. A click or a box
+        has 7 tokens (56 with 8 heads against 128); only prompts of a dozen points or more are cheaper
+        the usual way.
+        """
+        return self.num_heads * n_tokens <= self.internal_dim
+
+    def tokens_to_image(self, tokens: Tensor, image_keys: Tensor, image_values: Tensor) -> Tensor:
+        """Prompt tokens (B, Nt, C) attending to image tokens: keys and values (B, N, C) -> (B, Nt, C).
+
+        Same as ``forward(tokens, image_keys, image_values)``. For head h with key weights Wk_h and
+        bias bk_h, the scores ``q_h . (Wk_h x + bk_h)`` are ``(Wk_h^T q_h) . x`` plus a constant per
+        row, which softmax ignores; and since each row of weights sums to one, the output
+        ``sum_n a_n (Wv_h x_n + bv_h)`` is ``Wv_h (sum_n a_n x_n) + bv_h``.
+        """
+        if not self.folds_image_side(tokens.shape[1]):
+            return self(tokens, image_keys, image_values)
+        b, n_t, _ = tokens.shape
+        heads, head_dim, width = self.num_heads, self.internal_dim // self.num_heads, self.embedding_dim
+        q = self.q_proj(tokens).view(b, n_t, heads, head_dim) * head_dim**-0.5
+        pulled = torch.einsum("bthd,hdc->bhtc", q, self.k_proj.weight.view(heads, head_dim, width))
+        scores = pulled.reshape(b, heads * n_t, width) @ image_keys.transpose(1, 2)  # (B, heads * Nt, N)
+        mixed = scores.softmax(dim=-1) @ image_values  # (B, heads * Nt, C)
+        out = torch.einsum("bhtc,hdc->bthd", mixed.view(b, heads, n_t, width),
+                           self.v_proj.weight.view(heads, head_dim, width))
+        return self.out_proj(out.reshape(b, n_t, self.internal_dim) + self.v_proj.bias)
+
+    def image_to_tokens(self, image_queries: Tensor, tokens_keys: Tensor, tokens_values: Tensor) -> Tensor:
+        """Image tokens (B, N, C) attending to prompt tokens: keys and values (B, Nt, C) -> (B, N, C).
+
+        Same as ``forward(image_queries, tokens_keys, tokens_values)``. The score of image token x with
+        token key k_h is ``(Wq_h x + bq_h) . k_h = x . (Wq_h^T k_h) + bq_h . k_h``, and the output
+        ``Wo (concat_h sum_t a_ht v_ht) + bo`` is ``sum_h sum_t a_ht (Wo_h v_ht) + bo``: both
+        projections of the image side become products with ``heads x Nt`` vectors. The softmax over the
+        few keys runs along the image axis, where it vectorises (a softmax of 7 values per row, 32768
+        rows, costs more than the arithmetic).
+        """
+        if not self.folds_image_side(tokens_keys.shape[1]):
+            return self._image_to_many_tokens(image_queries, tokens_keys, tokens_values)
+        b, n_t, _ = tokens_keys.shape
+        heads, head_dim, width = self.num_heads, self.internal_dim // self.num_heads, self.embedding_dim
+        k = self.k_proj(tokens_keys).view(b, n_t, heads, head_dim) * head_dim**-0.5
+        v = self.v_proj(tokens_values).view(b, n_t, heads, head_dim)
+        pulled = torch.einsum("bthd,hdc->bhtc", k, self.q_proj.weight.view(heads, head_dim, width))
+        offset = torch.einsum("bthd,hd->bht", k, self.q_proj.bias.view(heads, head_dim))
+        scores = pulled.reshape(b, heads * n_t, width) @ image_queries.transpose(1, 2)  # (B, heads * Nt, N)
+        scores = scores.view(b, heads, n_t, -1).add_(offset.unsqueeze(-1))
+        weights = scores.softmax(dim=2).view(b, heads * n_t, -1)
+        pushed = torch.einsum("bthd,chd->bhtc", v, self.out_proj.weight.view(width, heads, head_dim))
+        out = weights.transpose(1, 2) @ pushed.reshape(b, heads * n_t, width)  # (B, N, C)
+        return out.add_(self.out_proj.bias)
+
+    def _image_to_many_tokens(self, image_queries: Tensor, tokens_keys: Tensor, tokens_values: Tensor) -> Tensor:
+        """``image_to_tokens`` in Meta's order of operations, for prompts with too many tokens to fold.
+
+        Scores are laid out (B, heads, Nt, N) so that the softmax over the tokens still runs along
+        the image axis rather than over a few values per row.
+        """
+        q = self._heads(self.q_proj(image_queries))
+        k = self._heads(self.k_proj(tokens_keys)) * (self.internal_dim // self.num_heads) ** -0.5
+        v = self._heads(self.v_proj(tokens_values))
+        weights = (k @ q.transpose(2, 3)).softmax(dim=2)
+        out = weights.transpose(2, 3) @ v  # (B, heads, N, head_dim)
+        b, _, n, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -94,20 +143,12 @@ class TwoWayAttentionBlock(nn.Module):
 
         q = queries + query_pe
         k = keys + key_pe
-        # The image tokens k are the keys of token -> image and the queries of image -> token: both
-        # projections in one matmul (twice as wide, better use of the CPU), split after.
-        to_image, to_token = self.cross_attn_token_to_image, self.cross_attn_image_to_token
-        weight = torch.cat([to_image.k_proj.weight, to_token.q_proj.weight])
-        bias = torch.cat([to_image.k_proj.bias, to_token.q_proj.bias])
-        k_to_image, q_to_token = F.linear(k, weight, bias).split([to_image.internal_dim, to_token.internal_dim], -1)
-        attended = to_image.attend(to_image.q_proj(q), k_to_image, to_image.v_proj(keys))
-        queries = self.norm2(queries + to_image.out_proj(attended))
+        queries = self.norm2(queries + self.cross_attn_token_to_image.tokens_to_image(q, k, keys))
 
         queries = self.norm3(queries + self.mlp(queries))
 
         q = queries + query_pe
-        attended = to_token.attend(q_to_token, to_token.k_proj(q), to_token.v_proj(queries))
-        keys = self.norm4(keys + to_token.out_proj(attended))
+        keys = self.norm4(keys + self.cross_attn_image_to_token.image_to_tokens(k, q, queries))
         return queries, keys
 
 
@@ -129,7 +170,7 @@ class TwoWayTransformer(nn.Module):
 
     def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
         """image_embedding, image_pe (B, C, h, w); point_embedding (B, N, C) -> tokens, image tokens."""
-        # Token-major and contiguous once here, so the adds and projections below run on dense memory.
+        # Token-major and contiguous once here, so the adds and products below run on dense memory.
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
         key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         queries = point_embedding
@@ -137,5 +178,5 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(queries, keys, point_embedding, key_pe)
         q = queries + point_embedding
         k = keys + key_pe
-        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q, k, keys))
+        queries = self.norm_final_attn(queries + self.final_attn_token_to_image.tokens_to_image(q, k, keys))
         return queries, keys

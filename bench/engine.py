@@ -328,9 +328,9 @@ def autocast_supported(device: str, dtype: torch.dtype) -> str | None:
     return None
 
 
-def modes(device: str, compile_: bool) -> list[tuple[str, torch.dtype, bool]]:
+def modes(device: str, compile_: bool, autocast: bool = True) -> list[tuple[str, torch.dtype, bool]]:
     """(label, dtype given to ``model.load``, compile) of every faster mode to try."""
-    chosen = [("bf16 autocast", torch.bfloat16, False), ("fp16 autocast", torch.float16, False)]
+    chosen = [("bf16 autocast", torch.bfloat16, False), ("fp16 autocast", torch.float16, False)] if autocast else []
     if compile_:
         # Compile the configuration that serves by default on this device: fp32 on CPU, bf16 on CUDA.
         default = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -401,7 +401,7 @@ def compare_with_reference(name: str, checkpoint: Path, reference_sam: torch.nn.
 
 
 def bench_model(name: str, device: str, runs: int, decode_runs: int, compile_: bool, directory: Path,
-                log: Callable[[str], None]) -> ModelResult:
+                log: Callable[[str], None], autocast: bool = True) -> ModelResult:
     """Reference against ours at fp32, then our faster modes, for one model."""
     log(f"{name}: building seeded random weights and the checkpoint file")
     reference_sam = reference_model(name, SEED)
@@ -411,7 +411,7 @@ def bench_model(name: str, device: str, runs: int, decode_runs: int, compile_: b
     result, baseline = compare_with_reference(name, checkpoint, reference_sam, device, image, prompt_list, runs,
                                               decode_runs, log)
     del reference_sam
-    for label, dtype, compiled in modes(device, compile_):
+    for label, dtype, compiled in modes(device, compile_, autocast):
         log(f"{name}: {label}")
         result.modes.append(measure_mode(label, dtype, compiled, checkpoint, device, image, prompt_list, baseline,
                                          runs, decode_runs))
@@ -610,6 +610,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="timed encodes per side and mode (default: 3 for vit_b, 10 for vit_t)")
     parser.add_argument("--decode-runs", type=int, default=20, help="timed one-click decodes per side and mode")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes on a CPU)")
+    parser.add_argument("--no-autocast", dest="autocast", action="store_false",
+                        help="skip the bf16 / fp16 autocast modes (on a CPU without AVX-512 BF16 or AMX they "
+                             "emulate the types and take minutes per encode)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the numbers here")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -651,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
     with scratch_directory() as directory:
         for name in args.models:
             results.append(bench_model(name, args.device, encoder_runs(name, args.runs), args.decode_runs,
-                                       args.compile, directory, log))
+                                       args.compile, directory, log, args.autocast))
     env_after = environment(args.device)
     print(report(results, env_before, env_after, len(prompts()), matmul))
     if args.json:

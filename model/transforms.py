@@ -68,11 +68,47 @@ def postprocess_masks(masks: torch.Tensor, image_size: int, input_size: tuple[in
     """Low-res logits (B, K, h, w) -> logits at the original image size (B, K, H, W).
 
     Meta upsamples to the padded encoder input (image_size x image_size), crops the padding and
-    resizes to the original size, both bilinear without corner alignment. Every step is linear and
-    separable, so the three compose into one small filter per axis (at most 3 taps): applying it
-    reads the low-res logits directly and writes each output pixel once, instead of materialising
-    the 1024 x 1024 intermediate. Same result up to float rounding.
+    resizes to the original size, both bilinear without corner alignment. Which way is cheapest
+    depends on the original size:
+
+    * an original much smaller than the encoder input (a thumbnail): the two resizes compose into one
+      filter of at most 3 taps per axis, applied straight to the low-res logits, so nothing of
+      encoder-input size is made (``_composed_resize``; same result up to float rounding);
+    * otherwise Meta's two resizes, bit for bit, but the first only computes the rows and columns that
+      survive the crop (``_upsample_cropped``): for a landscape photo that skips a quarter of the
+      1024 x 1024 intermediate, and PyTorch's own resize kernel beats any gather for large outputs.
     """
+    input_pixels = input_size[0] * input_size[1]
+    if 3 * original_size[0] * original_size[1] < input_pixels:
+        return _composed_resize(masks, image_size, input_size, original_size)
+    upsampled = _upsample_cropped(masks.float(), image_size, input_size)
+    if tuple(input_size) == tuple(original_size):
+        return upsampled
+    return F.interpolate(upsampled, original_size, mode="bilinear", align_corners=False)
+
+
+def _upsample_cropped(masks: torch.Tensor, image_size: int, input_size: tuple[int, int]) -> torch.Tensor:
+    """``F.interpolate(masks, (image_size, image_size))[..., :input_h, :input_w]`` without the cropped part.
+
+    With an integer scale factor s, output pixel i reads input pixels floor((i + 0.5) / s - 0.5) and
+    the next one, so the first input_h output rows need only the first ceil(input_h / s) + 1 input rows:
+    resizing those by the same factor gives the same numbers (PyTorch uses 1/s as the scale either way).
+    """
+    h, w = masks.shape[-2:]
+    if image_size % h or image_size % w:  # a non-integer factor: resize all, as Meta does
+        upsampled = F.interpolate(masks, (image_size, image_size), mode="bilinear", align_corners=False)
+        return upsampled[..., :input_size[0], :input_size[1]]
+    factor_h, factor_w = image_size // h, image_size // w
+    rows = min(h, -(-input_size[0] // factor_h) + 1)
+    cols = min(w, -(-input_size[1] // factor_w) + 1)
+    upsampled = F.interpolate(masks[..., :rows, :cols], scale_factor=(float(factor_h), float(factor_w)),
+                              mode="bilinear", align_corners=False)
+    return upsampled[..., :input_size[0], :input_size[1]]
+
+
+def _composed_resize(masks: torch.Tensor, image_size: int, input_size: tuple[int, int],
+                     original_size: tuple[int, int]) -> torch.Tensor:
+    """Meta's upsample, crop and resize as one filter per axis, read straight from the low-res logits."""
     rows, row_weights = _composed_taps(original_size[0], input_size[0], image_size, masks.shape[-2], masks.device)
     cols, col_weights = _composed_taps(original_size[1], input_size[1], image_size, masks.shape[-1], masks.device)
     b, k, h, w = masks.shape

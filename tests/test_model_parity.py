@@ -203,8 +203,10 @@ def test_chunked_attention_bias_gives_the_same_embedding(small, monkeypatch, bud
 
 @pytest.mark.parametrize("input_size, original_size", [((768, 1024), (480, 640)), ((1024, 421), (700, 288)),
                                                        ((1024, 1024), (1024, 1024)), ((20, 1024), (1, 50)),
-                                                       ((1024, 740), (37, 27)), ((768, 1024), (1500, 2000))])
-def test_one_pass_postprocess_matches_meta(input_size, original_size):
+                                                       ((1024, 740), (37, 27)), ((768, 1024), (1500, 2000)),
+                                                       ((768, 1024), (768, 1024)), ((577, 1024), (1080, 1920)),
+                                                       ((1024, 768), (4000, 3000)), ((1024, 1), (3000, 2))])
+def test_postprocess_matches_meta(input_size, original_size):
     from model.transforms import postprocess_masks
 
     logits = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 3
@@ -213,3 +215,5 @@ def test_one_pass_postprocess_matches_meta(input_size, original_size):
     reference = meta.postprocess_masks(logits, input_size, original_size)
     torch.testing.assert_close(ours, reference, atol=1e-3, rtol=0)
     assert ((ours > 0) != (reference > 0)).float().mean() < 1e-5
+    if 3 * original_size[0] * original_size[1] >= input_size[0] * input_size[1]:
+        assert torch.equal(ours, reference), "Meta's two resizes on a cropped input are bit for bit Meta's"

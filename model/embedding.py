@@ -27,7 +27,9 @@ _HEADER = struct.Struct("<6sH16s7IQI")
 
 @dataclass(frozen=True)
 class Embedding:
-    features: torch.Tensor  # (1, C, h, w), on the model's device
+    # (1, C, h, w) on the model's device, channels-last in memory: the decoder reads it token-major
+    # (h*w tokens of C channels), so every click would otherwise start with a transposing copy.
+    features: torch.Tensor
     original_size: tuple[int, int]  # (H, W) of the image given to embed()
     input_size: tuple[int, int]  # (h, w) after resizing the longest side
     fingerprint: str  # Sam.fingerprint of the model that made it
@@ -66,7 +68,7 @@ class Embedding:
         if min(oh, ow, ih, iw) < 1:
             raise ValueError("embedding header has an empty image size")
         array = np.frombuffer(payload, dtype=np.float16).reshape(1, c, h, w)
-        features = torch.from_numpy(array.astype(np.float32))
+        features = torch.from_numpy(array.astype(np.float32)).contiguous(memory_format=torch.channels_last)
         if device is not None:
             features = features.to(device)
         return cls(features=features, original_size=(oh, ow), input_size=(ih, iw),

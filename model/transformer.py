@@ -70,7 +70,7 @@ class Attention(nn.Module):
         heads, head_dim, width = self.num_heads, self.internal_dim // self.num_heads, self.embedding_dim
         q = self.q_proj(tokens).view(b, n_t, heads, head_dim) * head_dim**-0.5
         pulled = torch.einsum("bthd,hdc->bhtc", q, self.k_proj.weight.view(heads, head_dim, width))
-        scores = pulled.reshape(b, heads * n_t, width) @ image_keys.transpose(1, 2)  # (B, heads * Nt, N)
+        scores = _scores(image_keys, pulled.reshape(b, heads * n_t, width))  # (B, heads * Nt, N)
         mixed = scores.softmax(dim=-1) @ image_values  # (B, heads * Nt, C)
         out = torch.einsum("bhtc,hdc->bthd", mixed.view(b, heads, n_t, width),
                            self.v_proj.weight.view(heads, head_dim, width))
@@ -94,7 +94,7 @@ class Attention(nn.Module):
         v = self.v_proj(tokens_values).view(b, n_t, heads, head_dim)
         pulled = torch.einsum("bthd,hdc->bhtc", k, self.q_proj.weight.view(heads, head_dim, width))
         offset = torch.einsum("bthd,hd->bht", k, self.q_proj.bias.view(heads, head_dim))
-        scores = pulled.reshape(b, heads * n_t, width) @ image_queries.transpose(1, 2)  # (B, heads * Nt, N)
+        scores = _scores(image_queries, pulled.reshape(b, heads * n_t, width))  # (B, heads * Nt, N)
         scores = scores.view(b, heads, n_t, -1).add_(offset.unsqueeze(-1))
         weights = scores.softmax(dim=2).view(b, heads * n_t, -1)
         pushed = torch.einsum("bthd,chd->bhtc", v, self.out_proj.weight.view(width, heads, head_dim))
@@ -114,6 +114,16 @@ class Attention(nn.Module):
         out = weights.transpose(2, 3) @ v  # (B, heads, N, head_dim)
         b, _, n, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
+
+
+def _scores(image: Tensor, vectors: Tensor) -> Tensor:
+    """Dot products of few vectors (B, M, C) with every image token (B', N, C) -> (B, M, N), contiguous.
+
+    Computed as image @ vectors^T and transposed after: MKL runs the tall product with both operands in
+    their stored order about 1.5x faster than vectors @ image^T, which reads the image transposed, and
+    transposing the small result back costs a tenth of that.
+    """
+    return (image @ vectors.transpose(1, 2)).transpose(1, 2).contiguous()
 
 
 class TwoWayAttentionBlock(nn.Module):

@@ -35,11 +35,15 @@ def test_round_trip_is_compact_and_close():
     assert back.fingerprint == "0123456789abcdef"
     assert back.features.dtype == torch.float32 and back.features.shape == (1, 256, 64, 64)
     torch.testing.assert_close(back.features, embedding.features, atol=2e-3, rtol=1e-3)
+    # Token-major in memory, as the decoder reads it; a channels-first source round-trips the same.
+    assert back.features.is_contiguous(memory_format=torch.channels_last)
+    assert Embedding.from_bytes(data).to_bytes() == data
 
 
 def test_masks_from_restored_bytes_match(predictor):
     image = make_image(200, 150, seed=2)
     embedding = predictor.embed(image)
+    assert embedding.features.is_contiguous(memory_format=torch.channels_last)
     restored = Embedding.from_bytes(embedding.to_bytes(), device="cpu")
     a = predictor.predict(embedding, [[70, 90]], [1])
     b = predictor.predict(restored, [[70, 90]], [1])

@@ -581,9 +581,10 @@ def report(results: list[ModelResult], env_before: str, env_after: str, prompt_c
     lines += [""] + floor_lines(results, matmul)
     lines += ["", f"Mask agreement, reference vs ours at fp32 ({prompt_count} prompts x 3 masks):", ""]
     lines += agreement_table(results)
-    lines += ["", f"Faster modes of ours vs ours at fp32 (interleaved medians; agreement on the same {prompt_count} "
-              "prompts):", ""]
-    lines += modes_table(results)
+    if any(r.modes for r in results):
+        lines += ["", f"Faster modes of ours vs ours at fp32 (interleaved medians; agreement on the same "
+                  f"{prompt_count} prompts):", ""]
+        lines += modes_table(results)
     lines += ["", "Goals (issue #2):"] + goals(results)
     return "\n".join(lines)
 

@@ -49,9 +49,18 @@ class ImageError(BackendError):
 
 
 class ImageAccessError(ImageError):
-    """The image source refused or could not be reached (502: an upstream failed)."""
+    """The image source refused or could not be reached (502: an upstream failed).
+
+    ``upstream_status`` is the HTTP status the image host or Label Studio answered, when it answered
+    at all: callers that page through Label Studio's API tell "past the last page" (404) from a failure
+    by it, not by the wording of the message.
+    """
 
     status = 502
+
+    def __init__(self, message: str, status: int | None = None, upstream_status: int | None = None) -> None:
+        super().__init__(message, status)
+        self.upstream_status = upstream_status
 
 
 class ModelError(BackendError):

@@ -255,19 +255,22 @@ class _LabelStudio:
         if self.kind == "none":
             return ImageAccessError(
                 f"{where}: the backend has no Label Studio token. Set LABEL_STUDIO_API_KEY to a personal access "
-                "token (Label Studio > Account & Settings > Personal Access Token) or a legacy token."
+                "token (Label Studio > Account & Settings > Personal Access Token) or a legacy token.",
+                upstream_status=status,
             )
         if self.kind == "legacy":
             return ImageAccessError(
                 f"{where} with the legacy token from {self.token_source} (sent as 'Authorization: Token ...'). "
                 "Check the token belongs to a user of this Label Studio, and that legacy tokens are enabled "
                 "(Organization > Access Token Settings, or LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true), or set "
-                "LABEL_STUDIO_API_KEY to a personal access token instead."
+                "LABEL_STUDIO_API_KEY to a personal access token instead.",
+                upstream_status=status,
             )
         return ImageAccessError(
             f"{where} with an access token obtained from the personal access token in {self.token_source} "
             "(sent as 'Authorization: Bearer ...'). Check the token belongs to a user with access to this "
-            "project, and that personal access tokens are enabled (Organization > Access Token Settings)."
+            "project, and that personal access tokens are enabled (Organization > Access Token Settings).",
+            upstream_status=status,
         )
 
 
@@ -359,7 +362,7 @@ def _status_error(status: int, url: str, ls: _LabelStudio | None, signed: bool) 
             if signed
             else "the URL needs credentials, and the backend sends its Label Studio token to Label Studio only"
         )
-        return ImageAccessError(f"The image host refused {url} (HTTP {status}): {why}.")
+        return ImageAccessError(f"The image host refused {url} (HTTP {status}): {why}.", upstream_status=status)
     if status == 404:
         hint = ""
         if "/data/local-files" in url:
@@ -369,8 +372,8 @@ def _status_error(status: int, url: str, ls: _LabelStudio | None, signed: bool) 
             )
         elif "/presign/" in url:
             hint = " Check the project has a source cloud storage that contains this file."
-        return ImageAccessError(f"The image was not found (HTTP 404): {url}.{hint}")
-    return ImageAccessError(f"The image host answered HTTP {status} for {url}.")
+        return ImageAccessError(f"The image was not found (HTTP 404): {url}.{hint}", upstream_status=404)
+    return ImageAccessError(f"The image host answered HTTP {status} for {url}.", upstream_status=status)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def iter_tasks(fetcher: ImageFetcher, project_id: int, page_size: int = PAGE_SIZ
             body = fetcher.label_studio_json("/api/tasks", {"project": project_id, "page": page,
                                                             "page_size": page_size})
         except ImageAccessError as error:
-            if page > 1 and "404" in error.message:  # past the last page
+            if page > 1 and error.upstream_status == 404:  # past the last page
                 return
             raise
         tasks = body.get("tasks", []) if isinstance(body, dict) else body

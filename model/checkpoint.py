@@ -60,7 +60,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     try:
         sam.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(path, f"the weights do not fit the inferred {sam.name} architecture: {exc}") from None
+        raise CheckpointError(path, f"the weights do not fit the inferred {sam.name} architecture: "
+                                    f"{' '.join(str(exc).split())}") from None
     sam.fingerprint = fingerprint
     sam.dtype = autocast_dtype
     sam.eval().requires_grad_(False).to(target)
@@ -89,11 +90,25 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
             raise CheckpointError(path, "it contains pickled Python objects (a whole model saved with "
                                         "torch.save(model)?), which are not loaded for safety; re-save just the "
                                         "weights with torch.save(model.state_dict(), path)") from None
-        raise CheckpointError(path, f"not a PyTorch checkpoint or truncated ({exc})") from None
+        raise CheckpointError(path, f"not a PyTorch checkpoint, or truncated / damaged ({_cause(exc)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
-        raise CheckpointError(path, f"not a PyTorch checkpoint, or truncated / damaged ({exc})") from None
+        raise CheckpointError(path, f"not a PyTorch checkpoint, or truncated / damaged ({_cause(exc)})") from None
     del data
     return unwrap(obj, path), fingerprint
+
+
+def _cause(exc: BaseException) -> str:
+    """The first sentence of what PyTorch's loader says went wrong, without its advice.
+
+    Its unpickling errors run to a dozen lines and suggest ``weights_only=False``, which would execute
+    code from the file: wrong advice for a file that is plainly not a checkpoint, and too long for the
+    one-line error a server shows.
+    """
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    text = " ".join(text.split())
+    return text.split(". ", 1)[0].rstrip(".") or type(exc).__name__
 
 
 def unwrap(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -338,6 +338,9 @@ class FakeLabelStudio(FakeServer):
         self._lock = threading.Lock()
         # /data/local-files/?d=<key> serves files under these names (the d value relative to its root)
         self.local_files = {f"local/{name}": name for name in self.files}
+        # GET /api/tasks?project=&page=&page_size= pages through these, as a bare list (the older form,
+        # without "total") and with DRF's 404 "Invalid page." past the last page, as Label Studio does.
+        self.tasks: list[dict] = []
 
     def revoke_access_tokens(self) -> None:
         with self._lock:
@@ -355,11 +358,14 @@ class FakeLabelStudio(FakeServer):
     def handle_get(self, request: _Handler) -> None:
         parts = urlsplit(request.path)
         path = unquote(parts.path)
-        if not path.startswith(("/data/", "/tasks/")):
+        if not path.startswith(("/data/", "/tasks/", "/api/tasks")):
             super().handle_get(request)
             return
         if not self._authorized(request):
             request.send_json(401, {"detail": "Authentication credentials were not provided."})
+            return
+        if path.rstrip("/") == "/api/tasks":
+            self._task_page(request, parse_qs(parts.query))
             return
         if path.startswith("/data/upload/"):
             self.send_file(request, path.rsplit("/", 1)[-1])
@@ -370,6 +376,14 @@ class FakeLabelStudio(FakeServer):
             self._presign(request, parse_qs(parts.query).get("fileuri", [""])[0])
         else:
             super().handle_get(request)
+
+    def _task_page(self, request: _Handler, query: dict[str, list[str]]) -> None:
+        page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["30"])[0])
+        chunk = self.tasks[(page - 1) * size:page * size]
+        if page > 1 and not chunk:
+            request.send_json(404, {"detail": "Invalid page."})
+            return
+        request.send(200, json.dumps(chunk).encode())
 
     def _presign(self, request: _Handler, fileuri: str) -> None:
         try:

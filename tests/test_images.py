@@ -17,6 +17,7 @@ from PIL import Image
 
 from backend.errors import BackendError, ImageAccessError, ImageError
 from backend.images import ImageFetcher, TaskImage, decode_image
+from backend.project_warmup import iter_tasks
 from tests.conftest import free_port
 from tests.image_server import (
     SIXTEEN_BIT_VALUES,
@@ -536,3 +537,26 @@ def test_from_the_real_settings(ls: FakeLabelStudio, root: Path) -> None:
     assert fetcher.fetch(task("/data/local-files/?d=local/disk.png"), "image").array.shape == (8, 32, 3)
     assert fetcher.fetch(task("s3://bucket/rgb.png"), "image").array.shape == (48, 64, 3)
     assert ls.refreshes == 1
+
+
+# ------------------------------------------------------------------------------------------------------
+# Label Studio's API, as `sam-backend warm --project` reads it
+
+
+def test_api_errors_carry_the_upstream_status(ls: FakeLabelStudio) -> None:
+    with pytest.raises(ImageAccessError) as missing:
+        legacy(ls).label_studio_json("/api/nothing-here")
+    assert missing.value.upstream_status == 404 and missing.value.status == 502
+    with pytest.raises(ImageAccessError) as refused:
+        ImageFetcher(label_studio_url=ls.url, label_studio_token="wrong-token").label_studio_json("/api/tasks")
+    assert refused.value.upstream_status == 401
+
+
+@pytest.mark.parametrize("count", [0, 3, 4, 9])
+def test_task_pages_end_at_label_studios_invalid_page(ls: FakeLabelStudio, count: int) -> None:
+    """A bare-list task API has no total: the listing ends at a short page or at the 404 after a full one."""
+    ls.tasks = [task(f"/data/upload/1/{i}.png", task_id=i) for i in range(count)]
+    listed = list(iter_tasks(legacy(ls), project_id=1, page_size=3))
+    assert [t["id"] for t in listed] == list(range(count))
+    pages = [seen.path for seen in ls.seen if seen.path.startswith("/api/tasks")]
+    assert len(pages) == count // 3 + 1

@@ -10,6 +10,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Upper bound on the elements of the hidden activations an MLP holds at once on CPU (fp32: 16 MiB).
+_MLP_CHUNK_ELEMENTS = 1 << 22
+
+
+def gelu_(x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU of x in place; see ``activate_`` for why in place."""
+    return torch.ops.aten.gelu_(x)
+
+
+def activate_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)``, computed in place on x (which the caller no longer needs) for GELU and ReLU.
+
+    A fresh output of tens of MiB is new memory for the allocator to map, and on the CPU its first
+    touch costs a page fault per 4 KiB: an out-of-place GELU of ViT-B's (4096, 3072) hidden layer took
+    4x as long as the same GELU in place, which reads and writes memory already mapped. Same kernel,
+    same numbers.
+    """
+    if isinstance(act, nn.GELU):
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    if isinstance(act, nn.ReLU):
+        return x.relu_()
+    return act(x)
+
 
 class MLPBlock(nn.Module):
     """Two linear layers with an activation between them (the transformer feed-forward block)."""
@@ -21,7 +44,22 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+        """Tokens (..., C) -> (..., C). On CPU, many tokens go through in chunks of rows.
+
+        Each token's feed-forward is independent of the others, so chunking changes no number. It keeps
+        the hidden activations (ViT-B at 1024 px: 4096 x 3072 floats, 48 MiB) small enough to stay in
+        the last-level cache between the two matmuls and in memory the allocator reuses, instead of
+        mapping and faulting in a fresh 48 MiB block per layer and writing it out to DRAM and back.
+        """
+        rows = max(1, _MLP_CHUNK_ELEMENTS // self.lin1.out_features)
+        if x.device.type != "cpu" or x.numel() // x.shape[-1] <= rows:
+            return self.lin2(activate_(self.act, self.lin1(x)))
+        flat = x.reshape(-1, x.shape[-1])
+        out = flat.new_empty(flat.shape[0], self.lin2.out_features)
+        for start in range(0, flat.shape[0], rows):
+            hidden = activate_(self.act, self.lin1(flat[start:start + rows]))
+            torch.addmm(self.lin2.bias, hidden, self.lin2.weight.t(), out=out[start:start + rows])
+        return out.view(*x.shape[:-1], self.lin2.out_features)
 
 
 class LayerNorm2d(nn.Module):

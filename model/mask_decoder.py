@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.common import LayerNorm2d
+from model.common import LayerNorm2d, activate_
 from model.transformer import TwoWayTransformer
 
 
@@ -114,8 +114,8 @@ class MaskDecoder(nn.Module):
         """
         up1, norm, act1, up2, act2 = self.output_upscaling
         x = _conv_transpose_2x2(tokens, up1)
-        x = act1(F.layer_norm(x, (norm.weight.shape[0],), norm.weight, norm.bias, norm.eps))
-        x = act2(_conv_transpose_2x2(x, up2))
+        x = activate_(act1, F.layer_norm(x, (norm.weight.shape[0],), norm.weight, norm.bias, norm.eps))
+        x = activate_(act2, _conv_transpose_2x2(x, up2))
         return x
 
 

@@ -1,0 +1,35 @@
+"""The shared building blocks' speed mechanics change no result: in-place activations, chunked MLPs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import model.common as common
+from model.common import MLPBlock, activate_, gelu_
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU(), nn.Sigmoid()])
+def test_in_place_activation_is_the_module(act):
+    x = torch.randn(3, 50, 7, generator=torch.Generator().manual_seed(0))
+    expected = act(x)
+    assert torch.equal(activate_(act, x.clone()), expected)
+    assert torch.equal(gelu_(x.clone()), nn.functional.gelu(x))
+
+
+@pytest.mark.parametrize("act", [nn.GELU, nn.ReLU])
+def test_mlp_in_row_chunks_equals_the_whole(monkeypatch, act):
+    torch.manual_seed(0)
+    mlp = MLPBlock(32, 96, act).eval()
+    x = torch.randn(1, 9, 11, 32)  # 99 tokens: chunks of 10 leave a short last one
+    with torch.inference_mode():
+        whole = mlp(x)
+        monkeypatch.setattr(common, "_MLP_CHUNK_ELEMENTS", 10 * 96)
+        chunked = mlp(x)
+        reference = mlp.lin2(act()(mlp.lin1(x)))
+    assert chunked.shape == x.shape
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(chunked, reference, atol=1e-6, rtol=1e-5)

@@ -33,3 +33,16 @@ def test_mlp_in_row_chunks_equals_the_whole(monkeypatch, act):
     assert chunked.shape == x.shape
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(chunked, reference, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_mlp_under_cpu_bf16_autocast(monkeypatch):
+    """SAM_DTYPE=bf16 on a CPU: the chunked path autocasts like the whole, same dtype and values."""
+    torch.manual_seed(1)
+    mlp = MLPBlock(32, 96).eval()
+    x = torch.randn(1, 9, 11, 32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = mlp(x)
+        monkeypatch.setattr(common, "_MLP_CHUNK_ELEMENTS", 10 * 96)
+        chunked = mlp(x)
+    assert chunked.dtype == whole.dtype == torch.bfloat16
+    torch.testing.assert_close(chunked, whole)

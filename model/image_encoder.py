@@ -22,6 +22,8 @@ from model.common import LayerNorm2d, MLPBlock
 _MAX_BIAS_ELEMENTS = 1 << 22
 # On a GPU the concern is kernel launches, not caches: 64 M elements is 4 chunks per ViT-B global block.
 _MAX_BIAS_ELEMENTS_GPU = 1 << 26
+# Windowed blocks on CPU run one band of window rows at a time (see Attention.forward).
+_WINDOW_BANDS = True
 
 
 class PatchEmbed(nn.Module):
@@ -75,14 +77,25 @@ class Attention(nn.Module):
         unpadded grid and only q, k, v are partitioned; a zero input maps to qkv's bias, so the
         padding is filled with that bias and the result is the same.
         """
-        b, h, w, _ = x.shape
+        if window_size == 0:
+            return self.proj(self.attend(self.qkv(x)))
+        if x.device.type == "cpu" and _WINDOW_BANDS and x.shape[1] > window_size:
+            # One band of window rows at a time: windows never straddle bands (both start at row 0), so
+            # this is the same computation, with every intermediate (qkv, padded windows, output) a
+            # tenth of the size: small enough to stay in cache and in memory the allocator reuses,
+            # where the whole grid's 38-45 MiB tensors were mapped and faulted in afresh each block.
+            bands = [self._windowed(x[:, top:top + window_size], window_size)
+                     for top in range(0, x.shape[1], window_size)]
+            return torch.cat(bands, dim=1)
+        return self._windowed(x, window_size)
+
+    def _windowed(self, x: torch.Tensor, window_size: int) -> torch.Tensor:
+        """Windowed attention over x (B, H, W, C), qkv and proj included."""
+        h, w = x.shape[1:3]
         qkv = self.qkv(x)
-        if window_size > 0:
-            fill = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(qkv.shape[-1])
-            qkv, padded = window_partition(qkv, window_size, fill)
-        out = self.attend(qkv)
-        if window_size > 0:
-            out = window_unpartition(out, window_size, padded, (h, w))
+        fill = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(qkv.shape[-1])
+        qkv, padded = window_partition(qkv, window_size, fill)
+        out = window_unpartition(self.attend(qkv), window_size, padded, (h, w))
         return self.proj(out)
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:

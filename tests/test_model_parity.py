@@ -217,3 +217,23 @@ def test_postprocess_matches_meta(input_size, original_size):
     assert ((ours > 0) != (reference > 0)).float().mean() < 1e-5
     if 3 * original_size[0] * original_size[1] >= input_size[0] * input_size[1]:
         assert torch.equal(ours, reference), "Meta's two resizes on a cropped input are bit for bit Meta's"
+
+
+def test_windowed_blocks_in_bands_equal_the_whole_grid(tmp_path, monkeypatch):
+    """Bands of window rows (the CPU path) against one pass over the grid, where the last band is padded.
+
+    A 512-px input with 32-px patches is a 16x16 grid; windows of 7 leave a 2-row last band.
+    """
+    import model.image_encoder
+
+    path, reference = small_checkpoint(tmp_path, seed=6, img_size=512, patch_size=32, window_size=7,
+                                       global_attn_indexes=(1,))
+    encoder = model.load(path, device="cpu").image_encoder
+    x = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        banded = encoder(x)
+        monkeypatch.setattr(model.image_encoder, "_WINDOW_BANDS", False)
+        whole = encoder(x)
+        expected = reference.image_encoder(x)
+    torch.testing.assert_close(banded, whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(banded, expected, atol=1e-4, rtol=0)

@@ -51,9 +51,9 @@ class ImageError(BackendError):
 class ImageAccessError(ImageError):
     """The image source refused or could not be reached (502: an upstream failed).
 
-    ``upstream_status`` is the HTTP status the image host or Label Studio answered, when it answered
-    at all: callers that page through Label Studio's API tell "past the last page" (404) from a failure
-    by it, not by the wording of the message.
+    ``upstream_status`` is the HTTP status the requested URL answered, when it answered at all (not
+    set for failures on the way, such as refreshing an access token): callers that page through Label
+    Studio's API tell "past the last page" (404) from a failure by it, not by the wording of the message.
     """
 
     status = 502

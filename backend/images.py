@@ -253,25 +253,24 @@ class _LabelStudio:
         """The message for a 401/403 from Label Studio: which token was sent, and what to change."""
         where = f"Label Studio refused the image {url} (HTTP {status})"
         if self.kind == "none":
-            return ImageAccessError(
+            message = (
                 f"{where}: the backend has no Label Studio token. Set LABEL_STUDIO_API_KEY to a personal access "
-                "token (Label Studio > Account & Settings > Personal Access Token) or a legacy token.",
-                upstream_status=status,
+                "token (Label Studio > Account & Settings > Personal Access Token) or a legacy token."
             )
-        if self.kind == "legacy":
-            return ImageAccessError(
+        elif self.kind == "legacy":
+            message = (
                 f"{where} with the legacy token from {self.token_source} (sent as 'Authorization: Token ...'). "
                 "Check the token belongs to a user of this Label Studio, and that legacy tokens are enabled "
                 "(Organization > Access Token Settings, or LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true), or set "
-                "LABEL_STUDIO_API_KEY to a personal access token instead.",
-                upstream_status=status,
+                "LABEL_STUDIO_API_KEY to a personal access token instead."
             )
-        return ImageAccessError(
-            f"{where} with an access token obtained from the personal access token in {self.token_source} "
-            "(sent as 'Authorization: Bearer ...'). Check the token belongs to a user with access to this "
-            "project, and that personal access tokens are enabled (Organization > Access Token Settings).",
-            upstream_status=status,
-        )
+        else:
+            message = (
+                f"{where} with an access token obtained from the personal access token in {self.token_source} "
+                "(sent as 'Authorization: Bearer ...'). Check the token belongs to a user with access to this "
+                "project, and that personal access tokens are enabled (Organization > Access Token Settings)."
+            )
+        return ImageAccessError(message, upstream_status=status)
 
 
 def _refresh_answer(response: requests.Response, url: str, ls: _LabelStudio) -> str:

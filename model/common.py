@@ -14,9 +14,9 @@ from torch import nn
 _MLP_CHUNK_ELEMENTS = 1 << 22
 
 
-def gelu_(x: torch.Tensor) -> torch.Tensor:
-    """Exact (erf) GELU of x in place; see ``activate_`` for why in place."""
-    return torch.ops.aten.gelu_(x)
+def gelu_(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """GELU of x in place (exact erf form by default); see ``activate_`` for why in place."""
+    return torch.ops.aten.gelu_(x, approximate=approximate)
 
 
 def activate_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def activate_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
     same numbers.
     """
     if isinstance(act, nn.GELU):
-        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+        return gelu_(x, act.approximate)
     if isinstance(act, nn.ReLU):
         return x.relu_()
     return act(x)

@@ -62,8 +62,9 @@ class Predictor:
             x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).unsqueeze(0).float()
             x = normalize_and_pad(x, self.sam.pixel_mean, self.sam.pixel_std, self.sam.image_size)
             features = self.sam.encode(x).float()
-        return Embedding(features=features.clone(memory_format=torch.channels_last), original_size=(rgb.shape[0], rgb.shape[1]),
-                         input_size=(resized.shape[0], resized.shape[1]), fingerprint=self.sam.fingerprint)
+        return Embedding(features=features.clone(memory_format=torch.channels_last),
+                         original_size=(rgb.shape[0], rgb.shape[1]), input_size=(resized.shape[0], resized.shape[1]),
+                         fingerprint=self.sam.fingerprint)
 
     def predict(self, embedding: Embedding, points: object = None, labels: object = None, box: object = None,
                 mask_input: object = None, multimask: bool = True, best_only: bool = False) -> Prediction:

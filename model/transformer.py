@@ -30,21 +30,26 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         if self.internal_dim % num_heads:
             raise ValueError(f"{num_heads} heads do not divide the attention width {self.internal_dim}")
+        self.head_dim = self.internal_dim // num_heads
         self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
 
     def _heads(self, x: Tensor) -> Tensor:
-        b, n, c = x.shape
-        return x.reshape(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)
+        """(B, N, internal_dim) -> (B, heads, N, head_dim)."""
+        b, n, _ = x.shape
+        return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _merge_heads(self, out: Tensor) -> Tensor:
+        """Per-head outputs (B, heads, N, head_dim) -> ``out_proj`` of the concatenated heads (B, N, C)."""
+        b, _, n, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Meta's order of operations: project q, k, v, attend per head, project the output."""
         q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        b, _, n, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
+        return self._merge_heads(F.scaled_dot_product_attention(q, k, v))
 
     def folds_image_side(self, n_tokens: int) -> bool:
         """Whether the folded forms below cost less than ``forward`` for ``n_tokens`` prompt tokens.
@@ -67,7 +72,7 @@ class Attention(nn.Module):
         if not self.folds_image_side(tokens.shape[1]):
             return self(tokens, image_keys, image_values)
         b, n_t, _ = tokens.shape
-        heads, head_dim, width = self.num_heads, self.internal_dim // self.num_heads, self.embedding_dim
+        heads, head_dim, width = self.num_heads, self.head_dim, self.embedding_dim
         q = self.q_proj(tokens).view(b, n_t, heads, head_dim) * head_dim**-0.5
         pulled = torch.einsum("bthd,hdc->bhtc", q, self.k_proj.weight.view(heads, head_dim, width))
         scores = _scores(image_keys, pulled.reshape(b, heads * n_t, width))  # (B, heads * Nt, N)
@@ -89,7 +94,7 @@ class Attention(nn.Module):
         if not self.folds_image_side(tokens_keys.shape[1]):
             return self._image_to_many_tokens(image_queries, tokens_keys, tokens_values)
         b, n_t, _ = tokens_keys.shape
-        heads, head_dim, width = self.num_heads, self.internal_dim // self.num_heads, self.embedding_dim
+        heads, head_dim, width = self.num_heads, self.head_dim, self.embedding_dim
         k = self.k_proj(tokens_keys).view(b, n_t, heads, head_dim) * head_dim**-0.5
         v = self.v_proj(tokens_values).view(b, n_t, heads, head_dim)
         pulled = torch.einsum("bthd,hdc->bhtc", k, self.q_proj.weight.view(heads, head_dim, width))
@@ -108,12 +113,10 @@ class Attention(nn.Module):
         the image axis rather than over a few values per row.
         """
         q = self._heads(self.q_proj(image_queries))
-        k = self._heads(self.k_proj(tokens_keys)) * (self.internal_dim // self.num_heads) ** -0.5
+        k = self._heads(self.k_proj(tokens_keys)) * self.head_dim**-0.5
         v = self._heads(self.v_proj(tokens_values))
         weights = (k @ q.transpose(2, 3)).softmax(dim=2)
-        out = weights.transpose(2, 3) @ v  # (B, heads, N, head_dim)
-        b, _, n, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
+        return self._merge_heads(weights.transpose(2, 3) @ v)
 
 
 def _scores(image: Tensor, vectors: Tensor) -> Tensor:

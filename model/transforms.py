@@ -126,14 +126,6 @@ def _composed_resize(masks: torch.Tensor, image_size: int, input_size: tuple[int
     return out.reshape(b, k, rows.shape[0], cols.shape[0])
 
 
-def postprocess_masks_reference(masks: torch.Tensor, image_size: int, input_size: tuple[int, int],
-                                original_size: tuple[int, int]) -> torch.Tensor:
-    """Meta's ``Sam.postprocess_masks`` step by step; kept to test ``postprocess_masks`` against."""
-    masks = F.interpolate(masks, (image_size, image_size), mode="bilinear", align_corners=False)
-    masks = masks[..., : input_size[0], : input_size[1]]
-    return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
-
-
 def _bilinear_matrix(out_len: int, in_len: int) -> np.ndarray:
     """(out_len, in_len) matrix of PyTorch's bilinear resize along one axis (align_corners=False)."""
     # Source positions in float32 arithmetic, as PyTorch's CPU kernel computes them: in float64 the

@@ -1,4 +1,4 @@
-"""Benchmark our SAM engine (``model.Predictor``) against Meta's reference ``SamPredictor`` (issue #2).
+"""Benchmark our SAM engine (``model.Predictor``) against Meta's reference ``SamPredictor``.
 
 For MobileSAM (``vit_t``, reference ``mobile_sam``) and ViT-B (reference ``segment_anything``) on the same
 seeded random weights, saved in the official checkpoint formats, and the same 1024 x 768 synthetic image
@@ -22,9 +22,9 @@ seeded random weights, saved in the official checkpoint formats, and the same 10
   autocast (where torch supports them on the device) and, with ``--compile``, ``torch.compile`` of the
   encoder (minutes of compiling on a small CPU, hence opt-in).
 
-    .venv/bin/python bench/engine.py                      # both models, CPU, PyTorch's default threads
-    .venv/bin/python bench/engine.py --models vit_t --runs 5 --decode-runs 50 --json /tmp/engine.json
-    .venv/bin/python bench/engine.py --device cuda --compile
+    .venv/bin/python -m bench.engine                      # both models, CPU, PyTorch's default threads
+    .venv/bin/python -m bench.engine --models vit_t --runs 5 --decode-runs 50 --json /tmp/engine.json
+    .venv/bin/python -m bench.engine --device cuda --compile
 
 Goals on a 2-core CPU: the ViT-B encoder at least 2x faster than the reference at fp32 with identical
 masks; the one-click decode at least 2x faster. The last lines of the output say whether they are met.
@@ -52,9 +52,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import model  # noqa: E402
+import model
 
 MODELS = ("vit_t", "vit_b")
 HEIGHT, WIDTH = 768, 1024
@@ -211,11 +209,11 @@ def prompts(height: int = HEIGHT, width: int = WIDTH) -> list[Prompt]:
 def reference_model(name: str, seed: int) -> torch.nn.Module:
     """Meta's (or MobileSAM's) ``Sam`` in the official configuration with seeded random weights."""
     if name == "vit_t":
-        from tests.mobilesam_checkpoints import random_reference_sam
+        from testsupport.mobilesam_checkpoints import random_reference_sam
 
         return random_reference_sam("vit_t", seed)
     if name == "vit_b":
-        from tests.checkpoints import official_sam
+        from testsupport.checkpoints import official_sam
 
         return official_sam("vit_b", seed)
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
@@ -558,7 +556,7 @@ def verdict(reference: Timing, ours: Timing, masks_ok: bool) -> str:
 
 
 def goals(results: list[ModelResult]) -> list[str]:
-    """Issue #2's goals, met or not, in words."""
+    """The engine's goals (speed against the reference, same masks), met or not, in words."""
     lines = []
     for r in results:
         if r.model == "vit_b":
@@ -585,7 +583,7 @@ def report(results: list[ModelResult], env_before: str, env_after: str, prompt_c
         lines += ["", f"Faster modes of ours vs ours at fp32 (interleaved medians; agreement on the same "
                   f"{prompt_count} prompts):", ""]
         lines += modes_table(results)
-    lines += ["", "Goals (issue #2):"] + goals(results)
+    lines += ["", "Goals:"] + goals(results)
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Click latency of the real backend over HTTP, as Label Studio's annotators see it (issue #4).
+"""Click latency of the real backend over HTTP, as Label Studio's annotators see it.
 
 For each model it starts ``tests.image_server.FakeLabelStudio`` (Label Studio's token-checked
 ``/data/upload``) and a real ``sam-backend serve`` (gunicorn, 1 worker, THREADS >= annotators) on a seeded
@@ -19,14 +19,14 @@ request. Server times come from the backend's own /metrics, read before and afte
 the bucket-interpolated p50 (``~``) of ``sam_backend_request_seconds`` (the /predict request), and of
 ``sam_backend_decoder_seconds`` / ``sam_backend_encoder_seconds``, plus the encodes that ran in the phase.
 
-    .venv/bin/python bench/latency.py                                  # defaults: about 15 min on 2 CPU cores
-    .venv/bin/python bench/latency.py --models vit_t --sizes 1024x768 --annotators 1 --clicks 20
-    .venv/bin/python bench/latency.py --checkpoint vit_b=/models/sam_vit_b_01ec64.pth --device cuda --json out.json
+    .venv/bin/python -m bench.latency                                  # defaults: about 15 min on 2 CPU cores
+    .venv/bin/python -m bench.latency --models vit_t --sizes 1024x768 --annotators 1 --clicks 20
+    .venv/bin/python -m bench.latency --checkpoint vit_b=/models/sam_vit_b_01ec64.pth --device cuda --json out.json
 
 Cold and warm-up clicks cost one encode each, and a ViT-B encode takes 5-40 s on a shared 2-core CPU, so
 ViT-B makes one per annotator (with 1 annotator p50 = p95 = that one sample; the output says so) and runs 1
 and 4 annotators; MobileSAM makes at least 3 per cell and runs 1, 4 and 8. ``--cold-rounds`` and
-``--annotators`` override both. Goals of the issue, checked on the last lines: on a warm cache the server
+``--annotators`` override both. Goals, checked on the last lines: on a warm cache the server
 time of a click is dominated by the decoder, with a MobileSAM click <= 100 ms p50 at 1024x768 (1 annotator,
 2-core CPU); after the warm-up the first click costs no more than a warm click (judged with 25 % room for
 timing noise). Weights are random: masks are meaningless, only times are.
@@ -58,13 +58,10 @@ from typing import Any
 import numpy as np
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from testsupport.image_server import CloudStorage, FakeLabelStudio
+from testsupport.paths import FIXTURES_DIR
 
-from tests.image_server import CloudStorage, FakeLabelStudio  # noqa: E402
-
-FIXTURES = Path(os.environ.get("SAM_FIXTURES_DIR", Path(__file__).resolve().parent.parent / "tests" / "fixtures"
-                                                      / "label-studio-1.23.2"))
+FIXTURES = Path(os.environ.get("SAM_FIXTURES_DIR", FIXTURES_DIR))
 SAM_BACKEND = Path(sys.executable).parent / "sam-backend"
 MODELS = ("vit_t", "vit_b")
 MODEL_TITLES = {"vit_t": "MobileSAM", "vit_b": "ViT-B"}
@@ -110,7 +107,7 @@ class Images:
 
     def base(self) -> np.ndarray:
         if self._base is None:
-            from tests.checkpoints import make_image
+            from testsupport.checkpoints import make_image
 
             self._base = make_image(self.height, self.width, seed=SEED)
         return self._base
@@ -358,11 +355,11 @@ def make_checkpoint(name: str, directory: Path) -> Path:
     partial = path.with_suffix(".partial")
     try:
         if name == "vit_t":
-            from tests.mobilesam_checkpoints import make_mobile_sam_checkpoint
+            from testsupport.mobilesam_checkpoints import make_mobile_sam_checkpoint
 
             make_mobile_sam_checkpoint(partial, "vit_t", SEED)
         elif name == "vit_b":
-            from tests.checkpoints import official_sam, save
+            from testsupport.checkpoints import official_sam, save
 
             save(official_sam("vit_b", SEED), partial)
         else:
@@ -661,7 +658,7 @@ def format_row(row: Row) -> str:
 
 
 def goals(rows: list[Row]) -> list[str]:
-    """The issue's two goals, judged on the rows that measure them."""
+    """The click-latency goals (warm click time, first click after warm-up), judged on the rows that measure them."""
     lines = []
     for row in rows:
         if (row.model, row.size, row.annotators, row.scenario) == ("MobileSAM", "1024x768", 1, "warm"):

@@ -8,8 +8,8 @@ encoder, which bench/engine.py times. Runs are interleaved so load from other pr
 It also times our NMS against ``torchvision.ops.batched_nms`` on N random boxes, checking that the kept
 indices are identical.
 
-    .venv/bin/python bench/mask_generator.py --runs 3
-    .venv/bin/python bench/mask_generator.py --device cuda --size 768 1024
+    .venv/bin/python -m bench.mask_generator --runs 3
+    .venv/bin/python -m bench.mask_generator --device cuda --size 768 1024
 
 Target: the generator no slower than Meta's with identical records (the last line says whether met).
 """
@@ -18,23 +18,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from segment_anything import SamAutomaticMaskGenerator
+from torchvision.ops import batched_nms as tv_batched_nms
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from segment_anything import SamAutomaticMaskGenerator  # noqa: E402
-from torchvision.ops import batched_nms as tv_batched_nms  # noqa: E402
-
-from model import MaskGenerator, load  # noqa: E402
-from model.nms import batched_nms  # noqa: E402
-from tests.checkpoints import small_checkpoint  # noqa: E402
-from tests.test_mask_generator import _shapes_image  # noqa: E402
+from model import MaskGenerator, load
+from model.nms import batched_nms
+from testsupport.checkpoints import small_checkpoint
+from testsupport.images import shapes_image
 
 CONFIG = dict(points_per_side=32, pred_iou_thresh=0.3, stability_score_thresh=0.2, stability_score_offset=0.01)
 
@@ -58,7 +54,7 @@ def bench_generator(device: str, size: tuple[int, int], runs: int, crop_n_layers
         torch.save(reference.state_dict(), path)
         sam = load(path, device=device, dtype=torch.float32)
     reference.to(device)
-    image = _shapes_image(*size)
+    image = shapes_image(*size)
     config = {**CONFIG, "crop_n_layers": crop_n_layers}
     ours_t, theirs_t = [], []
     ours = theirs = []

@@ -7,7 +7,7 @@ the bytes are identical and that the decoded masks round-trip, so a speed-up nev
 ``--worst`` adds a salt-and-pepper 4000 x 3000 mask (about 6 million runs), ours only: the reference
 needs minutes there.
 
-    .venv/bin/python bench/rle.py --runs 5 --sdk-runs 3
+    .venv/bin/python -m bench.rle --runs 5 --sdk-runs 3
 
 Target: encode at least 10x faster than mask2rle on the 4000 x 3000 mask. Polygon outlines of the same
 masks (``backend.polygons``) are timed too, for the cost of SAM_OUTPUT=polygon.
@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import cv2
 import numpy as np
 from label_studio_sdk.converter.brush import decode_rle, mask2rle
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from backend import polygons, rle  # noqa: E402
+from backend import polygons, rle
 
 
 def object_mask(height: int, width: int, seed: int = 0, objects: int = 4) -> np.ndarray:

@@ -3,8 +3,8 @@
 Same seeded random weights on both sides, one 1024 x 1024 input, median of several runs after a warm-up.
 Also prints the largest feature difference, so a speed-up never comes at the cost of parity unseen.
 
-    .venv/bin/python bench/tiny_vit_encoder.py --threads 2 --runs 5
-    .venv/bin/python bench/tiny_vit_encoder.py --device cuda --bf16 --batch 8
+    .venv/bin/python -m bench.tiny_vit_encoder --threads 2 --runs 5
+    .venv/bin/python -m bench.tiny_vit_encoder --device cuda --bf16 --batch 8
 
 Target: ours no slower than the reference on CPU; on a GPU the whole encoder should stay well under
 the 10 ms it takes to move an image in, so a click is bounded by the decoder.
@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from model.tiny_vit import TinyViT, tiny_vit_config_from_state_dict  # noqa: E402
-from tests.mobilesam_checkpoints import randomize_, reference_tiny_vit  # noqa: E402
+from model.tiny_vit import TinyViT, tiny_vit_config_from_state_dict
+from testsupport.mobilesam_checkpoints import randomize_, reference_tiny_vit
 
 
 def median_seconds(encoder: torch.nn.Module, x: torch.Tensor, runs: int, bf16: bool) -> float:

@@ -24,7 +24,7 @@ from backend.app import create_app
 from backend.config import Settings
 from backend.prompts import parse_prompts
 from backend.segmenter import Segmenter
-from tests.backend_helpers import (
+from testsupport.backend import (
     FIXTURE_IMAGES,
     IMAGE_SIZE,
     basic_auth_header,
@@ -300,7 +300,7 @@ def no_tasks_body() -> dict[str, Any]:
 
 
 def closed_port() -> int:
-    from tests.conftest import free_port
+    from testsupport.processes import free_port
 
     return free_port()
 

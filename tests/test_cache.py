@@ -13,7 +13,7 @@ import torch
 
 from backend.cache import EmbeddingCache, cache_key
 from model import Embedding
-from tests.conftest import RedisServer
+from testsupport.processes import RedisServer
 
 FINGERPRINT = "a1b2c3d4e5f60718"
 

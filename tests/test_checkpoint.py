@@ -12,7 +12,7 @@ from segment_anything import build_sam_vit_b, build_sam_vit_h, build_sam_vit_l
 
 import model
 from model.checkpoint import CheckpointError, vit_config, vit_name
-from tests.checkpoints import make_image, reference_sam, save, small_checkpoint
+from testsupport.checkpoints import make_image, reference_sam, save, small_checkpoint
 
 CONFIGS = [
     dict(embed_dim=64, depth=2, num_heads=4, global_attn_indexes=(1,), window_size=4, img_size=256),

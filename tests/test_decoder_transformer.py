@@ -13,7 +13,7 @@ import torch
 from segment_anything.modeling.transformer import TwoWayTransformer as ReferenceTransformer
 
 from model.transformer import TwoWayTransformer
-from tests.checkpoints import randomize
+from testsupport.checkpoints import randomize
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

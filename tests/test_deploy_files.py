@@ -25,7 +25,8 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import REPO_ROOT, free_port
+from testsupport.paths import REPO_ROOT
+from testsupport.processes import free_port
 
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 COMPOSE = REPO_ROOT / "docker-compose.yml"
@@ -149,7 +150,7 @@ def test_the_image_layout_serves_with_the_default_settings(tmp_path: Path) -> No
     The stage's venv is stood in for by this test environment; the checkpoint is a tiny random one saved
     under the official ViT-B file name, as a user would drop the real one into the models volume.
     """
-    from tests.backend_helpers import make_tiny_checkpoint
+    from testsupport.backend import make_tiny_checkpoint
 
     stage = _final_stage()
     app = tmp_path / "app"

@@ -8,7 +8,7 @@ import torch
 
 import model
 from model.embedding import MAGIC, Embedding
-from tests.checkpoints import make_image, small_checkpoint
+from testsupport.checkpoints import make_image, small_checkpoint
 
 
 @pytest.fixture(scope="module")

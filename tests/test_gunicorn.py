@@ -19,7 +19,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 
 from backend.prompts import parse_prompts
-from tests.backend_helpers import (
+from testsupport.backend import (
     FIXTURE_IMAGES,
     IMAGE_SIZE,
     SAM_BACKEND,

@@ -18,8 +18,7 @@ from PIL import Image
 from backend.errors import BackendError, ImageAccessError, ImageError
 from backend.images import ImageFetcher, TaskImage, decode_image
 from backend.project_warmup import iter_tasks
-from tests.conftest import free_port
-from tests.image_server import (
+from testsupport.image_server import (
     SIXTEEN_BIT_VALUES,
     CloudStorage,
     FakeLabelStudio,
@@ -28,6 +27,7 @@ from tests.image_server import (
     rgb_array,
     sample_files,
 )
+from testsupport.processes import free_port
 
 
 @pytest.fixture(scope="module")

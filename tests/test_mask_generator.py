@@ -22,7 +22,8 @@ from torchvision.ops import batched_nms as tv_batched_nms
 
 from model import MaskGenerator, amg, load
 from model.nms import batched_nms, nms
-from tests.checkpoints import small_checkpoint
+from testsupport.checkpoints import small_checkpoint
+from testsupport.images import shapes_image
 
 # ---------------------------------------------------------------------------------------------- NMS
 
@@ -125,21 +126,6 @@ def test_amg_helpers_match_meta() -> None:
 # ------------------------------------------------------------------------------ generator parity
 
 
-def _shapes_image(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """Dark background, a few filled discs and rectangles of random colours, light noise."""
-    rng = np.random.default_rng(seed)
-    image = np.full((height, width, 3), 20.0, dtype=np.float32)
-    yy, xx = np.mgrid[0:height, 0:width]
-    for k in range(8):
-        color = rng.uniform(0, 255, 3)
-        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
-        r = rng.uniform(0.06, 0.16) * min(height, width)
-        inside = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r if k % 2 else (abs(yy - cy) < r) & (abs(xx - cx) < 1.4 * r)
-        image[inside] = color
-    image += rng.normal(0, 2, image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory):
     """Meta's reference Sam and ours, loaded from one checkpoint file (see the module docstring)."""
@@ -156,7 +142,7 @@ def models(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
-    return _shapes_image(128, 160)
+    return shapes_image(128, 160)
 
 
 BASE = dict(points_per_side=8, pred_iou_thresh=0.3, stability_score_thresh=0.2, stability_score_offset=0.01)

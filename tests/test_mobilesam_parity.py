@@ -14,8 +14,8 @@ import torch
 from mobile_sam import SamPredictor
 
 import model
-from tests.mobilesam_checkpoints import make_mobile_sam_checkpoint, random_reference_sam, sample_image
-from tests.parity import assert_same
+from testsupport.mobilesam_checkpoints import make_mobile_sam_checkpoint, random_reference_sam, sample_image
+from testsupport.parity import assert_same
 
 FEATURE_ATOL = 1e-4
 

@@ -18,8 +18,8 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 import model
 from model.transforms import resize_longest_side
-from tests.checkpoints import make_image, reference_sam, small_checkpoint, vit_b_checkpoint
-from tests.parity import assert_same
+from testsupport.checkpoints import make_image, reference_sam, small_checkpoint, vit_b_checkpoint
+from testsupport.parity import assert_same
 
 # (height, width): landscape, portrait, square, tiny, a 1-pixel-high strip.
 SIZES = [(300, 400), (480, 200), (256, 256), (37, 50), (1, 40)]

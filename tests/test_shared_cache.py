@@ -19,7 +19,7 @@ import pytest
 import redis
 from label_studio_sdk.converter.brush import decode_rle
 
-from tests.backend_helpers import (
+from testsupport.backend import (
     ServerProcess,
     fixture_body,
     make_tiny_checkpoint,
@@ -28,7 +28,7 @@ from tests.backend_helpers import (
     scene,
     start_server,
 )
-from tests.conftest import RedisServer
+from testsupport.processes import RedisServer
 
 HITS = "sam_backend_embedding_cache_hits_total"
 MISSES = "sam_backend_embedding_cache_misses_total"

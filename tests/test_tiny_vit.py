@@ -12,7 +12,7 @@ import torch
 from mobile_sam.modeling.tiny_vit_sam import Attention as ReferenceAttention
 
 from model.tiny_vit import TinyViT, attention_bias_index, tiny_vit_config_from_state_dict, tiny_vit_name
-from tests.mobilesam_checkpoints import (
+from testsupport.mobilesam_checkpoints import (
     SMALL_TINY_VIT,
     make_mobile_sam_checkpoint,
     randomize_,

@@ -10,7 +10,7 @@ import pytest
 
 from backend import warmup
 from backend.warmup import QUEUE_NAME, Warmer, WarmupJob
-from tests.conftest import RedisServer
+from testsupport.processes import RedisServer
 
 
 class RecordingEncoder:

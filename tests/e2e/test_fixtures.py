@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import conftest as e2e
+from testsupport import label_studio as e2e
 
 
 def test_missing_label_studio_fails_with_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

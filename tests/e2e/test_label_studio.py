@@ -20,8 +20,8 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image, ImageDraw, ImageOps
 
-from tests.conftest import FIXTURES_DIR
-from tests.e2e.conftest import LabelStudio, SamBackend
+from testsupport.label_studio import LabelStudio, SamBackend
+from testsupport.paths import FIXTURES_DIR
 
 pytestmark = pytest.mark.e2e
 
@@ -180,7 +180,7 @@ def assert_same_mask(got: np.ndarray, expected: np.ndarray, what: str) -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Meta's format, seeded random weights, a tiny configuration: encodes take milliseconds on a CPU."""
-    from tests.backend_helpers import make_tiny_checkpoint
+    from testsupport.backend import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "sam_tiny.pth", seed=7)
 

@@ -16,9 +16,10 @@ import pytest
 import redis
 
 from backend.cache import KEY_PREFIX
-from tests.backend_helpers import make_tiny_checkpoint, metric_sample, png_bytes, scene
-from tests.conftest import FIXTURES_DIR, RedisServer
-from tests.e2e.conftest import API_TOKEN, LabelStudio, SamBackend
+from testsupport.backend import make_tiny_checkpoint, metric_sample, png_bytes, scene
+from testsupport.label_studio import API_TOKEN, LabelStudio, SamBackend
+from testsupport.paths import FIXTURES_DIR
+from testsupport.processes import RedisServer
 
 pytestmark = pytest.mark.e2e
 

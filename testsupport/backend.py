@@ -1,7 +1,7 @@
 """Test helpers of the HTTP service: a tiny seeded SAM checkpoint, the fixtures' images, an app.
 
 The checkpoint is Meta's own ``segment_anything`` modules in a tiny configuration (128 px input, a 2-block
-32-wide ViT, a 32-wide decoder), randomly initialised from a seed by ``tests.checkpoints`` and saved as a
+32-wide ViT, a 32-wide decoder), randomly initialised from a seed by ``testsupport.checkpoints`` and saved as a
 plain state dict, the format of the official files. ``model.load`` infers the architecture from it like from a real one, an
 encode takes milliseconds on a CPU, and the masks are whatever those random weights give: tests compare
 the backend's masks with ``model.Predictor``'s for the same prompt, never with a hand-made expectation.
@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,8 @@ import numpy as np
 import requests
 from PIL import Image, ImageDraw
 
-from tests.conftest import FIXTURES_DIR, free_port
+from testsupport.paths import FIXTURES_DIR
+from testsupport.processes import free_port, stop_process_group
 
 # The images the recorded Label Studio requests point at, with their size as Label Studio saw it.
 FIXTURE_IMAGES = {
@@ -38,7 +38,7 @@ SETUP_TOKEN = "harnesstoken0123456789abcdef"  # the access_token of setup.json
 
 def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """A seeded random SAM checkpoint in Meta's state-dict format, small enough for millisecond encodes."""
-    from tests.checkpoints import reference_sam, save
+    from testsupport.checkpoints import reference_sam, save
 
     sam = reference_sam(embed_dim=32, depth=2, num_heads=2, img_size=128, prompt_dim=32, decoder_mlp_dim=64,
                         iou_hidden=32, seed=seed)
@@ -111,10 +111,10 @@ def running_label_studio() -> Iterator[Any]:
 
 
 def start_label_studio() -> Any:
-    """``tests.image_server.FakeLabelStudio`` serving the fixtures' images under their /data/upload paths,
+    """``testsupport.image_server.FakeLabelStudio`` serving the fixtures' images under their /data/upload paths,
     refusing requests without ``Token <the access_token of setup.json>``. Close with ``.close()`` and
     ``.cloud.close()``."""
-    from tests.image_server import CloudStorage, FakeLabelStudio
+    from testsupport.image_server import CloudStorage, FakeLabelStudio
 
     server = FakeLabelStudio(CloudStorage(), legacy_token=SETUP_TOKEN)
     for url_path, kind in FIXTURE_IMAGES.items():
@@ -171,14 +171,7 @@ class ServerProcess:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_process_group(self.process, timeout=30)
 
 
 def start_server(checkpoint: Path, log: Path, *, threads: int = 4, timeout: float = 90.0,

@@ -201,10 +201,9 @@ def _is_timeout(exc: BaseException) -> bool:
 
 
 def request_failed(exc: requests.RequestException, url: str, timeout: float,
-                   label_studio: LabelStudioClient | None) -> ImageError:
+                   label_studio: LabelStudioClient) -> ImageError:
     """Translate a requests exception into a message about the URL, not about the code."""
     host = urlsplit(url).hostname or ""
-    is_label_studio = label_studio is not None and label_studio.is_label_studio(url)
     if _is_timeout(exc):
         return ImageAccessError(
             f"Timed out after {timeout:.1f} s downloading {url}: the host did not answer in time. Check it is "
@@ -215,7 +214,7 @@ def request_failed(exc: requests.RequestException, url: str, timeout: float,
     if isinstance(exc, requests.ConnectionError):
         hint = _DOCKER_HINT if host in _LOCAL_HOSTS or host.startswith("127.") else ""
         what = url
-        if is_label_studio and label_studio is not None:
+        if label_studio.is_label_studio(url):
             what = f"Label Studio at {label_studio.url} (from {label_studio.url_source})"
             hint += " Set LABEL_STUDIO_URL to the address the backend can reach Label Studio at."
         reason = "the host name does not resolve" if "NameResolution" in repr(exc) else "connection refused or reset"

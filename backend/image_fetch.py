@@ -1,7 +1,7 @@
 """Task image fetching: from a task's image reference to the image's bytes.
 
 Label Studio tasks point at their images in several ways, and each needs its own handling
-(``label-studio-ml-protocol.md``, "Task image URLs and access"):
+(``docs/label-studio-protocol.md``, "Task image URLs and access"):
 
 - ``/data/upload/<project>/<file>`` and ``/data/local-files/?d=<path>`` live on Label Studio and need its
   token. With ``local_files_root`` (a co-located install sharing Label Studio's disk) they are read from
@@ -113,7 +113,8 @@ class ImageFetcher:
 
     # ----------------------------------------------------------------------------------------------------
 
-    def fetch(self, task: dict[str, Any], value_key: str, label_studio: LabelStudioClient | None = None) -> TaskImage:
+    def fetch(self, task: dict[str, Any], value_key: str,
+              label_studio: LabelStudioClient | None = None) -> TaskImage:
         """The image of ``task["data"][value_key]`` (the ``$image`` variable of the label config).
 
         ``label_studio`` is the client to fetch Label Studio's images with; None: this process's.

@@ -319,18 +319,19 @@ class LabelStudioClients:
 
     def client(self, url: str | None = None, token: str | None = None) -> LabelStudioClient:
         """The client for ``url`` and ``token`` (from /setup or a job) with the environment's values winning."""
-        candidate = LabelStudioClient(
-            self.env_url or url, self.env_token or token, http=self.http,
-            url_source="LABEL_STUDIO_URL" if self.env_url else "the hostname Label Studio sent to /setup",
-            token_source="LABEL_STUDIO_API_KEY" if self.env_token else "the access_token Label Studio sent to /setup",
-        )
-        key = (candidate.url, candidate.token)
+        url, token = self.env_url or url, self.env_token or token
+        key = ((url.strip().rstrip("/") or None) if url else None, (token.strip() or None) if token else None)
         with self._lock:
             known = self._clients.get(key)
             if known is not None:
                 self._clients.move_to_end(key)
                 return known
-            self._clients[key] = candidate
+            client = LabelStudioClient(
+                *key, http=self.http,
+                url_source="LABEL_STUDIO_URL" if self.env_url else "the hostname Label Studio sent to /setup",
+                token_source="LABEL_STUDIO_API_KEY" if self.env_token else "the access_token Label Studio sent to /setup",
+            )
+            self._clients[key] = client
             if len(self._clients) > MAX_CLIENTS:
                 self._clients.popitem(last=False)
-            return candidate
+            return client

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the real imports would load the model's modules (torch) into every warm-up producer
+if TYPE_CHECKING:  # annotations only: the queue itself needs neither the model side nor image access
     from backend.image_fetch import ImageFetcher
     from backend.segmenter import Segmenter
 

@@ -17,6 +17,7 @@ import pytest
 from backend.errors import ImageAccessError, ImageError
 from backend.image_decode import TaskImage
 from backend.image_fetch import ImageFetcher
+from backend.label_studio import MAX_CLIENTS
 from backend.warmup import WarmupJob, make_encoder
 from tests.image_access import authorizations, file_bytes, legacy, task
 from testsupport.image_server import CloudStorage, FakeLabelStudio, personal_access_token, rgb_array
@@ -229,6 +230,16 @@ def test_job_clients_keep_their_access_token_and_the_environment_wins(ls: FakeLa
     assert (partial.url, partial.url_source) == (ls.url, "LABEL_STUDIO_URL")
     assert partial.token_source == "the access_token Label Studio sent to /setup"
 
+
+
+def test_clients_from_request_values_are_bounded() -> None:
+    """/setup bodies name the URL and token: a stream of new ones must not grow the process without limit."""
+    clients = ImageFetcher().label_studio_clients
+    first = clients.client("http://ls-0:8080", "token")
+    assert clients.client("http://ls-0:8080/", " token ") is first  # the same values in effect
+    for i in range(1, MAX_CLIENTS + 1):
+        clients.client(f"http://ls-{i}:8080", "token")
+    assert clients.client("http://ls-0:8080", "token") is not first
 
 # ------------------------------------------------------------------------------------------------------
 # Label Studio's API, as `sam-backend warm --project` reads it

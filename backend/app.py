@@ -49,7 +49,7 @@ class Backend:
 
     settings: Settings
     segmenter: Segmenter
-    fetcher: Any  # backend.images.ImageFetcher
+    fetcher: Any  # backend.image_fetch.ImageFetcher
     metrics: Metrics
     warmer: Warmer | None = None  # None when SAM_WARMUP is off
     projects: dict[str, str] = field(default_factory=dict)  # project id -> label config seen in /setup
@@ -70,7 +70,7 @@ class Backend:
 
 def create_app(settings: Settings | None = None, segmenter: Segmenter | None = None) -> Flask:
     """The Flask app. ``settings`` default to the environment; ``segmenter`` to one built from settings."""
-    from backend.images import ImageFetcher
+    from backend.image_fetch import ImageFetcher
 
     settings = settings if settings is not None else Settings.from_env()
     metrics = segmenter.metrics if segmenter is not None else Metrics()

@@ -98,7 +98,7 @@ def _warm(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from backend.errors import BackendError
-    from backend.images import ImageFetcher
+    from backend.image_fetch import ImageFetcher
     from backend.segmenter import Segmenter
     from backend.warmup import make_encoder, run_worker
 

@@ -17,22 +17,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import requests
 from tqdm import tqdm
 
 from backend.config import Settings
-from backend.errors import BackendError, ImageAccessError
-from backend.images import ImageFetcher
-from backend.label_config import parse_label_config
+from backend.errors import BackendError
+from backend.image_fetch import ImageFetcher
+from backend.label_studio import Project
 from backend.warmup import Warmer, WarmupJob
 
 log = logging.getLogger(__name__)
 
-PAGE_SIZE = 100
 WEBHOOK_CHUNK = 50
 
 
@@ -40,50 +36,6 @@ class WarmError(BackendError):
     """The project cannot be warmed as asked; the message says what to change."""
 
     status = 400
-
-
-@dataclass(frozen=True)
-class Project:
-    id: int
-    label_config: str
-    value_key: str
-    tasks: list[dict[str, Any]]
-
-
-def read_project(fetcher: ImageFetcher, project_id: int, progress: bool = True) -> Project:
-    """The project's label config, image field and tasks (id and data only)."""
-    project = fetcher.label_studio_json(f"/api/projects/{project_id}")
-    if not isinstance(project, dict) or "label_config" not in project:
-        raise WarmError(f"Label Studio did not answer project {project_id} with a project")
-    config = parse_label_config(project["label_config"])
-    value_key = config.image.value_key
-    total = project.get("task_number")
-    tasks = []
-    with tqdm(total=total, desc=f"listing project {project_id}", unit="task", disable=not progress) as bar:
-        for task in iter_tasks(fetcher, project_id):
-            tasks.append({"id": task.get("id"), "data": task.get("data", {})})
-            bar.update(1)
-    return Project(id=project_id, label_config=project["label_config"], value_key=value_key, tasks=tasks)
-
-
-def iter_tasks(fetcher: ImageFetcher, project_id: int, page_size: int = PAGE_SIZE) -> Iterator[dict[str, Any]]:
-    """Every task of the project, page by page (``GET /api/tasks``: ``{"tasks": [...], "total": N}``)."""
-    page, seen = 1, 0
-    while True:
-        try:
-            body = fetcher.label_studio_json("/api/tasks", {"project": project_id, "page": page,
-                                                            "page_size": page_size})
-        except ImageAccessError as error:
-            if page > 1 and error.upstream_status == 404:  # past the last page
-                return
-            raise
-        tasks = body.get("tasks", []) if isinstance(body, dict) else body
-        total = body.get("total") if isinstance(body, dict) else None
-        yield from tasks
-        seen += len(tasks)
-        if len(tasks) < page_size or (total is not None and seen >= total):
-            return
-        page += 1
 
 
 def warm_project(settings: Settings, project_id: int, *, backend_url: str | None = None, local: bool = False,
@@ -95,7 +47,7 @@ def warm_project(settings: Settings, project_id: int, *, backend_url: str | None
             "(the same Redis as the backend servers), or pass --backend http://<backend>:9090 to have a running "
             "backend warm its own cache.")
     fetcher = ImageFetcher.from_settings(settings)
-    project = read_project(fetcher, project_id, progress)
+    project = fetcher.label_studio.read_project(project_id, progress)
     if not project.tasks:
         log.warning("project %s has no tasks", project_id)
         return 0

@@ -27,7 +27,11 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: the queue itself needs neither the model side nor image access
+    from backend.image_fetch import ImageFetcher
+    from backend.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +94,18 @@ def run_job(payload: dict[str, Any]) -> bool:
         _clear_pending(job)
 
 
-def make_encoder(segmenter: Any, fetcher: Any) -> Encoder:
+def make_encoder(segmenter: Segmenter, fetcher: ImageFetcher) -> Encoder:
     """The warm-up encoder of a process: fetch the task image, embed it through the segmenter's cache.
 
-    ``segmenter`` is a ``backend.segmenter.Segmenter`` and ``fetcher`` a ``backend.images.ImageFetcher``
-    (typed loosely to keep this module free of the model's imports). A job carries the Label Studio URL and
-    token the producer knew, so a process that never received Label Studio's /setup can still fetch images;
-    the environment of this process wins over them, as it does for /setup.
+    A job carries the Label Studio URL and token the producer knew, so a process that never received Label
+    Studio's /setup can still fetch images; the environment of this process wins over them, as it does for
+    /setup. The job fetches with a client for those values (``ImageFetcher.label_studio_for``) and leaves
+    the client that this process's request threads use as it is.
     """
 
     def encode(job: WarmupJob) -> bool:
-        if job.label_studio_url or job.label_studio_token:
-            fetcher.set_label_studio(job.label_studio_url, job.label_studio_token)
-        image = fetcher.fetch(job.task, job.value_key)
+        label_studio = fetcher.label_studio_for(job.label_studio_url, job.label_studio_token)
+        image = fetcher.fetch(job.task, job.value_key, label_studio=label_studio)
         if segmenter.cache.contains(segmenter.fingerprint, image.sha256):
             return False
         segmenter.embed(image.decode, image.sha256)

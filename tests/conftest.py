@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from testsupport.image_server import CloudStorage, FakeLabelStudio
 from testsupport.paths import FIXTURES_DIR
 from testsupport.processes import RedisServer
 
@@ -37,3 +38,22 @@ def one_torch_thread() -> Iterator[None]:
 def fixtures_dir() -> Path:
     """Real request bodies recorded from Label Studio 1.23.2."""
     return FIXTURES_DIR
+
+
+# Image access (test_label_studio_client, test_image_fetch, test_image_decode): a cloud storage host that
+# records any Label Studio token reaching it, and a fake Label Studio that checks tokens as the real one does.
+
+
+@pytest.fixture(scope="module")
+def cloud() -> Iterator[CloudStorage]:
+    server = CloudStorage()
+    yield server
+    server.close()
+
+
+@pytest.fixture()
+def ls(cloud: CloudStorage) -> Iterator[FakeLabelStudio]:
+    server = FakeLabelStudio(cloud)
+    yield server
+    server.close()
+    assert cloud.leaks == [], "the Label Studio token reached a host other than Label Studio"

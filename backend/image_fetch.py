@@ -1,0 +1,245 @@
+"""Task image fetching: from a task's image reference to the image's bytes.
+
+Label Studio tasks point at their images in several ways, and each needs its own handling
+(``docs/label-studio-protocol.md``, "Task image URLs and access"):
+
+- ``/data/upload/<project>/<file>`` and ``/data/local-files/?d=<path>`` live on Label Studio and need its
+  token. With ``local_files_root`` (a co-located install sharing Label Studio's disk) they are read from
+  disk when the file is there, which skips an HTTP round trip per image.
+- ``s3://``, ``gs://``, ``azure-blob://`` (and ``azure-spi://``) go through Label Studio's
+  ``/tasks/<id>/presign/`` endpoint, which redirects to a signed URL on the cloud host.
+- Other ``http(s)://`` URLs are downloaded directly; ``data:`` URIs are decoded in place.
+
+Where Label Studio is and which token it takes is the ``LabelStudioClient``'s business
+(``backend.label_studio``); the bounded download, and the token going to Label Studio's origin only, are
+``backend.http_download``'s; the pixels are ``backend.image_decode``'s. Every failure is an ``ImageError``
+(the task or configuration must change, 422) or an ``ImageAccessError`` (the source refused or could not
+be reached, 502) whose message tells the annotator or the admin what to fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlsplit
+
+from backend.errors import ImageError
+from backend.http_download import Downloader, redact, too_big, url_scheme
+from backend.image_decode import DEFAULT_MAX_PIXELS, TaskImage
+from backend.label_studio import LabelStudioClient, LabelStudioClients
+
+if TYPE_CHECKING:
+    from backend.config import Settings
+
+# The defaults of IMAGE_TIMEOUT_S and IMAGE_MAX_MB: a whole download, connect to last byte; a file.
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+
+# Storage URI schemes Label Studio resolves through /tasks/<id>/presign/ (S3, GCS, Azure Blob with an
+# account key or a service principal).
+CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure-spi")
+
+
+class ImageFetcher:
+    """Fetches task images; one per app, shared by all request threads.
+
+    ``label_studio`` is this process's Label Studio client, for request threads: from the environment, or
+    from POST /setup (``set_label_studio``). A queued job fetches with a client of its own
+    (``label_studio_for``), so no job changes what request threads use.
+    """
+
+    def __init__(
+        self,
+        *,
+        label_studio_url: str | None = None,
+        label_studio_token: str | None = None,
+        local_files_root: str | os.PathLike[str] | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        if timeout_s <= 0 or max_bytes <= 0 or max_pixels <= 0:
+            raise ValueError("timeout_s, max_bytes and max_pixels must be positive")
+        self.http = Downloader(timeout_s, max_bytes)
+        self.label_studio_clients = LabelStudioClients(label_studio_url, label_studio_token, self.http)
+        self.root: Path | None = None
+        if local_files_root:
+            root = Path(os.path.abspath(local_files_root))
+            if root == Path(root.anchor):
+                raise ValueError("LOCAL_FILES_ROOT must not be the file system root: it would expose every file")
+            self.root = root
+        self.timeout_s = float(timeout_s)
+        self.max_bytes = int(max_bytes)
+        self.max_pixels = int(max_pixels)
+        self.label_studio: LabelStudioClient = self.label_studio_clients.client()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImageFetcher:
+        """Build from the backend's settings (each attribute named after its environment variable)."""
+        return cls(
+            label_studio_url=settings.label_studio_url,
+            label_studio_token=settings.label_studio_api_key,
+            local_files_root=settings.local_files_root,
+            timeout_s=settings.image_timeout_s,
+            max_bytes=settings.image_max_bytes,
+            max_pixels=settings.image_max_pixels,
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    def set_label_studio(self, url: str | None, token: str | None) -> None:
+        """Take Label Studio's hostname and access token from POST /setup.
+
+        Called after every /health check; the cached access token survives unless the URL or token in
+        effect changes (values the environment overrides do not count).
+        """
+        self.label_studio = self.label_studio_clients.client(url, token)
+
+    def label_studio_for(self, url: str | None, token: str | None) -> LabelStudioClient:
+        """The client for a queued job, from the URL and token its producer knew (the environment wins).
+
+        A process that never received Label Studio's /setup (``sam-backend worker``) can fetch that way. A
+        job that carries neither uses this process's client.
+        """
+        if not url and not token:
+            return self.label_studio
+        return self.label_studio_clients.client(url, token)
+
+    # ----------------------------------------------------------------------------------------------------
+
+    def fetch(self, task: dict[str, Any], value_key: str,
+              label_studio: LabelStudioClient | None = None) -> TaskImage:
+        """The image of ``task["data"][value_key]`` (the ``$image`` variable of the label config).
+
+        ``label_studio`` is the client to fetch Label Studio's images with; None: this process's.
+        """
+        value = self._image_reference(task, value_key)
+        ls = label_studio if label_studio is not None else self.label_studio
+        deadline = self.http.deadline()
+        scheme = url_scheme(value)
+        content_type = None
+        if value[:5].lower() == "data:":
+            data = _decode_data_uri(value, self.max_bytes)
+            source = f"{value.partition(',')[0]},... ({len(data)} bytes)"
+        elif scheme in CLOUD_SCHEMES:
+            source = value
+            presign = ls.presign_url(task.get("id"), value)
+            data, content_type = self.http.get(presign, ls, deadline, display=value)
+        elif scheme in ("http", "https"):
+            source = redact(value)
+            local = self._local_file(value) if ls.is_label_studio(value) else None
+            if local is not None:
+                data = self._read_file(local, source)
+            else:
+                data, content_type = self.http.get(value, ls, deadline)
+        elif scheme is not None:
+            raise ImageError(
+                f"The task image '{redact(value)}' uses the scheme '{scheme}://', which the backend cannot "
+                f"download: use http(s)://, a Label Studio /data/... path, or one of {', '.join(CLOUD_SCHEMES)}."
+            )
+        elif value.startswith("//"):
+            raise ImageError(
+                f"The task image '{redact(value)}' has no scheme (a protocol-relative URL): write it with "
+                "http:// or https://."
+            )
+        elif value.startswith("/"):
+            source = value
+            local = self._local_file(value)
+            if local is not None:
+                data = self._read_file(local, source)
+            else:
+                data, content_type = self.http.get(ls.base_url(value) + value, ls, deadline)
+        else:
+            guess = f" Did you mean http://{value}?" if re.match(r"^[\w.-]+\.\w+(:\d+)?/", value) else ""
+            raise ImageError(
+                f"The task image '{value}' is not a URL: it has no scheme. Use http(s)://host/path, a Label "
+                f"Studio path (/data/upload/..., /data/local-files/?d=...), s3://... or a data: URI.{guess}"
+            )
+        image = TaskImage(data=data, sha256=hashlib.sha256(data).hexdigest(), source=source,
+                          content_type=content_type, max_pixels=self.max_pixels)
+        image.size  # noqa: B018 - reads the header: a file that is not an image fails here, not on first use
+        return image
+
+    @staticmethod
+    def _image_reference(task: dict[str, Any], value_key: str) -> str:
+        data = task.get("data") if isinstance(task, dict) else None
+        task_id = task.get("id") if isinstance(task, dict) else None
+        if not isinstance(data, dict):
+            raise ImageError(f"Task {task_id} has no 'data' object, so it has no image.")
+        key = value_key.lstrip("$")
+        if key not in data:
+            keys = ", ".join(sorted(map(str, data))) or "none"
+            raise ImageError(
+                f"Task {task_id} has no data field '{key}', which the label config's <Image value=\"${key}\"> "
+                f"reads. Its data fields are: {keys}. Fix the task data or the label config."
+            )
+        value = data[key]
+        if not isinstance(value, str) or not value.strip():
+            raise ImageError(f"Task {task_id}'s data field '{key}' should be an image URL, not {value!r:.80}.")
+        return value.strip()
+
+    # ----------------------------------------------------------------------------------------------------
+    # Disk
+
+    def _local_file(self, url: str) -> Path | None:
+        """The file behind a Label Studio /data/... URL under ``local_files_root``, if it exists there.
+
+        ``/data/local-files/?d=<path>`` maps to ``<root>/<path>`` (the root is Label Studio's
+        LOCAL_FILES_DOCUMENT_ROOT); ``/data/upload/<project>/<file>`` to ``<root>/upload/...`` or
+        ``<root>/media/upload/...`` (the root is Label Studio's data directory).
+        """
+        if self.root is None:
+            return None
+        parts = urlsplit(url)
+        path = unquote(parts.path)
+        if path.rstrip("/") == "/data/local-files":
+            values = parse_qs(parts.query, keep_blank_values=True).get("d")
+            relative = values[-1] if values else ""
+            if not relative:
+                raise ImageError(f"The task image {url} is a Label Studio local file URL without a ?d= path.")
+            candidates = [relative]
+        elif path.startswith("/data/upload/"):
+            relative = path[len("/data/upload/"):]
+            candidates = [f"upload/{relative}", f"media/upload/{relative}"]
+        else:
+            return None
+        for candidate in candidates:
+            full = Path(os.path.abspath(os.path.join(self.root, candidate.lstrip("/"))))
+            if os.path.commonpath([full, self.root]) != str(self.root):
+                raise ImageError(f"The task image path {relative!r} points outside LOCAL_FILES_ROOT.")
+            if full.is_file():
+                return full
+        return None
+
+    def _read_file(self, path: Path, source: str) -> bytes:
+        try:
+            size = path.stat().st_size
+            if size > self.max_bytes:
+                raise ImageError(too_big(f"The image {source}", self.max_bytes))
+            return path.read_bytes()
+        except OSError as exc:
+            raise ImageError(f"The image {source} could not be read from {path}: {exc.strerror}.") from None
+
+
+def _decode_data_uri(value: str, max_bytes: int) -> bytes:
+    header, comma, payload = value.partition(",")
+    if not comma:
+        raise ImageError("The task image is a data: URI without a ',' before its data.")
+    if header.lower().endswith(";base64"):
+        payload = "".join(unquote(payload).split())
+        if len(payload) * 3 // 4 > max_bytes:
+            raise ImageError(too_big("The data: URI image", max_bytes))
+        try:
+            return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ImageError("The task image is a data: URI whose base64 data is invalid.") from None
+    data = unquote_to_bytes(payload)
+    if len(data) > max_bytes:
+        raise ImageError(too_big("The data: URI image", max_bytes))
+    return data

@@ -17,8 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend.image_decode import DEFAULT_MAX_PIXELS
-from backend.image_fetch import DEFAULT_MAX_BYTES, DEFAULT_TIMEOUT_S
+from backend.limits import IMAGE_MAX_BYTES, IMAGE_MAX_PIXELS, IMAGE_TIMEOUT_S
 
 # Official SAM checkpoints by the names users know, and the file names Meta / MobileSAM publish them
 # under. SAM_CHECKPOINT=vit_b resolves to MODEL_DIR/sam_vit_b_01ec64.pth.
@@ -92,9 +91,9 @@ class Settings:
     sam_torch_threads: int = 0  # 0 = PyTorch's default
     # -- task images
     local_files_root: Path | None = None
-    image_timeout_s: float = DEFAULT_TIMEOUT_S
-    image_max_bytes: int = DEFAULT_MAX_BYTES
-    image_max_pixels: int = DEFAULT_MAX_PIXELS
+    image_timeout_s: float = IMAGE_TIMEOUT_S
+    image_max_bytes: int = IMAGE_MAX_BYTES
+    image_max_pixels: int = IMAGE_MAX_PIXELS
     # -- embedding cache
     redis_url: str = ""  # empty: no Redis, memory cache only
     sam_cache_memory_mb: int | None = None  # None: sized for the device (backend.segmenter.default_cache_bytes)

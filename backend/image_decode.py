@@ -24,11 +24,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from backend.errors import ImageError
-
-# The default of IMAGE_MAX_PIXELS: 100 megapixels (300 MB once decoded to RGB), a 10000x10000 scan.
-# Pillow warns above its own Image.MAX_IMAGE_PIXELS (about 89.5 megapixels) and refuses images above twice
-# that before we can look at them.
-DEFAULT_MAX_PIXELS = 100_000_000
+from backend.limits import IMAGE_MAX_PIXELS
 
 # What a browser shows in Label Studio's <Image> (plus TIFF, for 16-bit scientific images). Other Pillow
 # plugins stay closed: EPS would run Ghostscript on task data, and exotic decoders widen the attack surface.
@@ -47,7 +43,7 @@ class TaskImage:
     sha256: str  # of the downloaded bytes: the embedding-cache key
     source: str  # the URL or path it came from, for messages and logs
     content_type: str | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = IMAGE_MAX_PIXELS
 
     @cached_property
     def array(self) -> np.ndarray:
@@ -66,7 +62,7 @@ class TaskImage:
         return self.array
 
 
-def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+def decode_image(data: bytes, source: str, max_pixels: int = IMAGE_MAX_PIXELS,
                  content_type: str | None = None) -> np.ndarray:
     """Image bytes -> HxWx3 uint8 RGB as the browser shows them (EXIF orientation applied)."""
     with _open_image(data, source, max_pixels, content_type) as img:
@@ -77,7 +73,7 @@ def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS,
 _TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
-def image_size(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+def image_size(data: bytes, source: str, max_pixels: int = IMAGE_MAX_PIXELS,
                content_type: str | None = None) -> tuple[int, int]:
     """(height, width) of the image as the browser shows it, from the header alone (no decompression)."""
     with _open_image(data, source, max_pixels, content_type) as img:

@@ -30,15 +30,12 @@ from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlsplit
 
 from backend.errors import ImageError
 from backend.http_download import Downloader, redact, too_big, url_scheme
-from backend.image_decode import DEFAULT_MAX_PIXELS, TaskImage
+from backend.image_decode import TaskImage
 from backend.label_studio import LabelStudioClient, LabelStudioClients
+from backend.limits import IMAGE_MAX_BYTES, IMAGE_MAX_PIXELS, IMAGE_TIMEOUT_S
 
 if TYPE_CHECKING:
     from backend.config import Settings
-
-# The defaults of IMAGE_TIMEOUT_S and IMAGE_MAX_MB: a whole download, connect to last byte; a file.
-DEFAULT_TIMEOUT_S = 30.0
-DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 
 # Storage URI schemes Label Studio resolves through /tasks/<id>/presign/ (S3, GCS, Azure Blob with an
 # account key or a service principal).
@@ -59,9 +56,9 @@ class ImageFetcher:
         label_studio_url: str | None = None,
         label_studio_token: str | None = None,
         local_files_root: str | os.PathLike[str] | None = None,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        max_bytes: int = DEFAULT_MAX_BYTES,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        timeout_s: float = IMAGE_TIMEOUT_S,
+        max_bytes: int = IMAGE_MAX_BYTES,
+        max_pixels: int = IMAGE_MAX_PIXELS,
     ) -> None:
         if timeout_s <= 0 or max_bytes <= 0 or max_pixels <= 0:
             raise ValueError("timeout_s, max_bytes and max_pixels must be positive")

@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from backend.errors import ImageError
-from backend.image_decode import DEFAULT_MAX_PIXELS, decode_image
+from backend.image_decode import decode_image
 from backend.image_fetch import ImageFetcher
-from tests.image_access import file_bytes, task
+from backend.limits import IMAGE_MAX_PIXELS
+from testsupport.image_access import file_bytes, task
 from testsupport.image_server import SIXTEEN_BIT_VALUES, CloudStorage, bomb_png
 
 # ------------------------------------------------------------------------------------------------------
@@ -21,7 +22,7 @@ from testsupport.image_server import SIXTEEN_BIT_VALUES, CloudStorage, bomb_png
 def test_decompression_bomb(cloud: CloudStorage) -> None:
     data = file_bytes("bomb.png")
     assert len(data) < 100_000
-    with pytest.raises(ImageError, match=f"196000000 pixels.*limit is {DEFAULT_MAX_PIXELS} pixels"):
+    with pytest.raises(ImageError, match=f"196000000 pixels.*limit is {IMAGE_MAX_PIXELS} pixels"):
         ImageFetcher().fetch(task(f"{cloud.url}/public/bomb.png"), "image")  # beyond Pillow's own limit
     small_bomb = bomb_png(5000, 4000)  # below Pillow's limit: our own check refuses it before decoding
     with pytest.raises(ImageError, match="5000x4000 = 20000000 pixels, more than the limit of 1000000"):

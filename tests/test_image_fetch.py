@@ -14,7 +14,7 @@ import pytest
 from backend.errors import BackendError, ImageAccessError, ImageError
 from backend.image_decode import TaskImage
 from backend.image_fetch import ImageFetcher
-from tests.image_access import authorizations, file_bytes, legacy, task
+from testsupport.image_access import authorizations, file_bytes, legacy, task
 from testsupport.image_server import CloudStorage, FakeLabelStudio, rgb_array
 
 # ------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from backend.image_decode import TaskImage
 from backend.image_fetch import ImageFetcher
 from backend.label_studio import MAX_CLIENTS
 from backend.warmup import WarmupJob, make_encoder
-from tests.image_access import authorizations, file_bytes, legacy, task
+from testsupport.image_access import authorizations, file_bytes, legacy, task
 from testsupport.image_server import CloudStorage, FakeLabelStudio, personal_access_token, rgb_array
 from testsupport.processes import free_port
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from backend.config import Settings
@@ -88,7 +89,7 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     backend = Backend(settings=settings, segmenter=segmenter, fetcher=fetcher, metrics=metrics, warmer=warmer)
 
     app = Flask(__name__)
-    app.json.sort_keys = False
+    app.json = _OrderedJSON(app)
     app.extensions[EXTENSION] = backend
     app.register_blueprint(api)
     app.before_request(_start_request)
@@ -98,6 +99,12 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app
+
+
+class _OrderedJSON(DefaultJSONProvider):
+    """JSON with keys in the order the backend builds them (Label Studio's own order), not sorted."""
+
+    sort_keys = False
 
 
 def start_model_loading(app: Flask, slot: int = 0) -> None:
@@ -264,7 +271,9 @@ def webhook() -> Response:
 
 def _warm_created_tasks(backend: Backend, body: dict[str, Any]) -> int:
     tasks = body.get("tasks")
-    project = body.get("project") if isinstance(body.get("project"), dict) else {}
+    project = body.get("project")
+    if not isinstance(project, dict):
+        project = {}
     xml = project.get("label_config")
     if not xml:
         xml = next((schema for key, schema in backend.projects.items()

@@ -304,10 +304,3 @@ class EmbeddingCache:
             return None
         self.metrics.cache_hit("redis")
         return embedding
-
-    def put(self, fingerprint: str, image_sha256: str, embedding: Embedding) -> None:
-        """Store an embedding computed elsewhere (e.g. by a warm-up job) in both tiers."""
-        key = cache_key(fingerprint, image_sha256)
-        self.memory.put(key, embedding)
-        if self.redis is not None:
-            self.redis.put(key, embedding.to_bytes())

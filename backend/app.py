@@ -226,7 +226,7 @@ def setup() -> Response:
 
 @api.post("/predict")
 def predict() -> Response:
-    """Check the request's shape, queue warm-ups when a task is opened, answer ``backend.predictions``'s results."""
+    """Check the body, queue warm-ups when a task is opened, answer with ``backend.predictions``."""
     backend = _backend()
     body = _json_body()
     tasks = body.get("tasks")

@@ -1,5 +1,8 @@
 """The Label Studio ML-backend HTTP protocol on Flask (application factory).
 
+This module is HTTP only: routes, Basic auth, JSON bodies and JSON errors. What a /predict means (prompts,
+masks, output labels, batch modes) is ``backend.predictions``; which GPU a worker gets is ``model.runtime``.
+
 ``create_app`` builds an app around one ``Segmenter`` (the model of this process), one ``ImageFetcher``
 and one ``Metrics`` registry; nothing is loaded at import. The model is loaded in the background: by
 gunicorn's ``post_worker_init`` (``start_model_loading``), or by the first /predict if nobody started it.
@@ -19,19 +22,22 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 from backend.config import Settings
-from backend.errors import BackendError, BadRequest, LabelConfigError, Unauthorized
+from backend.errors import BackendError, BadRequest, Unauthorized
 from backend.label_config import LabelConfig, parse_label_config
 from backend.metrics import Metrics
-from backend.prompts import RECTANGLE, parse_prompts, resolve_output_label
-from backend.results import mask_regions, prediction
+from backend.predictions import Predictions
 from backend.segmenter import Segmenter
 from backend.warmup import Warmer, WarmupJob, make_encoder
+
+if TYPE_CHECKING:  # imported by create_app, so that importing the routes stays light
+    from backend.image_fetch import ImageFetcher
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +55,7 @@ class Backend:
 
     settings: Settings
     segmenter: Segmenter
-    fetcher: Any  # backend.image_fetch.ImageFetcher
+    fetcher: ImageFetcher
     metrics: Metrics
     warmer: Warmer | None = None  # None when SAM_WARMUP is off
     projects: dict[str, str] = field(default_factory=dict)  # project id -> label config seen in /setup
@@ -83,7 +89,7 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     backend = Backend(settings=settings, segmenter=segmenter, fetcher=fetcher, metrics=metrics, warmer=warmer)
 
     app = Flask(__name__)
-    app.json.sort_keys = False
+    app.json = _OrderedJSON(app)
     app.extensions[EXTENSION] = backend
     app.register_blueprint(api)
     app.before_request(_start_request)
@@ -95,27 +101,28 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     return app
 
 
+class _OrderedJSON(DefaultJSONProvider):
+    """JSON with keys in the order the backend builds them (Label Studio's own order), not sorted."""
+
+    sort_keys = False
+
+
 def start_model_loading(app: Flask, slot: int = 0) -> None:
     """Start loading the app's model in the background (gunicorn's post_worker_init calls this).
 
-    With several GPUs and SAM_DEVICE auto or cuda, worker ``slot`` gets GPU ``slot % count``: one worker
-    per GPU, as gunicorn.conf.py recommends.
+    Worker ``slot`` (0..WORKERS-1) picks the GPU when there are several (``model.runtime.worker_device``).
     """
-    backend: Backend = app.extensions[EXTENSION]
-    device = backend.segmenter.device
-    if device in (None, "cuda"):
-        import torch
+    from model.runtime import worker_device
 
-        count = torch.cuda.device_count()
-        if count > 1:
-            device = f"cuda:{slot % count}"
-    backend.segmenter.start_loading(device)
+    backend: Backend = app.extensions[EXTENSION]
+    backend.segmenter.start_loading(worker_device(backend.segmenter.device, slot))
     if backend.warmer is not None:
         backend.warmer.start()  # this process consumes the shared warm-up queue with its model
 
 
 def _backend() -> Backend:
-    return current_app.extensions[EXTENSION]
+    backend: Backend = current_app.extensions[EXTENSION]
+    return backend
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -219,6 +226,7 @@ def setup() -> Response:
 
 @api.post("/predict")
 def predict() -> Response:
+    """Check the body, queue warm-ups when a task is opened, answer with ``backend.predictions``."""
     backend = _backend()
     body = _json_body()
     tasks = body.get("tasks")
@@ -239,9 +247,8 @@ def predict() -> Response:
         # Label Studio sends this when an annotator opens a task (and for "Retrieve predictions"): start
         # encoding now, so that the first click finds the embedding ready.
         backend.warm_up(tasks, config, source="open" if len(tasks) == 1 else "batch")
-    predictor = Predictions(backend, config)
-    # Interactive (smart-tool click): one task, one prediction. Batch (context null): one per task.
-    results = [predictor.interactive(tasks[0], regions)] if regions else predictor.batch(tasks)
+    predictions = Predictions(config, backend.settings, backend.segmenter, backend.fetcher)
+    results = predictions.predict(tasks, regions)
     return jsonify({"results": results, "model_version": backend.segmenter.model_version})
 
 
@@ -264,7 +271,9 @@ def webhook() -> Response:
 
 def _warm_created_tasks(backend: Backend, body: dict[str, Any]) -> int:
     tasks = body.get("tasks")
-    project = body.get("project") if isinstance(body.get("project"), dict) else {}
+    project = body.get("project")
+    if not isinstance(project, dict):
+        project = {}
     xml = project.get("label_config")
     if not xml:
         xml = next((schema for key, schema in backend.projects.items()
@@ -298,153 +307,3 @@ def train() -> Response:
 def metrics() -> Response:
     data, content_type = _backend().metrics.render()
     return Response(data, content_type=content_type)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# /predict
-class Predictions:
-    """One /predict call: tasks + the project's label config -> Label Studio predictions."""
-
-    def __init__(self, backend: Backend, config: LabelConfig) -> None:
-        self.backend = backend
-        self.config = config
-        self.settings = backend.settings
-        self.segmenter = backend.segmenter
-        self.output = config.output_tag(self.settings.sam_output)
-
-    @property
-    def version(self) -> str:
-        """Read when a prediction is made: the first /predict may be the one that loaded the model."""
-        return self.segmenter.model_version
-
-    def _image(self, task: dict[str, Any]) -> Any:
-        return self.backend.fetcher.fetch(task, self.config.image.value_key)
-
-    def _regions(self, mask: Any, label: str, score: float) -> list[dict[str, Any]]:
-        return mask_regions(mask, label, score, self.config, self.settings.sam_output)
-
-    def _tool_for(self, region: dict[str, Any]) -> Any:
-        """The smart tool a context region came from; a region of another tag is a config mismatch."""
-        name = region.get("from_name")
-        tool = self.config.smart_tool(name) if isinstance(name, str) else None
-        if tool is None:
-            smart = [t.name for t in self.config.smart_tools] or ["none"]
-            raise LabelConfigError(f"the region comes from tag {name!r}, which is not a smart KeyPointLabels or "
-                                   f"RectangleLabels of this label config (smart tags: {', '.join(smart)}); "
-                                   "add smart=\"true\" to the tag")
-        return tool
-
-    def interactive(self, task: dict[str, Any], regions: Any) -> dict[str, Any]:
-        """The smart regions of one task -> one prediction with a mask per object."""
-        if not isinstance(regions, list):
-            raise BadRequest("'params.context.result' must be a list of regions")
-        tools = {}
-        for region in regions:
-            if isinstance(region, dict) and region.get("type") in ("keypointlabels", RECTANGLE):
-                tool = self._tool_for(region)
-                tools.setdefault(tool.name, tool)
-        image = self._image(task)
-        prompts = parse_prompts(regions, image.size)
-        if not prompts:
-            raise BadRequest("the context has no keypoint or rectangle regions to segment")
-        labels = [self._output_label(p.label, tools.get(p.from_name)) for p in prompts]
-        embedding = self.segmenter.embed(image.decode, image.sha256)
-        result: list[dict[str, Any]] = []
-        for prompt, label in zip(prompts, labels, strict=True):
-            mask = self.segmenter.segment(embedding, prompt.point_coords,
-                                          prompt.point_labels if len(prompt.points) else None, prompt.box)
-            result.extend(self._regions(mask.mask, label, mask.score))
-        log.info("task %s: %d object(s) from %d region(s)", task.get("id"), len(prompts), len(regions))
-        return prediction(result, self.version)
-
-    def _output_label(self, clicked: str, tool: Any) -> str:
-        tool_labels = tool.labels if tool is not None else ()
-        if tool is not None and tool.labels and clicked not in tool.labels:
-            raise LabelConfigError(f"label {clicked!r} is not a label of the smart tag {tool.name!r} "
-                                   f"(its labels: {list(tool.labels)})")
-        return resolve_output_label(clicked, self.output.labels, self.settings.label_map, tool_labels)
-
-    def batch(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Exactly one prediction per task, in order (Label Studio stores nothing on a count mismatch).
-
-        A task whose image fails gets an empty prediction (logged) so the other tasks still get theirs;
-        when every task fails, the first error is the answer, so a wrong token or URL is not silent.
-        """
-        mode = self.settings.sam_batch_mode
-        if mode == "off":
-            return [prediction([], self.version) for _ in tasks]
-        results: list[dict[str, Any]] = []
-        first_error: BackendError | None = None
-        for task in tasks:
-            try:
-                results.append(self._boxes(task) if mode == "boxes" else self._everything(task))
-            except BackendError as error:
-                if error.status == 503:  # the model is not there: no task can succeed
-                    raise
-                first_error = first_error or error
-                log.warning("task %s: no prediction: %s", task.get("id"), error.message)
-                results.append(prediction([], self.version))
-        if first_error is not None and all(not r["result"] for r in results):
-            raise first_error
-        return results
-
-    def _boxes(self, task: dict[str, Any]) -> dict[str, Any]:
-        """SAM_BATCH_MODE=boxes: each rectangle of the latest annotation (else of a prediction) -> a mask."""
-        rectangles = task_rectangles(task)
-        if not rectangles:
-            return prediction([], self.version)
-        image = self._image(task)
-        size = image.size
-        labels, boxes = [], []
-        for region in rectangles:
-            prompt = parse_prompts([region], size)[0]
-            tag = next((t for t in self._rectangle_tags() if t.name == region.get("from_name")), None)
-            labels.append(resolve_output_label(prompt.label, self.output.labels, self.settings.label_map,
-                                               tag.labels if tag is not None else ()))
-            boxes.append(prompt.box)
-        embedding = self.segmenter.embed(image.decode, image.sha256)
-        masks = self.segmenter.segment_boxes(embedding, boxes)
-        result: list[dict[str, Any]] = []
-        for mask, label in zip(masks, labels, strict=True):
-            result.extend(self._regions(mask.mask, label, mask.score))
-        return prediction(result, self.version)
-
-    def _rectangle_tags(self) -> list[Any]:
-        return [t for t in self.config.smart_tools if t.kind == "RectangleLabels"]
-
-    def _everything(self, task: dict[str, Any]) -> dict[str, Any]:
-        """SAM_BATCH_MODE=everything: every object SAM finds, labelled with the output tag's first label."""
-        if not self.output.labels:
-            raise LabelConfigError(f"the {self.output.kind} tag {self.output.name!r} has no labels")
-        image = self._image(task)
-        label = self.output.labels[0]
-        result: list[dict[str, Any]] = []
-        for mask in self.segmenter.segment_everything(image.array):
-            result.extend(self._regions(mask.mask, label, mask.score))
-        return prediction(result, self.version)
-
-
-def task_rectangles(task: dict[str, Any]) -> list[dict[str, Any]]:
-    """The rectanglelabels regions of the task's latest annotation, else of its latest prediction that has any.
-
-    Annotations win because they are what a person drew or accepted; cancelled (skipped) ones are ignored.
-    """
-    def rects(item: Any) -> list[dict[str, Any]]:
-        result = item.get("result") if isinstance(item, dict) else None
-        return [r for r in result or [] if isinstance(r, dict) and r.get("type") == RECTANGLE]
-
-    def newest_first(items: Any) -> list[Any]:
-        items = [i for i in items or [] if isinstance(i, dict) and not i.get("was_cancelled")]
-        return sorted(items, key=lambda i: (str(i.get("updated_at") or i.get("created_at") or ""),
-                                            i.get("id") or 0), reverse=True)
-
-    annotations = newest_first(task.get("annotations"))
-    if annotations:
-        found = rects(annotations[0])
-        if found:
-            return found
-    for item in newest_first(task.get("predictions")):
-        found = rects(item)
-        if found:
-            return found
-    return []

@@ -28,9 +28,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from model import Embedding
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +201,8 @@ class EmbeddingCache:
     """
 
     def __init__(self, memory_bytes: int, redis_url: str | None = None, ttl_s: int = 7 * 24 * 3600,
-                 metrics: CacheMetrics | None = None, device: Any = None, lock_wait_s: float = 120.0) -> None:
+                 metrics: CacheMetrics | None = None, device: torch.device | str | None = None,
+                 lock_wait_s: float = 120.0) -> None:
         self.metrics: CacheMetrics = metrics or _NoMetrics()
         self.memory = MemoryTier(memory_bytes)
         self.redis = RedisTier(redis_url, ttl_s, self.metrics) if redis_url else None
@@ -227,19 +231,20 @@ class EmbeddingCache:
         with self._flights_lock:
             flight = self._flights.get(key)
             leader = flight is None
-            if leader:
+            if flight is None:
                 flight = self._flights[key] = _Flight()
         if not leader:
             flight.done.wait()
             if flight.error is not None:
                 raise flight.error
+            assert flight.result is not None  # the leader sets a result or an error before ``done``
             self.metrics.cache_hit("memory")
             return flight.result
 
         try:
-            flight.result = self._load_or_compute(key, fingerprint, compute)
-            self.memory.put(key, flight.result)
-            return flight.result
+            result = flight.result = self._load_or_compute(key, fingerprint, compute)
+            self.memory.put(key, result)
+            return result
         except BaseException as error:
             flight.error = error
             raise
@@ -299,10 +304,3 @@ class EmbeddingCache:
             return None
         self.metrics.cache_hit("redis")
         return embedding
-
-    def put(self, fingerprint: str, image_sha256: str, embedding: Embedding) -> None:
-        """Store an embedding computed elsewhere (e.g. by a warm-up job) in both tiers."""
-        key = cache_key(fingerprint, image_sha256)
-        self.memory.put(key, embedding)
-        if self.redis is not None:
-            self.redis.put(key, embedding.to_bytes())

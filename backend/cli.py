@@ -17,8 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from backend.config import OFFICIAL_CHECKPOINTS, Settings, SettingsError
-from backend.segmenter import missing_checkpoint_message
+from backend.config import Settings, SettingsError, missing_checkpoint_message, model_dir_from_env
 
 # The settings ship inside the package, so a plain `pip install .` serves like a checkout does.
 GUNICORN_CONF = "python:backend.gunicorn_conf"
@@ -121,6 +120,9 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from model.download import CHECKPOINTS  # the official names, for the help texts
+
+    names = ", ".join(CHECKPOINTS)
     parser = argparse.ArgumentParser(
         prog="sam-backend",
         description="Segment Anything as a Label Studio ML backend. Every setting can also be given as an "
@@ -133,13 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the backend under gunicorn. The model loads in the background after start; "
                     "/health answers at once and /predict waits for the model.",
     )
-    serve.add_argument("--host", help="address to listen on (HOST, default 0.0.0.0)")
-    serve.add_argument("--port", type=int, help="port to listen on (PORT, default 9090)")
-    serve.add_argument("--checkpoint", help="checkpoint file, or an official name found in MODEL_DIR: "
-                                            + ", ".join(OFFICIAL_CHECKPOINTS) + " (SAM_CHECKPOINT, default vit_b)")
-    serve.add_argument("--device", help="auto, cpu, cuda or cuda:N (SAM_DEVICE, default auto)")
-    serve.add_argument("--workers", type=int, help="worker processes, one per GPU (WORKERS, default 1)")
-    serve.add_argument("--threads", type=int, help="request threads per worker (THREADS, default 4)")
+    defaults = Settings()
+    serve.add_argument("--host", help=f"address to listen on (HOST, default {defaults.host})")
+    serve.add_argument("--port", type=int, help=f"port to listen on (PORT, default {defaults.port})")
+    serve.add_argument("--checkpoint", help=f"checkpoint file, or an official name found in MODEL_DIR: {names} "
+                                            f"(SAM_CHECKPOINT, default {defaults.sam_checkpoint})")
+    serve.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (SAM_DEVICE, default {defaults.sam_device})")
+    serve.add_argument("--workers", type=int,
+                       help=f"worker processes, one per GPU (WORKERS, default {defaults.workers})")
+    serve.add_argument("--threads", type=int,
+                       help=f"request threads per worker (THREADS, default {defaults.threads})")
     serve.add_argument("--download", action="store_true",
                        help="when --checkpoint is an official name and the file is not in MODEL_DIR, download "
                             "it first (sha256-checked, with progress)")
@@ -149,10 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    description="Download an official SAM / MobileSAM checkpoint (its "
                                                "sha256 is checked) and print where it is; an already "
                                                "downloaded, verified file is not fetched again.")
-    download.add_argument("name", help="an official name (" + ", ".join(OFFICIAL_CHECKPOINTS)
-                          + ", sam_b, sam_l, ultralytics_mobile_sam) or an http(s) URL of a checkpoint")
+    download.add_argument("name", help=f"an official name ({names}) or an http(s) URL of a checkpoint")
     download.add_argument("--dir", type=Path, default=None,
-                          help="where to put it (MODEL_DIR, default ./models)")
+                          help=f"where to put it (MODEL_DIR, default ./{defaults.model_dir})")
     download.set_defaults(handler=_download)
 
     warm = commands.add_parser(
@@ -182,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "dir", "unset") is None:
-        args.dir = Path(os.environ.get("MODEL_DIR") or "models")
+        args.dir = model_dir_from_env()
     return args.handler(args)
 
 

@@ -5,6 +5,11 @@ Studio's own ML-backend examples configure themselves this way, so users already
 BASIC_AUTH_USER, WORKERS, ... Every variable, its default and its meaning is listed in
 docs/configuration.md; keep the two in step.
 
+Why official checkpoint names come from ``model.download``: ``SAM_CHECKPOINT=vit_b`` must find the very file
+``sam-backend download vit_b`` writes, so both read the one table. It is imported when a name is resolved, not
+with this module: importing the settings must never pull in the model package (the CLI starts fast and
+gunicorn's arbiter reads its settings from here without loading torch).
+
 Why validate everything here: a typo such as ``SAM_DEVICE=gpu`` should stop the server at start with one
 line naming the variable, not surface as a stack trace on the first click. An empty value counts as unset
 (docker-compose passes ``VAR=`` for variables that are declared but not given).
@@ -19,19 +24,8 @@ from pathlib import Path
 
 from backend.limits import IMAGE_MAX_BYTES, IMAGE_MAX_PIXELS, IMAGE_TIMEOUT_S
 
-# Official SAM checkpoints by the names users know, and the file names Meta / MobileSAM publish them
-# under. SAM_CHECKPOINT=vit_b resolves to MODEL_DIR/sam_vit_b_01ec64.pth.
-OFFICIAL_CHECKPOINTS: dict[str, str] = {
-    "vit_b": "sam_vit_b_01ec64.pth",
-    "vit_l": "sam_vit_l_0b3195.pth",
-    "vit_h": "sam_vit_h_4b8939.pth",
-    "vit_t": "mobile_sam.pt",
-}
-CHECKPOINT_ALIASES: dict[str, str] = {"mobile_sam": "vit_t", "mobilesam": "vit_t", "sam_vit_b": "vit_b",
-                                      "sam_vit_l": "vit_l", "sam_vit_h": "vit_h"}
-
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # what each means: model.runtime.DTYPES (a test keeps the two equal)
 OUTPUTS = ("auto", "brush", "polygon")
 BATCH_MODES = ("boxes", "everything", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -84,7 +78,7 @@ class Settings:
     port: int = 9090
     host: str = "0.0.0.0"
     # -- the model
-    sam_checkpoint: str = "vit_b"  # a path, or an official name resolved in model_dir
+    sam_checkpoint: str = "vit_b"  # a path, or an official name (model.download) resolved in model_dir
     sam_device: str = "auto"  # auto | cpu | cuda | cuda:N
     sam_dtype: str = "auto"  # auto | fp32 | bf16 | fp16
     sam_compile: bool = False
@@ -96,7 +90,7 @@ class Settings:
     image_max_pixels: int = IMAGE_MAX_PIXELS
     # -- embedding cache
     redis_url: str = ""  # empty: no Redis, memory cache only
-    sam_cache_memory_mb: int | None = None  # None: sized for the device (backend.segmenter.default_cache_bytes)
+    sam_cache_memory_mb: int | None = None  # None: sized for the device (model.runtime.default_cache_bytes)
     sam_cache_ttl_s: int = 7 * 24 * 3600
     # -- what predictions look like
     sam_output: str = "auto"  # auto | brush | polygon
@@ -121,11 +115,16 @@ class Settings:
         return None if self.sam_cache_memory_mb is None else self.sam_cache_memory_mb * 1024 * 1024
 
     @property
+    def device(self) -> str | None:
+        """SAM_DEVICE as the model takes it: None for auto (CUDA when available, else the CPU)."""
+        return None if self.sam_device == "auto" else self.sam_device
+
+    @property
     def checkpoint_name(self) -> str | None:
-        """The official model name (vit_b, vit_l, vit_h, vit_t) when SAM_CHECKPOINT names one, else None."""
-        key = self.sam_checkpoint.strip().lower()
-        key = CHECKPOINT_ALIASES.get(key, key)
-        return key if key in OFFICIAL_CHECKPOINTS else None
+        """The official name (``model.download.CHECKPOINTS``: vit_b, vit_t, ...) SAM_CHECKPOINT gives, else None."""
+        from model.download import official_name
+
+        return official_name(self.sam_checkpoint)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -134,9 +133,11 @@ class Settings:
         A bare file name that is not an official name is looked up in MODEL_DIR too, so
         ``SAM_CHECKPOINT=my_finetune.pth`` works next to the official files.
         """
+        from model.download import CHECKPOINTS
+
         name = self.checkpoint_name
         if name is not None:
-            return self.model_dir / OFFICIAL_CHECKPOINTS[name]
+            return self.model_dir / CHECKPOINTS[name].filename
         path = Path(self.sam_checkpoint).expanduser()
         if not path.is_absolute() and len(path.parts) == 1 and not path.exists():
             return self.model_dir / path
@@ -156,7 +157,7 @@ class Settings:
             label_studio_api_key=env.text("LABEL_STUDIO_API_KEY"),
             basic_auth_user=user,
             basic_auth_pass=password,
-            model_dir=Path(env.text("MODEL_DIR", str(cls.model_dir))).expanduser(),
+            model_dir=model_dir_from_env(environ),
             workers=env.integer("WORKERS", cls.workers, minimum=1),
             threads=env.integer("THREADS", cls.threads, minimum=1),
             timeout_s=env.integer("TIMEOUT", cls.timeout_s, minimum=0),
@@ -181,6 +182,21 @@ class Settings:
             sam_batch_mode=env.choice("SAM_BATCH_MODE", cls.sam_batch_mode, BATCH_MODES),
             sam_warmup=env.flag("SAM_WARMUP", cls.sam_warmup),
         )
+
+
+def model_dir_from_env(environ: Mapping[str, str] = os.environ) -> Path:
+    """MODEL_DIR (default ``models``): read alone too, by ``sam-backend download``, which needs no other setting."""
+    return Path(_Env(environ).text("MODEL_DIR", str(Settings.model_dir))).expanduser()
+
+
+def missing_checkpoint_message(path: Path | None) -> str:
+    """What to do when there is no checkpoint file: the most common first-run failure."""
+    from model.download import CHECKPOINTS
+
+    where = f"no checkpoint file at {path}" if path else "no checkpoint configured"
+    return (f"{where}. Set SAM_CHECKPOINT to a checkpoint file or to an official name ({', '.join(CHECKPOINTS)}) "
+            "found in MODEL_DIR, or pass --checkpoint to `sam-backend serve`; "
+            "`sam-backend download vit_b --dir MODEL_DIR` fetches an official checkpoint.")
 
 
 class _Env:

@@ -19,24 +19,31 @@ Why it looks like this:
   tasks longer. With gthread workers the timeout only fires when the worker's main loop is stuck, not
   while a request thread computes, but a small value would still kill a worker whose load is slow.
 
-Every value comes from the environment so the same file serves docker-compose, scripts/serve and
-the tests: HOST, PORT, WORKERS, THREADS, TIMEOUT, LOG_LEVEL.
+Every value an operator sets (HOST, PORT, WORKERS, THREADS, TIMEOUT, LOG_LEVEL) comes from
+``Settings.from_env``, the one reader of the environment, so the same file serves docker-compose,
+scripts/serve and the tests with the defaults and validation docs/configuration.md lists. A bad value stops
+gunicorn at start with the line naming the variable. ``backend.config`` imports nothing of the model, so the
+arbiter never loads torch.
 """
 
 from __future__ import annotations
 
-import os
+from typing import Any
+
+from backend.config import Settings
+
+_settings = Settings.from_env()
 
 wsgi_app = "backend.app:create_app()"
-bind = [f"{os.environ.get('HOST', '0.0.0.0')}:{os.environ.get('PORT', '9090')}"]
-workers = int(os.environ.get("WORKERS", "1"))
-threads = int(os.environ.get("THREADS", "4"))
+bind = [f"{_settings.host}:{_settings.port}"]
+workers = _settings.workers
+threads = _settings.threads
 worker_class = "gthread"
-timeout = int(os.environ.get("TIMEOUT", "600"))
+timeout = _settings.timeout_s
 graceful_timeout = 30
 keepalive = 5
 preload_app = False  # see the module docstring: CUDA does not survive fork()
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+loglevel = _settings.log_level.lower()
 accesslog = "-"
 errorlog = "-"
 capture_output = True
@@ -63,7 +70,7 @@ logconfig_dict = {
 }
 
 
-def pre_fork(server, worker) -> None:
+def pre_fork(server: Any, worker: Any) -> None:
     """Give each worker a stable slot (0..WORKERS-1), reused when a worker is replaced.
 
     Runs in the arbiter before the fork, so the attribute is inherited by the child. The slot picks
@@ -73,7 +80,7 @@ def pre_fork(server, worker) -> None:
     worker.sam_slot = next(slot for slot in range(len(taken) + 1) if slot not in taken)
 
 
-def post_worker_init(worker) -> None:
+def post_worker_init(worker: Any) -> None:
     """Start loading the model in this worker, in a background thread (after the fork)."""
     from backend.app import start_model_loading
 

@@ -154,7 +154,7 @@ class Downloader:
             raise ImageError(too_big(f"The image {shown}", self.max_bytes))
         raw = response.raw
         read = raw.read1 if hasattr(raw, "read1") else raw.read
-        chunks = []
+        chunks: list[bytes] = []
         total = 0
         while True:
             try:

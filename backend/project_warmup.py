@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import requests
 from tqdm import tqdm
@@ -99,7 +100,7 @@ def _warm_through_backend(settings: Settings, project: Project, backend_url: str
     with tqdm(total=len(project.tasks), desc="sending to backend", unit="task", disable=not progress) as bar:
         for start in range(0, len(project.tasks), WEBHOOK_CHUNK):
             chunk = project.tasks[start:start + WEBHOOK_CHUNK]
-            body = {"action": "TASKS_CREATED", "tasks": chunk,
+            body: dict[str, Any] = {"action": "TASKS_CREATED", "tasks": chunk,
                     "project": {"id": project.id, "label_config": project.label_config}}
             try:
                 response = requests.post(url, json=body, auth=auth, timeout=30)

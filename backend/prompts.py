@@ -21,9 +21,17 @@ boxes, so a rotated rectangle becomes the axis-aligned bounding box of its four 
 
 Grouping. All smart regions with the same label form one object (its points and its box), objects come in
 the order their label first appears. Several rectangles of one label: the last one in the list (the last
-drawn) is the box, as one SAM prompt holds one box. One point and no box is ambiguous (part or whole?), so it
-asks for three masks (``multimask``; the caller keeps the best by predicted IoU); anything more is specific
-enough for one mask, as in Meta's predictor guidance.
+drawn) is the box, as one SAM prompt holds one box.
+
+SAM's ambiguity rule (``asks_three_masks``, the one place it is written): one point and no box is ambiguous
+(part, object or whole?), so it asks for three candidate masks and the segmenter keeps the one with the best
+predicted IoU; anything more is specific enough for one mask, as in Meta's predictor guidance.
+
+Image bounds (``_point``, ``_box``, the one place they are checked: the segmenter takes these prompts as they
+are). A click up to ``POINT_TOLERANCE_PX`` outside the image is clamped onto its edge, so that a click on the
+very edge pixel works even when percentages and rounding put it a fraction of a pixel beyond; further out is a
+400. A rectangle is clipped to the image; one with nothing left inside, or less than a pixel wide or high, is a
+400.
 """
 
 from __future__ import annotations
@@ -44,22 +52,45 @@ KEYPOINT = "keypointlabels"
 RECTANGLE = "rectanglelabels"
 
 
+def asks_three_masks(n_points: int, has_box: bool) -> bool:
+    """SAM's ambiguity rule: a lone click (one point, no box) asks for three candidate masks, of which the best by
+    predicted IoU is kept; several points, or a box, define the object well enough for one mask."""
+    return n_points == 1 and not has_box
+
+
 @dataclass(frozen=True, eq=False)
 class ObjectPrompt:
-    """The prompt for one object, in pixels of the original image (what ``Predictor.predict`` takes)."""
+    """The prompt for one object, in pixels of the original image (what ``Predictor.predict`` takes).
+
+    Made by ``parse_prompts``, which has checked it against the image: at least one point or a box, points on
+    the image, a box inside it.
+    """
 
     label: str
     points: np.ndarray  # (N, 2) float32 x, y; N may be 0
     point_labels: np.ndarray  # (N,) int32, 1 = positive, 0 = negative
     box: np.ndarray | None  # (4,) float32 x0, y0, x1, y1
-    multimask: bool
     source_ids: tuple[str, ...]  # ids of the regions this object was built from
     from_name: str = ""  # the smart tool's name of the first region (for logs and metrics)
+
+    def __post_init__(self) -> None:
+        if len(self.points) == 0 and self.box is None:
+            raise ValueError("an object prompt needs at least one point or a box")
+
+    @property
+    def multimask(self) -> bool:
+        """Whether SAM is asked for three candidates (``asks_three_masks``)."""
+        return asks_three_masks(len(self.points), self.box is not None)
 
     @property
     def point_coords(self) -> np.ndarray | None:
         """``points`` or None when there are none (the predictor's convention)."""
         return self.points if len(self.points) else None
+
+    @property
+    def point_coord_labels(self) -> np.ndarray | None:
+        """``point_labels`` or None when there are no points (the predictor's convention)."""
+        return self.point_labels if len(self.points) else None
 
 
 def parse_prompts(regions: object, image_size: tuple[int, int]) -> list[ObjectPrompt]:
@@ -157,7 +188,6 @@ class _Group:
             points=points,
             point_labels=np.asarray(self.labels, dtype=np.int32),
             box=self.box,
-            multimask=len(points) == 1 and self.box is None,
             source_ids=tuple(self.ids),
             from_name=self.from_name,
         )
@@ -242,4 +272,7 @@ def _box(value: Mapping[str, object], where: str, height: int, width: int) -> np
     box = np.clip(box, 0.0, [width, height, width, height])
     if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
         raise BadRequest(f"{where}: the rectangle lies outside the {width}x{height} image")
+    if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+        raise BadRequest(f"{where}: the rectangle ({box[0]:.1f}, {box[1]:.1f})-({box[2]:.1f}, {box[3]:.1f}) px "
+                         "has no area inside the image (less than a pixel wide or high)")
     return box.astype(np.float32)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import secrets
 import string
 from collections.abc import Sequence
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -22,6 +23,16 @@ from backend.label_config import ControlTag, LabelConfig
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 
+Region = dict[str, Any]  # one Label Studio result region, as JSON
+
+
+class Prediction(TypedDict):
+    """One entry of /predict's ``results``."""
+
+    result: list[Region]
+    score: float  # the mean of the regions' scores, 0 when there are none
+    model_version: str
+
 
 def new_region_id() -> str:
     """A 10-character random id, the form Label Studio gives its own regions."""
@@ -29,7 +40,7 @@ def new_region_id() -> str:
 
 
 def brush_region(mask: np.ndarray, label: str, score: float, config: LabelConfig, *,
-                 tag: ControlTag | None = None, region_id: str | None = None) -> dict:
+                 tag: ControlTag | None = None, region_id: str | None = None) -> Region:
     """One ``brushlabels`` region for a (H, W) mask. ``tag`` defaults to the config's BrushLabels."""
     mask = _check_mask(mask)
     tag = tag or config.output_tag("brush")
@@ -48,7 +59,7 @@ def brush_region(mask: np.ndarray, label: str, score: float, config: LabelConfig
 
 
 def polygon_regions(mask: np.ndarray, label: str, score: float, config: LabelConfig, *,
-                    tag: ControlTag | None = None, **polygon_options: object) -> list[dict]:
+                    tag: ControlTag | None = None, **polygon_options: Any) -> list[Region]:
     """``polygonlabels`` regions for a (H, W) mask: one per connected part, points in percent, closed.
 
     A mask with several parts becomes several regions (Label Studio polygons have one outline each), all
@@ -61,7 +72,7 @@ def polygon_regions(mask: np.ndarray, label: str, score: float, config: LabelCon
     mask = _check_mask(mask)
     tag = tag or config.output_tag("polygon")
     height, width = mask.shape
-    regions = []
+    regions: list[Region] = []
     for outline in polygons.mask_to_polygons(mask, **polygon_options):
         regions.append({
             "id": new_region_id(),
@@ -79,7 +90,7 @@ def polygon_regions(mask: np.ndarray, label: str, score: float, config: LabelCon
 
 
 def mask_regions(mask: np.ndarray, label: str, score: float, config: LabelConfig,
-                 output: str = "auto") -> list[dict]:
+                 output: str = "auto") -> list[Region]:
     """The regions for one mask in the form SAM_OUTPUT (auto | brush | polygon) and the config ask for."""
     tag = config.output_tag(output)
     if tag.kind == "BrushLabels":
@@ -87,7 +98,7 @@ def mask_regions(mask: np.ndarray, label: str, score: float, config: LabelConfig
     return polygon_regions(mask, label, score, config, tag=tag)
 
 
-def prediction(regions: Sequence[dict], model_version: str) -> dict:
+def prediction(regions: Sequence[Region], model_version: str) -> Prediction:
     """One entry of /predict's ``results``: the regions, their mean score (0 when none) and the model."""
     scores = [float(region["score"]) for region in regions if "score" in region]
     return {

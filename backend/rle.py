@@ -249,7 +249,7 @@ class _Bits:
     def __init__(self, data: np.ndarray) -> None:
         self.total_bits = data.size * 8
         self.padded = np.concatenate((data, np.zeros(8, dtype=np.uint8)))
-        self.words = np.ndarray(shape=(data.size + 1,), dtype=">u8", buffer=self.padded, strides=(1,))
+        self.words: np.ndarray = np.ndarray(shape=(data.size + 1,), dtype=">u8", buffer=self.padded, strides=(1,))
 
     def top(self, positions: np.ndarray) -> np.ndarray:
         """The 57 or more bits from each position, top-aligned in uint64 (only 57 are guaranteed)."""
@@ -312,10 +312,10 @@ def _chunk_starts(bits: _Bits, num: int, word_size: int, sizes: np.ndarray) -> n
         np.minimum(local + np.minimum(lengths, outside), outside, out=jump[:span])
         jump[span] = outside  # "outside" maps to itself
         levels = max(1, int(np.ceil(np.log2(span / min_chunk + 1))))
-        tables = [jump]
+        tables: list[np.ndarray] = [jump]
         for _ in range(levels - 1):
             tables.append(tables[-1][tables[-1]])
-        chain = np.zeros(1, dtype=np.intp)
+        chain: np.ndarray = np.zeros(1, dtype=np.intp)
         for table in reversed(tables):
             chain = np.stack((chain, table[chain]), axis=1).ravel()
         chain = chain[chain < outside]

@@ -171,7 +171,7 @@ class Warmer:
         return queued
 
     def _submit_one(self, job: WarmupJob) -> bool:
-        if self._rq_queue is not None:
+        if self._rq_queue is not None and self._redis is not None:
             try:
                 if not self._redis.set(_pending_key(job), b"1", nx=True, ex=PENDING_TTL_S):
                     return False
@@ -240,6 +240,9 @@ class Warmer:
             thread.join(timeout=5)
 
     def _consume_local(self) -> None:
+        encoder = self.encoder
+        if encoder is None:  # a producer only: start() runs no consumers then
+            return
         while not self._stop.is_set():
             try:
                 job = self._local.get(timeout=0.5)
@@ -247,7 +250,7 @@ class Warmer:
                 continue
             self._local_running = 1
             try:
-                self.encoder(job)
+                encoder(job)
             except Exception as error:
                 log.warning("warm-up of task %s failed: %s", job.task.get("id"), error)
             finally:
@@ -264,12 +267,15 @@ class Warmer:
         fails the round ends and the next one retries, while the local consumer keeps serving whatever
         ``submit`` queued locally in the meantime.
         """
+        connection, rq_queue = self._redis, self._rq_queue
+        if connection is None or rq_queue is None:  # no Redis: start() runs no shared consumer then
+            return
         failures = 0
         while not self._stop.is_set():
             try:
                 # rq retries a lost connection forever inside work(); check first so an outage ends the round.
-                self._redis.ping()
-                ThreadWorker([self._rq_queue], connection=self._redis).work(burst=True, logging_level="WARNING")
+                connection.ping()
+                ThreadWorker([rq_queue], connection=connection).work(burst=True, logging_level="WARNING")
                 failures = 0
             except Exception as error:
                 failures += 1

@@ -4,6 +4,10 @@ A download streams into a temporary file beside the destination, is hashed on th
 renamed into place only once complete and verified, so the destination name never holds a partial
 or wrong file and an existing file there can be reused offline.
 
+The table is the one list of official checkpoints: the backend's settings resolve ``SAM_CHECKPOINT=vit_b`` through
+it too, so the name a user serves and the file ``sam-backend download`` writes cannot drift apart. That is why this
+module imports neither torch nor, until a download starts, the HTTP client: reading the table must stay cheap.
+
 Meta's file names carry the first 6 hex digits of the file's sha256 (``sam_vit_b_01ec64.pth``), the
 torch-hub convention: that prefix is what we check. For files whose hash we do not know (MobileSAM,
 the Ultralytics assets) no hash is invented; they are checked for a complete transfer only.
@@ -18,9 +22,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
-
-import requests
-from tqdm import tqdm
 
 META = "https://dl.fbaipublicfiles.com/segment_anything/"
 ULTRALYTICS = "https://github.com/ultralytics/assets/releases/download/v8.3.0/"
@@ -46,9 +47,9 @@ CHECKPOINTS: dict[str, Checkpoint] = {
     "sam_l": Checkpoint(ULTRALYTICS + "sam_l.pt", "sam_l.pt", None),
     "ultralytics_mobile_sam": Checkpoint(ULTRALYTICS + "mobile_sam.pt", "ultralytics_mobile_sam.pt", None),
 }
-ALIASES = {
-    "sam_vit_b_01ec64.pth": "vit_b", "sam_vit_l_0b3195.pth": "vit_l", "sam_vit_h_4b8939.pth": "vit_h",
-    "mobile_sam": "vit_t", "mobile_sam.pt": "vit_t", "sam_b.pt": "sam_b", "sam_l.pt": "sam_l",
+# Other spellings users type for an official name (matched like names: trimmed, any case).
+ALIASES: dict[str, str] = {
+    "mobile_sam": "vit_t", "mobilesam": "vit_t", "sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h",
 }
 
 
@@ -56,11 +57,25 @@ class DownloadError(RuntimeError):
     """A checkpoint could not be downloaded or did not verify."""
 
 
+def official_name(text: str) -> str | None:
+    """The table's name for ``text`` (a name or an alias, trimmed, any case), else None.
+
+    File names are not names: a file name is a path to whoever reads it (``SAM_CHECKPOINT=mobile_sam.pt`` may
+    be a file in the working directory); ``resolve`` maps the table's file names separately.
+    """
+    key = text.strip().lower()
+    key = ALIASES.get(key, key)
+    return key if key in CHECKPOINTS else None
+
+
 def resolve(name_or_url: str) -> Checkpoint:
-    """A table entry by name / alias / file name, or an ad-hoc entry for an http(s) URL."""
-    key = ALIASES.get(name_or_url, name_or_url)
-    if key in CHECKPOINTS:
-        return CHECKPOINTS[key]
+    """A table entry by name / alias / the entry's file name, or an ad-hoc entry for an http(s) URL."""
+    name = official_name(name_or_url)
+    if name is not None:
+        return CHECKPOINTS[name]
+    by_filename = {entry.filename: entry for entry in CHECKPOINTS.values()}
+    if name_or_url in by_filename:
+        return by_filename[name_or_url]
     parsed = urlparse(name_or_url)
     if parsed.scheme in ("http", "https") and parsed.netloc:
         filename = Path(unquote(parsed.path)).name
@@ -86,6 +101,9 @@ def _verified(digest: str, expected: str | None) -> bool:
 
 def fetch(name_or_url: str, dest_dir: str | os.PathLike, progress: bool = True, timeout: float = 30.0) -> Path:
     """The local path of a checkpoint, downloading it into ``dest_dir`` unless a verified copy is there."""
+    import requests
+    from tqdm import tqdm
+
     entry = resolve(name_or_url)
     directory = Path(dest_dir)
     directory.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,23 @@
-"""Where and how the networks run: device choice, autocast dtype, CPU threads, torch.compile."""
+"""Where and how the networks run: device choice, autocast dtype, CPU threads, torch.compile.
+
+This is the one home of the device policy, for the engine and for the server around it: which GPU a server
+worker gets, what a dtype setting means, how many CPU threads PyTorch uses, and how much of the device's memory
+the embedding cache may take. The backend passes its settings (plain strings and numbers) in and keeps no
+torch logic of its own, so nothing of torch is imported before the model loads.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
+
+# The dtype settings (SAM_DTYPE) and the autocast dtype each asks for; "auto" lets resolve_dtype pick by device.
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -16,6 +28,27 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was asked for but CUDA is not available")
     return device
+
+
+def dtype_from_name(name: str) -> torch.dtype | None:
+    """The dtype a setting names ("auto" | "fp32" | "bf16" | "fp16"), in the form ``load(dtype=...)`` takes."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}: expected one of {', '.join(DTYPES)}") from None
+
+
+def worker_device(device: str | None, slot: int) -> str | None:
+    """The device of server worker ``slot`` (0, 1, ...) when ``device`` is the setting (None: auto).
+
+    With several GPUs and an unpinned CUDA choice (auto or "cuda"), worker ``slot`` gets GPU ``slot % count``:
+    one worker per GPU, each with its own model. Anything else (the CPU, a pinned ``cuda:N``, a single GPU) is
+    kept as it is.
+    """
+    if device not in (None, "cuda"):
+        return device
+    count = torch.cuda.device_count()
+    return f"cuda:{slot % count}" if count > 1 else device
 
 
 def resolve_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -49,6 +82,29 @@ def set_threads(n: int) -> None:
     if n < 1:
         raise ValueError(f"the thread count must be at least 1, not {n}")
     torch.set_num_threads(n)
+
+
+def configure_threads(n: int) -> None:
+    """Apply a thread-count setting: ``n`` threads, or PyTorch's own default (the physical cores) for 0."""
+    if n:
+        set_threads(n)
+
+
+def default_cache_bytes(device: str | None) -> int:
+    """The in-process embedding cache bound when none is configured, for a model on ``device`` (None: auto).
+
+    Embeddings stay on the model's device, ready to decode. On a GPU they share its memory with the model's
+    activations, so a tenth of it (at most 4 GiB, ~1000 embeddings) leaves the encoder room; on a CPU a
+    twentieth of the RAM (256 MiB to 2 GiB, ~60 to 500 embeddings) keeps a laptop usable.
+    """
+    if (device or "cuda").startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device or "cuda").index or 0
+        return min(torch.cuda.get_device_properties(index).total_memory // 10, 4 << 30)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 8 << 30
+    return max(256 << 20, min(ram // 20, 2 << 30))
 
 
 def maybe_compile(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:

@@ -106,10 +106,9 @@ def expected_masks(oracle: Any, body: dict[str, Any]) -> list[np.ndarray]:
     embedding = oracle.embed(image)
     masks = []
     for prompt in parse_prompts(body["params"]["context"]["result"], image.shape[:2]):
-        single = len(prompt.points) == 1 and prompt.box is None
         out = oracle.predict(embedding, points=prompt.point_coords,
                              labels=prompt.point_labels if len(prompt.points) else None, box=prompt.box,
-                             multimask=single)
+                             multimask=prompt.multimask)
         masks.append(out.masks[int(np.argmax(out.scores))])
     return masks
 

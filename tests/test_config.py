@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.config import OFFICIAL_CHECKPOINTS, Settings, SettingsError, parse_label_map
+from backend.config import DTYPES, Settings, SettingsError, parse_label_map
+from model.download import CHECKPOINTS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,7 +21,7 @@ def test_defaults_from_an_empty_environment() -> None:
     assert settings.sam_device == "auto" and settings.sam_dtype == "auto" and settings.sam_compile is False
     assert settings.redis_url == "" and settings.basic_auth is None
     assert settings.sam_output == "auto" and settings.sam_batch_mode == "boxes" and settings.label_map == {}
-    assert settings.checkpoint_path == Path("models") / OFFICIAL_CHECKPOINTS["vit_b"]
+    assert settings.checkpoint_path == Path("models") / CHECKPOINTS["vit_b"].filename
 
 
 def test_every_variable_is_read() -> None:
@@ -113,17 +114,58 @@ def test_every_field_is_documented() -> None:
 
 def test_official_checkpoint_names_match_the_download_table() -> None:
     """SAM_CHECKPOINT=vit_b must find the very file `sam-backend download vit_b` writes."""
-    from backend.config import OFFICIAL_CHECKPOINTS
     from model.download import resolve
 
-    for name, file_name in OFFICIAL_CHECKPOINTS.items():
-        assert resolve(name).filename == file_name, name
+    for name in CHECKPOINTS:
+        assert Settings(sam_checkpoint=name).checkpoint_path == Path("models") / resolve(name).filename, name
+
+
+def test_dtype_settings_are_the_runtime_dtypes() -> None:
+    """SAM_DTYPE accepts exactly the names model.runtime gives a meaning to."""
+    from model.runtime import DTYPES as RUNTIME_DTYPES
+
+    assert tuple(RUNTIME_DTYPES) == DTYPES
 
 
 def test_cache_memory_is_sized_for_the_device_unless_set() -> None:
-    from backend.segmenter import default_cache_bytes
+    from model.runtime import default_cache_bytes
 
     assert Settings.from_env({}).cache_memory_bytes is None
     assert Settings.from_env({"SAM_CACHE_MEMORY_MB": "auto"}).cache_memory_bytes is None
     assert Settings.from_env({"SAM_CACHE_MEMORY_MB": "0"}).cache_memory_bytes == 0
     assert 256 << 20 <= default_cache_bytes("cpu") <= 2 << 30
+
+
+def test_device_setting_as_the_model_takes_it() -> None:
+    assert Settings().device is None  # auto: the model picks CUDA when there is one
+    assert Settings(sam_device="cuda:1").device == "cuda:1"
+
+
+def test_model_dir_alone(tmp_path: Path) -> None:
+    from backend.config import model_dir_from_env
+
+    assert model_dir_from_env({}) == Path("models") == Settings.from_env({}).model_dir
+    assert model_dir_from_env({"MODEL_DIR": str(tmp_path)}) == tmp_path
+
+
+def _imports_torch(code: str) -> bool:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", f"{code}\nimport sys; print('torch' in sys.modules)"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True)
+    return result.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_importing_the_backend_loads_no_torch() -> None:
+    """The CLI and gunicorn's arbiter import these; torch is loaded by the model, in the worker, only."""
+    modules = ["config", "app", "segmenter", "predictions", "prompts", "results", "cli", "gunicorn_conf"]
+    assert not _imports_torch("; ".join(f"import backend.{name}" for name in modules))
+
+
+def test_checkpoint_names_load_no_torch() -> None:
+    """Resolving SAM_CHECKPOINT and the CLI's help read model.download's table, which needs no torch."""
+    if _imports_torch("import model.download"):
+        pytest.skip("the model package still imports torch eagerly")
+    assert not _imports_torch("from backend.config import Settings; Settings().checkpoint_path\n"
+                              "from backend.cli import build_parser; build_parser()")

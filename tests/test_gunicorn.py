@@ -191,3 +191,24 @@ def test_download_fetches_a_checkpoint_url_into_the_model_dir(checkpoint: Path, 
     refused = subprocess.run([str(SAM_BACKEND), "download", "no_such_model", "--dir", str(tmp_path)],
                              env=server_env(), capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "no_such_model" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_gunicorn_settings_come_from_the_backend_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from backend import gunicorn_conf
+    from backend.config import SettingsError
+
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    monkeypatch.setenv("WORKERS", "3")
+    monkeypatch.setenv("PORT", "9191")
+    monkeypatch.setenv("LOG_LEVEL", "debug")
+    try:
+        conf = importlib.reload(gunicorn_conf)
+        assert (conf.workers, conf.bind, conf.loglevel) == (3, ["0.0.0.0:9191"], "debug")
+        monkeypatch.setenv("WORKERS", "many")
+        with pytest.raises(SettingsError, match="WORKERS"):
+            importlib.reload(gunicorn_conf)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(gunicorn_conf)

@@ -194,6 +194,8 @@ def test_points_within_a_pixel_outside_are_clamped() -> None:
     ([rectangle(10, 10, 10, "wide")], "value.height must be a finite number"),
     ([rectangle(10, 10, 10, 10, rotation="x")], "value.rotation"),
     ([rectangle(150, 10, 10, 10)], "rectangle lies outside"),
+    ([rectangle(10, 10, 0.2, 10)], "less than a pixel"),
+    ([rectangle(99.9, 10, 10, 10)], "less than a pixel"),
     ([keypoint(50, 50, image_rotation=45)], "image_rotation must be 0, 90, 180 or 270"),
 ])
 def test_bad_regions_are_bad_requests(regions: object, message: str) -> None:

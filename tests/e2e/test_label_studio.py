@@ -20,6 +20,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image, ImageDraw, ImageOps
 
+from backend.prompts import asks_three_masks
 from testsupport.label_studio import LabelStudio, SamBackend
 from testsupport.paths import FIXTURES_DIR
 
@@ -112,16 +113,16 @@ class Reference:
     def mask(self, image: SceneImage, points: list[tuple[float, float]] | None = None,
              box: tuple[float, float, float, float] | None = None,
              positive: list[bool] | None = None) -> np.ndarray:
-        """SAM's rule for one object: a single click is ambiguous, so the best of three by predicted IoU;
-        anything more specific gives one mask."""
+        """SAM's rule for one object (``asks_three_masks``): a single click is ambiguous, so the best of three by
+        predicted IoU; anything more specific gives one mask."""
         coords = np.asarray(points, dtype=np.float32).reshape(-1, 2) if points else None
         labels = None
         if coords is not None:
             labels = np.asarray(positive if positive is not None else [True] * len(coords), dtype=np.int32)
         box_array = np.asarray(box, dtype=np.float32) if box is not None else None
-        single_click = coords is not None and len(coords) == 1 and box is None
+        multimask = asks_three_masks(0 if coords is None else len(coords), box is not None)
         prediction = self.predictor.predict(self.embedding(image), points=coords, labels=labels, box=box_array,
-                                            multimask=single_click)
+                                            multimask=multimask)
         return prediction.masks[int(np.argmax(prediction.scores))]
 
 

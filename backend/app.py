@@ -59,13 +59,13 @@ class Backend:
     metrics: Metrics
     warmer: Warmer | None = None  # None when SAM_WARMUP is off
     projects: dict[str, str] = field(default_factory=dict)  # project id -> label config seen in /setup
-    label_studio: tuple[str | None, str | None] = (None, None)  # hostname + token from /setup, for warm-up jobs
 
     def warm_up(self, tasks: list[dict[str, Any]], label_config: LabelConfig, source: str) -> int:
         """Queue background encodes of the tasks' images; never raises, never waits for an encode."""
         if self.warmer is None:
             return 0
-        url, token = self.label_studio
+        # The Label Studio in effect here (environment, else /setup), so a worker that never saw /setup can fetch.
+        url, token = self.fetcher.label_studio.url, self.fetcher.label_studio.token
         jobs = [WarmupJob(task=task, value_key=label_config.image.value_key, label_studio_url=url,
                           label_studio_token=token) for task in tasks if isinstance(task, dict)]
         queued = self.warmer.submit(jobs)
@@ -220,7 +220,6 @@ def setup() -> Response:
         raise BadRequest("'access_token' must be a string")
     if hostname or token:
         backend.fetcher.set_label_studio(hostname or None, token or None)
-        backend.label_studio = (hostname or None, token or None)
     return jsonify({"model_version": backend.segmenter.model_version})
 
 

@@ -200,15 +200,17 @@ def _is_timeout(exc: BaseException) -> bool:
     return any(isinstance(arg, urllib3.exceptions.TimeoutError) for arg in getattr(exc, "args", ()))
 
 
+def _timed_out(url: str, timeout: float, what: str) -> ImageAccessError:
+    return ImageAccessError(f"Timed out after {timeout:.1f} s downloading {url}: {what}. Check it is reachable "
+                            "from the backend, or raise the download limit (IMAGE_TIMEOUT_S).")
+
+
 def request_failed(exc: requests.RequestException, url: str, timeout: float,
                    label_studio: LabelStudioClient) -> ImageError:
     """Translate a requests exception into a message about the URL, not about the code."""
     host = urlsplit(url).hostname or ""
     if _is_timeout(exc):
-        return ImageAccessError(
-            f"Timed out after {timeout:.1f} s downloading {url}: the host did not answer in time. Check it is "
-            "reachable from the backend, or raise the download limit (IMAGE_TIMEOUT_S)."
-        )
+        return _timed_out(url, timeout, "the host did not answer in time")
     if isinstance(exc, requests.exceptions.SSLError):
         return ImageAccessError(f"TLS error connecting to {url}: {exc}. Check the certificate of {host}.")
     if isinstance(exc, requests.ConnectionError):
@@ -228,10 +230,7 @@ def request_failed(exc: requests.RequestException, url: str, timeout: float,
 def _read_failed(exc: Exception, url: str, timeout: float) -> ImageAccessError:
     """A failure in the middle of a body: a stalled, cut or badly encoded download."""
     if _is_timeout(exc):
-        return ImageAccessError(
-            f"Timed out after {timeout:.1f} s downloading {url}: the host stopped sending. Check it is reachable "
-            "from the backend, or raise the download limit (IMAGE_TIMEOUT_S)."
-        )
+        return _timed_out(url, timeout, "the host stopped sending")
     if isinstance(exc, urllib3.exceptions.DecodeError):
         return ImageAccessError(f"The download of {url} could not be decompressed (bad Content-Encoding): {exc}")
     return ImageAccessError(f"The connection broke while downloading {url}: {exc}")

@@ -47,8 +47,9 @@ class MLPBlock(UsesFastPaths, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens (..., C) -> (..., C)."""
         budget = self.fast_paths.mlp_chunk_elements
-        if budget and x.numel() // x.shape[-1] > max(1, budget // self.lin1.out_features):
-            return self.forward_chunked(x, max(1, budget // self.lin1.out_features))
+        rows = max(1, budget // self.lin1.out_features)
+        if budget and x.numel() // x.shape[-1] > rows:
+            return self.forward_chunked(x, rows)
         return self.lin2(activate(self.act, self.lin1(x), self.fast_paths.in_place_activations))
 
     def forward_chunked(self, x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -51,7 +51,7 @@ class Sam(nn.Module):
         """Use ``policy`` (``model.FAST``, ``model.REFERENCE`` or any ``FastPaths``) from now on.
 
         Every module with a fast path reads the policy resolved for the model's device; moving the model
-        to another device resolves it again.
+        to another device resolves it again. Set it before the model serves, not while other threads run it.
         """
         self._policy = policy
         self._fast_paths = apply_fast_paths(self, policy, self.device)

@@ -25,6 +25,7 @@ seeded random weights, saved in the official checkpoint formats, and the same 10
     .venv/bin/python -m bench.engine                      # both models, CPU, PyTorch's default threads
     .venv/bin/python -m bench.engine --models vit_t --runs 5 --decode-runs 50 --json /tmp/engine.json
     .venv/bin/python -m bench.engine --device cuda --compile
+    .venv/bin/python -m bench.engine --fast-paths reference   # ours in Meta's order of operations
 
 Goals on a 2-core CPU: the ViT-B encoder at least 2x faster than the reference at fp32 with identical
 masks; the one-click decode at least 2x faster. The last lines of the output say whether they are met.
@@ -58,6 +59,7 @@ MODELS = ("vit_t", "vit_b")
 HEIGHT, WIDTH = 768, 1024
 SEED = 0
 GOAL_RATIO = 2.0
+FAST_PATHS = {"fast": model.FAST, "reference": model.REFERENCE}
 T = TypeVar("T")
 # (masks (K, H, W) bool, low-res logits (K, h, w)) of each prompt, in order.
 Outputs = list[tuple[np.ndarray, np.ndarray]]
@@ -339,11 +341,12 @@ def modes(device: str, compile_: bool, autocast: bool = True) -> list[tuple[str,
 
 def measure_mode(label: str, dtype: torch.dtype, compile_: bool, checkpoint: Path, device: str,
                  image: np.ndarray, prompt_list: list[Prompt], baseline: Baseline,
-                 runs: int, decode_runs: int) -> ModeResult:
+                 runs: int, decode_runs: int, fast_paths: model.FastPaths = model.FAST) -> ModeResult:
     """Time one faster mode of our engine against our fp32 engine (interleaved) and compare their masks."""
     if dtype != torch.float32 and (why := autocast_supported(device, dtype)):
         return ModeResult(label, skipped=why)
-    predictor = model.Predictor(model.load(checkpoint, device=device, dtype=dtype, compile=compile_))
+    predictor = model.Predictor(model.load(checkpoint, device=device, dtype=dtype, compile=compile_,
+                                           fast_paths=fast_paths))
     first, embedding = timed(lambda: predictor.embed(image), device)
     fp32, click = baseline.predictor, prompt_list[0]
     encoder, fp32_encoder = timings([lambda: predictor.embed(image), lambda: fp32.embed(image)], runs, device,
@@ -368,13 +371,14 @@ def encoder_runs(name: str, runs: int | None) -> int:
 
 def compare_with_reference(name: str, checkpoint: Path, reference_sam: torch.nn.Module, device: str,
                            image: np.ndarray, prompt_list: list[Prompt], runs: int, decode_runs: int,
-                           log: Callable[[str], None]) -> tuple[ModelResult, Baseline]:
+                           log: Callable[[str], None],
+                           fast_paths: model.FastPaths = model.FAST) -> tuple[ModelResult, Baseline]:
     """Reference against ours at fp32: times and agreement, plus our fp32 engine as the modes' baseline.
 
     Its own function so the reference is freed when it returns, before the faster modes load.
     """
     reference = reference_predictor(name, reference_sam, device)
-    ours = model.Predictor(model.load(checkpoint, device=device, dtype=torch.float32))
+    ours = model.Predictor(model.load(checkpoint, device=device, dtype=torch.float32, fast_paths=fast_paths))
     if ours.sam.name != name:
         raise SystemExit(f"our loader read the {name} checkpoint as {ours.sam.name}")
     click = prompt_list[0]
@@ -399,7 +403,8 @@ def compare_with_reference(name: str, checkpoint: Path, reference_sam: torch.nn.
 
 
 def bench_model(name: str, device: str, runs: int, decode_runs: int, compile_: bool, directory: Path,
-                log: Callable[[str], None], autocast: bool = True) -> ModelResult:
+                log: Callable[[str], None], autocast: bool = True,
+                fast_paths: model.FastPaths = model.FAST) -> ModelResult:
     """Reference against ours at fp32, then our faster modes, for one model."""
     log(f"{name}: building seeded random weights and the checkpoint file")
     reference_sam = reference_model(name, SEED)
@@ -407,12 +412,12 @@ def bench_model(name: str, device: str, runs: int, decode_runs: int, compile_: b
     torch.save(reference_sam.state_dict(), checkpoint)
     image, prompt_list = synthetic_image(), prompts()
     result, baseline = compare_with_reference(name, checkpoint, reference_sam, device, image, prompt_list, runs,
-                                              decode_runs, log)
+                                              decode_runs, log, fast_paths)
     del reference_sam
     for label, dtype, compiled in modes(device, compile_, autocast):
         log(f"{name}: {label}")
         result.modes.append(measure_mode(label, dtype, compiled, checkpoint, device, image, prompt_list, baseline,
-                                         runs, decode_runs))
+                                         runs, decode_runs, fast_paths))
     checkpoint.unlink()
     return result
 
@@ -612,6 +617,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-autocast", dest="autocast", action="store_false",
                         help="skip the bf16 / fp16 autocast modes (on a CPU without AVX-512 BF16 or AMX they "
                              "emulate the types and take minutes per encode)")
+    parser.add_argument("--fast-paths", choices=sorted(FAST_PATHS), default="fast",
+                        help="our engine's speed tricks: fast (what the backend serves) or reference (every one "
+                             "off: Meta's order of operations)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the numbers here")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -653,8 +661,9 @@ def main(argv: list[str] | None = None) -> None:
     with scratch_directory() as directory:
         for name in args.models:
             results.append(bench_model(name, args.device, encoder_runs(name, args.runs), args.decode_runs,
-                                       args.compile, directory, log, args.autocast))
+                                       args.compile, directory, log, args.autocast, FAST_PATHS[args.fast_paths]))
     env_after = environment(args.device)
+    print(f"Our engine's fast paths: {args.fast_paths}; LD_PRELOAD: {os.environ.get('LD_PRELOAD') or 'none'}")
     print(report(results, env_before, env_after, len(prompts()), matmul))
     if args.json:
         args.json.write_text(json.dumps(to_json(results, env_before, env_after, matmul), indent=2) + "\n")

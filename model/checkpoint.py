@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from model import runtime
+from model.fast_paths import FAST, FastPaths
 from model.image_encoder import ImageEncoderViT
 from model.mask_decoder import MaskDecoder
 from model.prompt_encoder import PromptEncoder
@@ -51,8 +52,12 @@ class CheckpointError(ValueError):
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         compile: bool = False) -> Sam:
-    """Build a ready-to-use ``Sam`` (eval mode, on ``device``) from a checkpoint file."""
+         compile: bool = False, fast_paths: FastPaths = FAST) -> Sam:
+    """Build a ready-to-use ``Sam`` (eval mode, on ``device``) from a checkpoint file.
+
+    ``fast_paths``: which speed tricks the model uses (``model.fast_paths``); ``REFERENCE`` runs Meta's
+    order of operations everywhere. ``Sam.set_fast_paths`` changes it later.
+    """
     target = runtime.resolve_device(device)
     autocast_dtype = runtime.resolve_dtype(target, dtype)
     state_dict, fingerprint = read_state_dict(path)
@@ -64,6 +69,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
                                     f"{' '.join(str(exc).split())}") from None
     sam.fingerprint = fingerprint
     sam.dtype = autocast_dtype
+    sam.set_fast_paths(fast_paths)
     sam.eval().requires_grad_(False).to(target)
     sam.__dict__["encode"] = runtime.maybe_compile(sam.image_encoder, compile)
     return sam

@@ -10,31 +10,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Upper bound on the elements of the hidden activations an MLP holds at once on CPU (fp32: 16 MiB).
-_MLP_CHUNK_ELEMENTS = 1 << 22
+from model.fast_paths import UsesFastPaths
 
 
 def gelu_(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """GELU of x in place (exact erf form by default); see ``activate_`` for why in place."""
+    """GELU of x in place (exact erf form by default)."""
     return torch.ops.aten.gelu_(x, approximate=approximate)
 
 
-def activate_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``act(x)``, computed in place on x (which the caller no longer needs) for GELU and ReLU.
+def activate(act: nn.Module, x: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``act(x)``; with ``in_place``, GELU and ReLU overwrite x, which the caller no longer needs.
 
-    A fresh output of tens of MiB is new memory for the allocator to map, and on the CPU its first
-    touch costs a page fault per 4 KiB: an out-of-place GELU of ViT-B's (4096, 3072) hidden layer took
-    4x as long as the same GELU in place, which reads and writes memory already mapped. Same kernel,
-    same numbers.
+    The ``in_place_activations`` fast path (``model.fast_paths``): same kernel, same numbers.
     """
-    if isinstance(act, nn.GELU):
+    if in_place and isinstance(act, nn.GELU):
         return gelu_(x, act.approximate)
-    if isinstance(act, nn.ReLU):
+    if in_place and isinstance(act, nn.ReLU):
         return x.relu_()
     return act(x)
 
 
-class MLPBlock(nn.Module):
+def gelu(x: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """Exact GELU of x, in place when ``in_place`` (x is an intermediate nobody else holds)."""
+    return gelu_(x) if in_place else F.gelu(x)
+
+
+class MLPBlock(UsesFastPaths, nn.Module):
     """Two linear layers with an activation between them (the transformer feed-forward block)."""
 
     def __init__(self, embedding_dim: int, mlp_dim: int, act: type[nn.Module] = nn.GELU) -> None:
@@ -44,21 +45,22 @@ class MLPBlock(nn.Module):
         self.act = act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens (..., C) -> (..., C). On CPU, many tokens go through in chunks of rows.
+        """Tokens (..., C) -> (..., C)."""
+        budget = self.fast_paths.mlp_chunk_elements
+        rows = max(1, budget // self.lin1.out_features)
+        if budget and x.numel() // x.shape[-1] > rows:
+            return self.forward_chunked(x, rows)
+        return self.lin2(activate(self.act, self.lin1(x), self.fast_paths.in_place_activations))
 
-        Each token's feed-forward is independent of the others, so chunking changes numbers only by
-        float rounding (the matmuls block differently). It keeps the hidden activations (ViT-B at
-        1024 px: 4096 x 3072 floats, 48 MiB) small enough to stay in the last-level cache between the
-        two matmuls and in memory the allocator reuses, instead of mapping and faulting in a fresh
-        48 MiB block per layer and writing it out to DRAM and back.
+    def forward_chunked(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """``forward`` on ``rows`` tokens at a time: the ``mlp_chunk_elements`` fast path.
+
+        Plain module calls per chunk (not matmuls into a preallocated output), so autocast applies
+        exactly as it does to the whole.
         """
-        rows = max(1, _MLP_CHUNK_ELEMENTS // self.lin1.out_features)
-        if x.device.type != "cpu" or x.numel() // x.shape[-1] <= rows:
-            return self.lin2(activate_(self.act, self.lin1(x)))
         flat = x.reshape(-1, x.shape[-1])
-        # Plain module calls per chunk (not matmuls into a preallocated output), so autocast applies
-        # exactly as it does to the whole.
-        chunks = [self.lin2(activate_(self.act, self.lin1(flat[start:start + rows])))
+        in_place = self.fast_paths.in_place_activations
+        chunks = [self.lin2(activate(self.act, self.lin1(flat[start:start + rows]), in_place))
                   for start in range(0, flat.shape[0], rows)]
         return torch.cat(chunks).view(*x.shape[:-1], self.lin2.out_features)
 

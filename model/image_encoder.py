@@ -1,11 +1,9 @@
 """SAM's ViT image encoder (ViT-B/L/H and custom sizes) in Meta's ``ImageEncoderViT`` layout.
 
-State-dict keys are identical to Meta's so ``sam_vit_*.pth`` load with ``strict=True``. What differs
-is how attention runs: Meta multiplies q and k by hand, adds the decomposed relative-position terms to
-the full attention matrix and applies softmax in separate passes. Here the relative-position terms are
-turned into an additive float bias and handed to ``F.scaled_dot_product_attention`` together with q, k
-and v, so the fused kernel does scale, bias, softmax and the product with v in one go. On CPU that is
-where most of the encoder speed-up comes from.
+State-dict keys are identical to Meta's so ``sam_vit_*.pth`` load with ``strict=True``. ``Block`` and
+``Attention.forward`` are Meta's order of operations; ``Attention.forward_fused`` beside them is the
+``fused_attention`` fast path (SDPA with the relative-position terms as an additive bias built in chunks,
+windows of the unpadded grid, bands of window rows), explained in ``model.fast_paths``.
 """
 
 from __future__ import annotations
@@ -15,15 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.common import LayerNorm2d, MLPBlock
-
-# Upper bound on elements of one attention-bias chunk (fp32: 16 MiB, about an L2 + share of L3). A global
-# block of ViT-H at 1024 px would otherwise need 16 heads x 4096 x 4096 floats = 1 GiB at once, and on
-# CPU a bias that has left the cache before SDPA reads it costs more than the attention itself.
-_MAX_BIAS_ELEMENTS = 1 << 22
-# On a GPU the concern is kernel launches, not caches: 64 M elements is 4 chunks per ViT-B global block.
-_MAX_BIAS_ELEMENTS_GPU = 1 << 26
-# Windowed blocks on CPU run one band of window rows at a time (see Attention.forward).
-_WINDOW_BANDS = True
+from model.fast_paths import UsesFastPaths
 
 
 class PatchEmbed(nn.Module):
@@ -52,7 +42,22 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     return rel_pos[relative.long()]
 
 
-class Attention(nn.Module):
+def add_decomposed_rel_pos(attn: torch.Tensor, q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                           q_size: tuple[int, int], k_size: tuple[int, int]) -> torch.Tensor:
+    """Meta's decomposed relative positions: attention logits (B, q_h*q_w, k_h*k_w) plus ``q . R_h`` and
+    ``q . R_w``, each of which depends on one key axis only."""
+    (q_h, q_w), (k_h, k_w) = q_size, k_size
+    rh = get_rel_pos(q_h, k_h, rel_pos_h)
+    rw = get_rel_pos(q_w, k_w, rel_pos_w)
+    b, _, dim = q.shape
+    r_q = q.reshape(b, q_h, q_w, dim)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+    attn = attn.view(b, q_h, q_w, k_h, k_w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+    return attn.view(b, q_h * q_w, k_h * k_w)
+
+
+class Attention(UsesFastPaths, nn.Module):
     """Multi-head self-attention over a (B, H, W, C) grid with decomposed relative positions."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, use_rel_pos: bool = True,
@@ -60,6 +65,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.use_rel_pos = use_rel_pos
@@ -69,21 +75,30 @@ class Attention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
-    def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
-        """Self-attention over x (B, H, W, C), within non-overlapping windows if ``window_size`` > 0.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Meta's attention over each (H, W) grid of x (B, H, W, C): windows are partitioned by the caller."""
+        b, h, w, _ = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if self.use_rel_pos:
+            attn = add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+        attn = attn.softmax(dim=-1)
+        x = (attn @ v).view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        return self.proj(x)
 
-        Meta partitions the normalised input into windows (zero padding at the bottom / right edge)
-        and runs qkv and proj per window. Both are per-token linear maps, so here they run on the
-        unpadded grid and only q, k, v are partitioned; a zero input maps to qkv's bias, so the
-        padding is filled with that bias and the result is the same.
+    # --- the fused_attention fast path (model.fast_paths) ---------------------------------------------
+
+    def forward_fused(self, x: torch.Tensor, window_size: int) -> torch.Tensor:
+        """The same as Meta's windowed or global attention of a block, on the whole grid x (B, H, W, C).
+
+        qkv and proj run on the unpadded grid, and only q, k, v are partitioned into windows (the
+        padding is filled with qkv's bias, which is what a zero input maps to); with ``window_bands``,
+        one band of window rows at a time.
         """
         if window_size == 0:
-            return self.proj(self.attend(self.qkv(x)))
-        if x.device.type == "cpu" and _WINDOW_BANDS and x.shape[1] > window_size:
-            # One band of window rows at a time: windows never straddle bands (both start at row 0), so
-            # this is the same computation, with every intermediate (qkv, padded windows, output) a
-            # tenth of the size: small enough to stay in cache and in memory the allocator reuses,
-            # where the whole grid's 38-45 MiB tensors were mapped and faulted in afresh each block.
+            return self.proj(self._attend(self.qkv(x)))
+        if self.fast_paths.window_bands and x.shape[1] > window_size:
             bands = [self._windowed(x[:, top:top + window_size], window_size)
                      for top in range(0, x.shape[1], window_size)]
             return torch.cat(bands, dim=1)
@@ -95,11 +110,15 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         fill = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(qkv.shape[-1])
         qkv, padded = window_partition(qkv, window_size, fill)
-        out = window_unpartition(self.attend(qkv), window_size, padded, (h, w))
+        out = window_unpartition(self._attend(qkv), window_size, padded, (h, w))
         return self.proj(out)
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """Attention from fused projections (B, H, W, 3C) -> (B, H, W, C), before ``proj``."""
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """SDPA from fused projections (B, H, W, 3C) -> (B, H, W, C), before ``proj``.
+
+        The relative-position bias is built in chunks over windows, heads and query rows of at most
+        ``attention_bias_elements``, all written into one buffer.
+        """
         b, h, w, _ = qkv.shape
         n = h * w
         # (B, heads, N, head_dim) views into qkv: SDPA reads strided inputs, no copy needed.
@@ -109,16 +128,11 @@ class Attention(nn.Module):
             return out.transpose(1, 2).reshape(b, h, w, -1)
         rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)
         rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)
-        # Chunks over windows, heads and query rows keep each bias small enough to be consumed from
-        # cache right after it is written: a global block of ViT-B at 1024 px would otherwise stream
-        # 12 x 4096 x 4096 floats (805 MB) through memory twice.
         out = q.new_empty(b, n, self.num_heads, q.shape[-1])
         out_heads = out.transpose(1, 2)
-        # One bias buffer reused by all chunks: a fresh 16 MB tensor per chunk goes back to the OS on
-        # free and costs its page faults again on the next chunk, as much time as building the bias.
         buffer: torch.Tensor | None = None
-        budget = _MAX_BIAS_ELEMENTS if q.device.type == "cpu" else _MAX_BIAS_ELEMENTS_GPU
         per_window = self.num_heads * n * n
+        budget = self.fast_paths.attention_bias_elements or b * per_window
         step_b = max(1, budget // per_window)
         step_h = self.num_heads if step_b > 1 else max(1, budget // (n * n))
         rows_per = h if n * n <= budget else max(1, budget // (w * n))
@@ -136,12 +150,11 @@ class Attention(nn.Module):
 
 def _decomposed_bias(q: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor, w: int,
                      buffer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Additive attention bias (B, heads, rows*w, H*W) for queries q (B, heads, rows*w, C), written
-    into ``buffer`` (grown when too small); returns the bias and the buffer.
+    """``add_decomposed_rel_pos``'s terms as an additive bias (B, heads, rows*w, H*W) for queries q
+    (B, heads, rows*w, C), written into ``buffer`` (grown when too small); returns the bias and the buffer.
 
-    Meta adds ``q . R_h[qh, kh]`` and ``q . R_w[qw, kw]`` to the logits; each depends on one key axis
-    only, so both are computed small and broadcast into the bias. The broadcast runs on flat 3-d
-    views: from the einsum's strided 5-d output it is an order of magnitude slower on CPU.
+    The broadcast runs on flat 3-d views: from the einsum's strided 5-d output it is an order of
+    magnitude slower on CPU.
     """
     b, heads, _, c = q.shape
     r_q = q.reshape(b, heads, -1, w, c)
@@ -185,7 +198,7 @@ def window_unpartition(windows: torch.Tensor, window_size: int, padded_hw: tuple
     return x
 
 
-class Block(nn.Module):
+class Block(UsesFastPaths, nn.Module):
     """Pre-norm transformer block; windowed attention when ``window_size`` > 0, else global."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
@@ -200,7 +213,18 @@ class Block(nn.Module):
         self.window_size = window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), self.window_size)
+        shortcut = x
+        x = self.norm1(x)
+        if self.fast_paths.fused_attention:
+            x = self.attn.forward_fused(x, self.window_size)
+        else:
+            if self.window_size > 0:
+                h, w = x.shape[1], x.shape[2]
+                x, pad_hw = window_partition(x, self.window_size)
+            x = self.attn(x)
+            if self.window_size > 0:
+                x = window_unpartition(x, self.window_size, pad_hw, (h, w))
+        x = shortcut + x
         return x + self.mlp(self.norm2(x))
 
 

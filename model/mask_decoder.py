@@ -1,9 +1,10 @@
 """Mask decoder: image embedding + prompt embeddings -> mask logits and predicted IoU per mask.
 
 Keys follow Meta's ``MaskDecoder``. Differences in mechanics, not in results: the image embedding and
-its positional encoding are broadcast over the prompt batch instead of copied per prompt, only the
-masks asked for are computed, and the upscaling runs channels-last as matmuls in pixel-block order, with
-one pixel shuffle of the final masks instead of two of the upscaled features (see ``upscale``).
+its positional encoding are broadcast over the prompt batch instead of copied per prompt, and only the
+masks asked for are computed. With the ``pixel_block_upscaling`` fast path (``model.fast_paths``) the
+upscaling runs channels-last as matmuls in pixel-block order (``masks_in_pixel_blocks``); without it,
+Meta's ``output_upscaling`` on the feature map.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.common import LayerNorm2d, activate_
+from model.common import LayerNorm2d, activate
+from model.fast_paths import UsesFastPaths
 from model.transformer import TwoWayTransformer
 
 
@@ -34,7 +36,7 @@ class MLP(nn.Module):
         return torch.sigmoid(x) if self.sigmoid_output else x
 
 
-class MaskDecoder(nn.Module):
+class MaskDecoder(UsesFastPaths, nn.Module):
     def __init__(self, *, transformer_dim: int, transformer: TwoWayTransformer, num_multimask_outputs: int = 3,
                  activation: type[nn.Module] = nn.GELU, iou_head_depth: int = 3,
                  iou_head_hidden_dim: int = 256) -> None:
@@ -93,30 +95,37 @@ class MaskDecoder(nn.Module):
         iou_pred = self.iou_prediction_head(hs[:, 0, :])[:, keep]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens, :]
 
-        upscaled = self.upscale(src)  # (B, h*w*16, C/8), channels last, pixel-block order
         indexes = range(self.num_mask_tokens)[keep]
         hyper_in = torch.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in indexes], dim=1)
-        masks = (hyper_in @ upscaled.transpose(1, 2)).reshape(bs, len(indexes), h, w, 2, 2, 2, 2)
-        # Pixel (4y + 2a + c, 4x + 2b + d) sits at block (y, x, a, b, c, d): one shuffle, of K masks only.
-        masks = masks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(bs, len(indexes), 4 * h, 4 * w)
+        if self.fast_paths.pixel_block_upscaling:
+            return self.masks_in_pixel_blocks(hyper_in, src, (h, w)), iou_pred
+        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(bs, -1, h, w))
+        b, c, h, w = upscaled.shape
+        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
         return masks, iou_pred
 
-    def upscale(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``output_upscaling`` on image tokens (B, h*w, C) -> (B, h*w*16, C/8), channels last.
+    # --- the pixel_block_upscaling fast path (model.fast_paths) --------------------------------------
 
-        Same weights and result as running the ``nn.Sequential`` on (B, C, h, w), but a transposed
-        convolution whose kernel equals its stride writes each output pixel once, so it is one matmul.
-        Everything after each matmul (LayerNorm over channels, GELU, the next such convolution) acts on
-        each pixel alone, so the pixels need not be in image order until the very end: the output stays
-        in pixel-block order (y, x, a, b, c, d) for pixel (4y + 2a + c, 4x + 2b + d), and the caller
-        shuffles the K masks made from it instead of the 32-channel features (16x fewer values to move).
-        On CPU this is several times faster than the convolution kernels.
+    def masks_in_pixel_blocks(self, hyper_in: torch.Tensor, tokens: torch.Tensor,
+                              size: tuple[int, int]) -> torch.Tensor:
+        """Masks (B, K, 4h, 4w) from hypernetwork outputs (B, K, C/8) and image tokens (B, h*w, C).
+
+        The same as Meta's ``output_upscaling`` on the (h, w) feature map and a product with the
+        hypernetwork outputs, but a transposed convolution whose kernel equals its stride writes each
+        output pixel once, so it is one matmul on channels-last pixels; everything after each matmul
+        (LayerNorm over channels, GELU, the next such convolution) acts on each pixel alone, so the pixels
+        stay in pixel-block order (y, x, a, b, c, d) for pixel (4y + 2a + c, 4x + 2b + d), and only the K
+        masks are shuffled into image order. On CPU this is several times faster than the convolution
+        kernels.
         """
         up1, norm, act1, up2, act2 = self.output_upscaling
+        in_place = self.fast_paths.in_place_activations
         x = _conv_transpose_2x2(tokens, up1)
-        x = activate_(act1, F.layer_norm(x, (norm.weight.shape[0],), norm.weight, norm.bias, norm.eps))
-        x = activate_(act2, _conv_transpose_2x2(x, up2))
-        return x
+        x = activate(act1, F.layer_norm(x, (norm.weight.shape[0],), norm.weight, norm.bias, norm.eps), in_place)
+        upscaled = activate(act2, _conv_transpose_2x2(x, up2), in_place)  # (B, h*w*16, C/8)
+        (bs, k, _), (h, w) = hyper_in.shape, size
+        masks = (hyper_in @ upscaled.transpose(1, 2)).reshape(bs, k, h, w, 2, 2, 2, 2)
+        return masks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(bs, k, 4 * h, 4 * w)
 
 
 def _conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:

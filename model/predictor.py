@@ -150,7 +150,7 @@ class Predictor:
                 rows = torch.arange(low_res.shape[0], device=low_res.device)
                 best = iou.argmax(dim=1)
                 low_res, iou = low_res[rows, best].unsqueeze(1), iou[rows, best].unsqueeze(1)
-            masks = postprocess_masks(low_res, self.sam.image_size, resized, original)
+            masks = postprocess_masks(low_res, self.sam.image_size, resized, original, self.sam.fast_paths)
             if not return_logits:
                 masks = masks > self.sam.mask_threshold
         return masks, iou.float(), low_res

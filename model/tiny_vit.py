@@ -6,14 +6,16 @@ layout) load with ``strict=True``. The computation is the reference's, rearrange
 
 * convolution + BatchNorm pairs run as one convolution with the BatchNorm folded in, always with the
   running statistics: this module never trains, so ``train()`` cannot silently switch to batch statistics;
-* window attention goes through ``F.scaled_dot_product_attention`` with the learned relative-position
-  biases as an additive float mask, gathered at every forward: the reference caches them in ``eval()``,
-  and that cache is stale when weights are loaded after ``eval()`` (as its own ``build_sam_vit_t`` does);
+* the learned relative-position biases are gathered at every forward: the reference caches them in
+  ``eval()``, and that cache is stale when weights are loaded after ``eval()`` (as its own
+  ``build_sam_vit_t`` does);
 * feature maps carry their height and width, so nothing is tied to a 1024 input (the reference hardcodes
   a 64 x 64 output grid).
 
 Zero-padded window borders are layer-normalised and attended to exactly as in the reference: they are
-part of the numerics the weights were trained with.
+part of the numerics the weights were trained with. Two of the model's ``FastPaths`` apply here
+(``model.fast_paths``): ``fused_attention`` (window attention through ``F.scaled_dot_product_attention``
+with the biases as an additive float mask) and ``in_place_activations``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.common import LayerNorm2d, activate_, gelu_
+from model.common import LayerNorm2d, activate, gelu
+from model.fast_paths import UsesFastPaths
 
 # SAM's input side. Not recorded in the weights; the encoder itself works at any multiple of 16.
 _MOBILE_SAM_IMAGE_SIZE = 1024
@@ -66,7 +69,7 @@ class Conv2dBN(nn.Module):
         return F.conv2d(x, weight, bias, self.c.stride, self.c.padding, groups=self.c.groups)
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(UsesFastPaths, nn.Module):
     """Two stride-2 3x3 convolutions: (B, 3, H, W) -> (B, C, H/4, W/4). ``seq.1`` is the activation."""
 
     def __init__(self, in_chans: int, embed_dim: int) -> None:
@@ -78,10 +81,10 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq[2](activate_(self.seq[1], self.seq[0](x)))
+        return self.seq[2](activate(self.seq[1], self.seq[0](x), self.fast_paths.in_place_activations))
 
 
-class MBConv(nn.Module):
+class MBConv(UsesFastPaths, nn.Module):
     """Inverted residual block (1x1 expand, 3x3 depthwise, 1x1 project) of the convolutional stage."""
 
     def __init__(self, dim: int, expand_ratio: float) -> None:
@@ -92,13 +95,13 @@ class MBConv(nn.Module):
         self.conv3 = Conv2dBN(hidden, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In place on fresh outputs: at 256 x 256 x 256 an out-of-place GELU is mostly page faults.
-        y = gelu_(self.conv1(x))
-        y = gelu_(self.conv2(y))
-        return gelu_(x + self.conv3(y))
+        in_place = self.fast_paths.in_place_activations
+        y = gelu(self.conv1(x), in_place)
+        y = gelu(self.conv2(y), in_place)
+        return gelu(x + self.conv3(y), in_place)
 
 
-class PatchMerging(nn.Module):
+class PatchMerging(UsesFastPaths, nn.Module):
     """Channel change (and, except before the last stage, 2x downsampling) between stages, on (B, C, H, W)."""
 
     def __init__(self, dim: int, out_dim: int, stride: int) -> None:
@@ -108,8 +111,9 @@ class PatchMerging(nn.Module):
         self.conv3 = Conv2dBN(out_dim, out_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = gelu_(self.conv1(x))
-        x = gelu_(self.conv2(x))
+        in_place = self.fast_paths.in_place_activations
+        x = gelu(self.conv1(x), in_place)
+        x = gelu(self.conv2(x), in_place)
         return self.conv3(x)
 
 
@@ -128,7 +132,7 @@ def attention_bias_index(window_size: int) -> torch.Tensor:
     return dy * window_size + dx
 
 
-class Attention(nn.Module):
+class Attention(UsesFastPaths, nn.Module):
     """Multi-head self-attention inside one window, with a learned bias per head and relative offset."""
 
     def __init__(self, dim: int, num_heads: int, window_size: int) -> None:
@@ -137,6 +141,7 @@ class Attention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -150,14 +155,18 @@ class Attention(nn.Module):
         # The reference lays qkv out per head as [q | k | v], not as [all q | all k | all v].
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)
-        # A 4-d (1, heads, N, N) mask: with a 3-d one PyTorch's CPU dispatch falls back from the fused
-        # kernel to the unfused math path, about 4x slower here.
-        bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0).to(q.dtype)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        bias = self.attention_biases[:, self.attention_bias_idxs]
+        if self.fast_paths.fused_attention:
+            # A 4-d (1, heads, N, N) mask: with a 3-d one PyTorch's CPU dispatch falls back from the fused
+            # kernel to the unfused math path, about 4x slower here.
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype))
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.scale + bias
+            x = attn.softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
-class Mlp(nn.Module):
+class Mlp(UsesFastPaths, nn.Module):
     """Pre-norm feed-forward block (the LayerNorm lives inside it in TinyViT)."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
@@ -167,7 +176,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(gelu_(self.fc1(self.norm(x))))
+        return self.fc2(gelu(self.fc1(self.norm(x)), self.fast_paths.in_place_activations))
 
 
 class TinyViTBlock(nn.Module):

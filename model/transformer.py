@@ -1,26 +1,24 @@
 """The two-way transformer of the mask decoder: prompt tokens and image tokens attend to each other.
 
-Keys follow Meta's ``TwoWayTransformer``. The mechanics differ where the few prompt tokens (about 7 for a
-click) meet the 4096 image tokens. Meta projects every image token to q, k or v (4096 x 256 x 128
-multiply-adds each) and projects the attention output back (as much again). Each of those maps is linear,
-so it can be moved to the token side of the product instead: the tokens' queries are pulled back through
-``k_proj`` to the image tokens' own 256 channels, the image tokens are averaged before ``v_proj`` rather
-than after, and for image -> token attention ``q_proj`` and ``out_proj`` are folded into the tokens' keys and
-values. The image side then only meets ``heads x tokens`` vectors (56 for a click) instead of 128-wide
-projections, which leaves the transformer with less than half the arithmetic and exactly the same
-function, up to float rounding (see ``Attention.tokens_to_image`` and ``Attention.image_to_tokens``).
+Keys and the order of operations follow Meta's ``TwoWayTransformer``. ``Attention.forward`` picks, once per
+call and by the model's ``FastPaths``, between Meta's attention, the same through SDPA (``fused_attention``)
+and, where the few prompt tokens meet the 4096 image tokens, the forms with the image side's projections
+folded into the tokens (``folded_decoder_attention``, explained in ``model.fast_paths``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.common import MLPBlock
+from model.fast_paths import UsesFastPaths
 
 
-class Attention(nn.Module):
+class Attention(UsesFastPaths, nn.Module):
     """Multi-head attention whose q/k/v projections may shrink the width by ``downsample_rate``."""
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1) -> None:
@@ -36,41 +34,52 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
 
-    def _heads(self, x: Tensor) -> Tensor:
+    def _separate_heads(self, x: Tensor) -> Tensor:
         """(B, N, internal_dim) -> (B, heads, N, head_dim)."""
         b, n, _ = x.shape
         return x.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def _merge_heads(self, out: Tensor) -> Tensor:
-        """Per-head outputs (B, heads, N, head_dim) -> ``out_proj`` of the concatenated heads (B, N, C)."""
-        b, _, n, _ = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.internal_dim))
+    def _recombine_heads(self, x: Tensor) -> Tensor:
+        """(B, heads, N, head_dim) -> (B, N, internal_dim)."""
+        b, _, n, _ = x.shape
+        return x.transpose(1, 2).reshape(b, n, self.internal_dim)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Meta's order of operations: project q, k, v, attend per head, project the output."""
-        q, k, v = self._heads(self.q_proj(q)), self._heads(self.k_proj(k)), self._heads(self.v_proj(v))
-        return self._merge_heads(F.scaled_dot_product_attention(q, k, v))
+        """Queries (B, Nq, C) attend to keys (B, Nk, C) with values (B, Nk, C) -> (B, Nq, C)."""
+        policy = self.fast_paths
+        if policy.folded_decoder_attention and q.shape[1] > k.shape[1]:
+            return self.image_to_tokens_folded(q, k, v)
+        if policy.folded_decoder_attention and q.shape[1] < k.shape[1] and self.folds_image_side(q.shape[1]):
+            return self.tokens_to_image_folded(q, k, v)
+        q = self._separate_heads(self.q_proj(q))
+        k = self._separate_heads(self.k_proj(k))
+        v = self._separate_heads(self.v_proj(v))
+        if policy.fused_attention:
+            return self.out_proj(self._recombine_heads(F.scaled_dot_product_attention(q, k, v)))
+        attn = q @ k.permute(0, 1, 3, 2)
+        attn = attn / math.sqrt(self.head_dim)
+        attn = torch.softmax(attn, dim=-1)
+        return self.out_proj(self._recombine_heads(attn @ v))
+
+    # --- the folded_decoder_attention fast path (model.fast_paths) -----------------------------------
 
     def folds_image_side(self, n_tokens: int) -> bool:
-        """Whether the folded forms below cost less than ``forward`` for ``n_tokens`` prompt tokens.
+        """Whether the folded forms cost less than Meta's for ``n_tokens`` prompt tokens.
 
-        Folded, the image tokens meet ``heads x n_tokens`` vectors of ``embedding_dim`` twice; in
-        ``forward`` they go through two ``embedding_dim x internal_dim`` projections. A click or a box
-        has 7 tokens (56 with 8 heads against 128); only prompts of a dozen points or more are cheaper
+        Folded, the image tokens meet ``heads x n_tokens`` vectors of ``embedding_dim`` twice; in Meta's
+        order they go through two ``embedding_dim x internal_dim`` projections. A click or a box has 7
+        tokens (56 with 8 heads against 128); only prompts of a dozen points or more are cheaper
         the usual way.
         """
         return self.num_heads * n_tokens <= self.internal_dim
 
-    def tokens_to_image(self, tokens: Tensor, image_keys: Tensor, image_values: Tensor) -> Tensor:
+    def tokens_to_image_folded(self, tokens: Tensor, image_keys: Tensor, image_values: Tensor) -> Tensor:
         """Prompt tokens (B, Nt, C) attending to image tokens: keys and values (B, N, C) -> (B, Nt, C).
 
-        Same as ``forward(tokens, image_keys, image_values)``. For head h with key weights Wk_h and
-        bias bk_h, the scores ``q_h . (Wk_h x + bk_h)`` are ``(Wk_h^T q_h) . x`` plus a constant per
-        row, which softmax ignores; and since each row of weights sums to one, the output
-        ``sum_n a_n (Wv_h x_n + bv_h)`` is ``Wv_h (sum_n a_n x_n) + bv_h``.
+        For head h with key weights Wk_h and bias bk_h, the scores ``q_h . (Wk_h x + bk_h)`` are
+        ``(Wk_h^T q_h) . x`` plus a constant per row, which softmax ignores; and since each row of weights
+        sums to one, the output ``sum_n a_n (Wv_h x_n + bv_h)`` is ``Wv_h (sum_n a_n x_n) + bv_h``.
         """
-        if not self.folds_image_side(tokens.shape[1]):
-            return self(tokens, image_keys, image_values)
         b, n_t, _ = tokens.shape
         heads, head_dim, width = self.num_heads, self.head_dim, self.embedding_dim
         q = self.q_proj(tokens).view(b, n_t, heads, head_dim) * head_dim**-0.5
@@ -81,15 +90,14 @@ class Attention(nn.Module):
                            self.v_proj.weight.view(heads, head_dim, width))
         return self.out_proj(out.reshape(b, n_t, self.internal_dim) + self.v_proj.bias)
 
-    def image_to_tokens(self, image_queries: Tensor, tokens_keys: Tensor, tokens_values: Tensor) -> Tensor:
+    def image_to_tokens_folded(self, image_queries: Tensor, tokens_keys: Tensor, tokens_values: Tensor) -> Tensor:
         """Image tokens (B, N, C) attending to prompt tokens: keys and values (B, Nt, C) -> (B, N, C).
 
-        Same as ``forward(image_queries, tokens_keys, tokens_values)``. The score of image token x with
-        token key k_h is ``(Wq_h x + bq_h) . k_h = x . (Wq_h^T k_h) + bq_h . k_h``, and the output
-        ``Wo (concat_h sum_t a_ht v_ht) + bo`` is ``sum_h sum_t a_ht (Wo_h v_ht) + bo``: both
-        projections of the image side become products with ``heads x Nt`` vectors. The softmax over the
-        few keys runs along the image axis, where it vectorises (a softmax of 7 values per row, 32768
-        rows, costs more than the arithmetic).
+        The score of image token x with token key k_h is ``(Wq_h x + bq_h) . k_h = x . (Wq_h^T k_h) +
+        bq_h . k_h``, and the output ``Wo (concat_h sum_t a_ht v_ht) + bo`` is ``sum_h sum_t a_ht (Wo_h
+        v_ht) + bo``: both projections of the image side become products with ``heads x Nt`` vectors. The
+        softmax over the few keys runs along the image axis, where it vectorises (a softmax of 7 values
+        per row, 32768 rows, costs more than the arithmetic).
         """
         if not self.folds_image_side(tokens_keys.shape[1]):
             return self._image_to_many_tokens(image_queries, tokens_keys, tokens_values)
@@ -107,16 +115,13 @@ class Attention(nn.Module):
         return out.add_(self.out_proj.bias)
 
     def _image_to_many_tokens(self, image_queries: Tensor, tokens_keys: Tensor, tokens_values: Tensor) -> Tensor:
-        """``image_to_tokens`` in Meta's order of operations, for prompts with too many tokens to fold.
-
-        Scores are laid out (B, heads, Nt, N) so that the softmax over the tokens still runs along
-        the image axis rather than over a few values per row.
-        """
-        q = self._heads(self.q_proj(image_queries))
-        k = self._heads(self.k_proj(tokens_keys)) * self.head_dim**-0.5
-        v = self._heads(self.v_proj(tokens_values))
+        """Image tokens attending to prompt tokens too many to fold: Meta's projections, with the scores
+        laid out (B, heads, Nt, N) so that the softmax over the tokens still runs along the image axis."""
+        q = self._separate_heads(self.q_proj(image_queries))
+        k = self._separate_heads(self.k_proj(tokens_keys)) * self.head_dim**-0.5
+        v = self._separate_heads(self.v_proj(tokens_values))
         weights = (k @ q.transpose(2, 3)).softmax(dim=2)
-        return self._merge_heads(weights.transpose(2, 3) @ v)
+        return self.out_proj(self._recombine_heads(weights.transpose(2, 3) @ v))
 
 
 def _scores(image: Tensor, vectors: Tensor) -> Tensor:
@@ -147,21 +152,33 @@ class TwoWayAttentionBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
+        # Self attention of the tokens.
         if self.skip_first_layer_pe:
-            queries = self.self_attn(queries, queries, queries)
+            queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
             q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
+            attn_out = self.self_attn(q=q, k=q, v=queries)
+            queries = queries + attn_out
         queries = self.norm1(queries)
 
+        # Tokens attending to the image.
         q = queries + query_pe
         k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image.tokens_to_image(q, k, keys))
+        attn_out = self.cross_attn_token_to_image(q=q, k=k, v=keys)
+        queries = queries + attn_out
+        queries = self.norm2(queries)
 
-        queries = self.norm3(queries + self.mlp(queries))
+        # MLP on the tokens.
+        mlp_out = self.mlp(queries)
+        queries = queries + mlp_out
+        queries = self.norm3(queries)
 
+        # The image attending to the tokens.
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token.image_to_tokens(k, q, queries))
+        k = keys + key_pe
+        attn_out = self.cross_attn_image_to_token(q=k, k=q, v=queries)
+        keys = keys + attn_out
+        keys = self.norm4(keys)
         return queries, keys
 
 
@@ -191,5 +208,7 @@ class TwoWayTransformer(nn.Module):
             queries, keys = layer(queries, keys, point_embedding, key_pe)
         q = queries + point_embedding
         k = keys + key_pe
-        queries = self.norm_final_attn(queries + self.final_attn_token_to_image.tokens_to_image(q, k, keys))
+        attn_out = self.final_attn_token_to_image(q=q, k=k, v=keys)
+        queries = queries + attn_out
+        queries = self.norm_final_attn(queries)
         return queries, keys

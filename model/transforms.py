@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from model.fast_paths import FAST, FastPaths
+
 
 def preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
     """(h, w) after scaling so the longer side is ``long_side``; rounded as Meta rounds it."""
@@ -64,30 +66,31 @@ def normalize_and_pad(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
 
 
 def postprocess_masks(masks: torch.Tensor, image_size: int, input_size: tuple[int, int],
-                      original_size: tuple[int, int]) -> torch.Tensor:
+                      original_size: tuple[int, int], fast_paths: FastPaths = FAST) -> torch.Tensor:
     """Low-res logits (B, K, h, w) -> logits at the original image size (B, K, H, W).
 
     Meta upsamples to the padded encoder input (image_size x image_size), crops the padding and
-    resizes to the original size, both bilinear without corner alignment. Which way is cheapest
-    depends on the original size:
-
-    * an original much smaller than the encoder input (a thumbnail): the two resizes compose into one
-      filter of at most 3 taps per axis, applied straight to the low-res logits, so nothing of
-      encoder-input size is made (``_composed_resize``; same result up to float rounding);
-    * otherwise Meta's two resizes, bit for bit, but the first only computes the rows and columns that
-      survive the crop (``_upsample_cropped``): for a landscape photo that skips a quarter of the
-      1024 x 1024 intermediate, and PyTorch's own resize kernel beats any gather for large outputs.
+    resizes to the original size, both bilinear without corner alignment. The policy's
+    ``composed_thumbnail_resize`` and ``cropped_upsample`` fast paths (``model.fast_paths``) compute the
+    same with less work: the first for an original much smaller than the encoder input, the second,
+    bit for bit, otherwise.
     """
-    input_pixels = input_size[0] * input_size[1]
-    if 3 * original_size[0] * original_size[1] < input_pixels:
-        return _composed_resize(masks, image_size, input_size, original_size)
-    upsampled = _upsample_cropped(masks.float(), image_size, input_size)
-    if tuple(input_size) == tuple(original_size):
-        return upsampled
-    return F.interpolate(upsampled, original_size, mode="bilinear", align_corners=False)
+    if fast_paths.composed_thumbnail_resize and 3 * original_size[0] * original_size[1] < input_size[0] * input_size[1]:
+        return composed_resize(masks, image_size, input_size, original_size)
+    if fast_paths.cropped_upsample:
+        upsampled = upsample_cropped(masks.float(), image_size, input_size)
+        if tuple(input_size) == tuple(original_size):
+            return upsampled
+        return F.interpolate(upsampled, original_size, mode="bilinear", align_corners=False)
+    masks = F.interpolate(masks.float(), (image_size, image_size), mode="bilinear", align_corners=False)
+    masks = masks[..., :input_size[0], :input_size[1]]
+    return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
 
 
-def _upsample_cropped(masks: torch.Tensor, image_size: int, input_size: tuple[int, int]) -> torch.Tensor:
+# --- the cropped_upsample and composed_thumbnail_resize fast paths (model.fast_paths) ------------------
+
+
+def upsample_cropped(masks: torch.Tensor, image_size: int, input_size: tuple[int, int]) -> torch.Tensor:
     """``F.interpolate(masks, (image_size, image_size))[..., :input_h, :input_w]`` without the cropped part.
 
     With an integer scale factor s, output pixel i reads input pixels floor((i + 0.5) / s - 0.5) and
@@ -106,7 +109,7 @@ def _upsample_cropped(masks: torch.Tensor, image_size: int, input_size: tuple[in
     return upsampled[..., :input_size[0], :input_size[1]]
 
 
-def _composed_resize(masks: torch.Tensor, image_size: int, input_size: tuple[int, int],
+def composed_resize(masks: torch.Tensor, image_size: int, input_size: tuple[int, int],
                      original_size: tuple[int, int]) -> torch.Tensor:
     """Meta's upsample, crop and resize as one filter per axis, read straight from the low-res logits."""
     rows, row_weights = _composed_taps(original_size[0], input_size[0], image_size, masks.shape[-2], masks.device)

@@ -30,11 +30,12 @@ def checkpoint(tmp_path_factory) -> Path:
     return small_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=2)[0]
 
 
+@pytest.mark.parametrize("preset", [model.FAST, model.REFERENCE], ids=["fast", "reference"])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_architecture_is_inferred_from_the_tensors(tmp_path, config):
+def test_architecture_is_inferred_from_the_tensors(tmp_path, config, preset):
     reference = reference_sam(seed=4, **config)
     path = save(reference, tmp_path / "custom.pth")
-    sam = model.load(path, device="cpu")
+    sam = model.load(path, device="cpu", fast_paths=preset)
     inferred = vit_config(torch.load(path, weights_only=True), path)
     for key, value in config.items():
         assert inferred[key] == value, key

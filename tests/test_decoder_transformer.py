@@ -3,7 +3,8 @@
 The small test checkpoints have a 64-wide decoder, where the image-side projections are never folded into
 the tokens (``Attention.folds_image_side``), so the folded forms are tested here, at the width the official
 checkpoints have, on both sides of the boundary where folding stops paying: a click and a box (7 tokens),
-16 tokens (the last count folded with 8 heads over 128 channels), and 17 and 40 tokens (Meta's order).
+16 tokens (the last count folded with 8 heads over 128 channels), and 17 and 40 tokens (Meta's order), under
+both ``FastPaths`` presets.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import pytest
 import torch
 from segment_anything.modeling.transformer import TwoWayTransformer as ReferenceTransformer
 
+from model import FAST, REFERENCE
+from model.fast_paths import apply
 from model.transformer import TwoWayTransformer
 from testsupport.checkpoints import randomize
 
@@ -36,10 +39,12 @@ def inputs(batch: int, n_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Te
     return image, image_pe, tokens
 
 
+@pytest.mark.parametrize("preset", [FAST, REFERENCE], ids=["fast", "reference"])
 @pytest.mark.parametrize("n_tokens", [7, 16, 17, 40])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_transformer_matches_reference(transformers, n_tokens, batch):
+def test_transformer_matches_reference(transformers, n_tokens, batch, preset):
     ours, reference = transformers
+    apply(ours, preset, "cpu")
     image, image_pe, tokens = inputs(batch, n_tokens, seed=n_tokens + batch)
     assert ours.layers[0].cross_attn_image_to_token.folds_image_side(n_tokens) == (n_tokens <= 16)
     with torch.inference_mode():
@@ -51,7 +56,7 @@ def test_transformer_matches_reference(transformers, n_tokens, batch):
 
 @pytest.mark.parametrize("n_tokens", [7, 16])
 def test_folded_attention_equals_meta_order(transformers, n_tokens):
-    """Each folded form against the same module's plain forward (project, attend, project back)."""
+    """Each folded form against the same module's forward in Meta's order (project, attend, project back)."""
     attention = transformers[0].final_attn_token_to_image
     generator = torch.Generator().manual_seed(n_tokens)
     image = torch.randn(2, GRID * GRID, 256, generator=generator)
@@ -59,7 +64,16 @@ def test_folded_attention_equals_meta_order(transformers, n_tokens):
     tokens = torch.randn(2, n_tokens, 256, generator=generator)
     token_values = torch.randn(2, n_tokens, 256, generator=generator)
     with torch.inference_mode():
-        torch.testing.assert_close(attention.tokens_to_image(tokens, image, image_values),
-                                   attention(tokens, image, image_values), atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(attention.image_to_tokens(image, tokens, token_values),
-                                   attention(image, tokens, token_values), atol=2e-5, rtol=1e-5)
+        attention.fast_paths = REFERENCE
+        tokens_to_image = attention(tokens, image, image_values)
+        image_to_tokens = attention(image, tokens, token_values)
+        attention.fast_paths = FAST
+        torch.testing.assert_close(attention.tokens_to_image_folded(tokens, image, image_values),
+                                   tokens_to_image, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(attention.image_to_tokens_folded(image, tokens, token_values),
+                                   image_to_tokens, atol=2e-5, rtol=1e-5)
+        # The policy's dispatch picks the folded forms for these token counts.
+        assert torch.equal(attention(tokens, image, image_values),
+                           attention.tokens_to_image_folded(tokens, image, image_values))
+        assert torch.equal(attention(image, tokens, token_values),
+                           attention.image_to_tokens_folded(image, tokens, token_values))

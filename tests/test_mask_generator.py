@@ -20,7 +20,7 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.utils import amg as meta_amg
 from torchvision.ops import batched_nms as tv_batched_nms
 
-from model import MaskGenerator, amg, load
+from model import FAST, REFERENCE, MaskGenerator, amg, load
 from model.nms import batched_nms, nms
 from testsupport.checkpoints import small_checkpoint
 from testsupport.images import shapes_image
@@ -178,11 +178,16 @@ def _assert_same_records(ours: list[dict], theirs: list[dict]) -> None:
     {"min_mask_region_area": 100},
     {"crop_n_layers": 1, "min_mask_region_area": 100, "crop_n_points_downscale_factor": 2},
 ], ids=["image", "crops", "small-regions", "crops+small-regions"])
-def test_generate_matches_meta(models, image: np.ndarray, options: dict) -> None:
+@pytest.mark.parametrize("preset", [FAST, REFERENCE], ids=["fast", "reference"])
+def test_generate_matches_meta(models, image: np.ndarray, options: dict, preset) -> None:
     reference, sam = models
     config = {**BASE, **options}
     theirs = SamAutomaticMaskGenerator(reference, **config).generate(image)
-    ours = MaskGenerator(sam, **config).generate(image)
+    sam.set_fast_paths(preset)
+    try:
+        ours = MaskGenerator(sam, **config).generate(image)
+    finally:
+        sam.set_fast_paths(FAST)
     assert len(theirs) >= 5, "the configuration should keep a real number of masks"
     _assert_same_records(ours, theirs)
     if options.get("crop_n_layers"):

@@ -3,7 +3,8 @@
 Both sides hold the same seeded random weights, ours read from a ``mobile_sam.pt``-format file. Masks
 must agree to IoU >= MASK_IOU, low-res logits within LOGIT_ATOL, predicted IoU within SCORE_ATOL (tests/parity.py), the
 image embedding within FEATURE_ATOL. Each compared reference mask set must be non-trivial (some mask
-neither empty nor full), or two empty masks would "agree" without proving anything.
+neither empty nor full), or two empty masks would "agree" without proving anything. Ours runs under both
+``FastPaths`` presets, ``FAST`` and ``REFERENCE``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from mobile_sam import SamPredictor
 
 import model
+from model import FAST, REFERENCE
 from testsupport.mobilesam_checkpoints import make_mobile_sam_checkpoint, random_reference_sam, sample_image
 from testsupport.parity import assert_same
 
@@ -23,16 +25,16 @@ FEATURE_ATOL = 1e-4
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def pair(directory, config: str, seed: int) -> tuple[model.Predictor, SamPredictor]:
+def pair(directory, config: str, seed: int, preset: model.FastPaths = FAST) -> tuple[model.Predictor, SamPredictor]:
     reference = random_reference_sam(config, seed)
     path = directory / "mobile_sam.pt"
     torch.save(reference.state_dict(), path)
-    return model.Predictor(model.load(path, device="cpu")), SamPredictor(reference)
+    return model.Predictor(model.load(path, device="cpu", fast_paths=preset)), SamPredictor(reference)
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> tuple[model.Predictor, SamPredictor]:
-    return pair(tmp_path_factory.mktemp("mobilesam"), "small", seed=3)
+@pytest.fixture(scope="module", params=[FAST, REFERENCE], ids=["fast", "reference"])
+def small(tmp_path_factory, request) -> tuple[model.Predictor, SamPredictor]:
+    return pair(tmp_path_factory.mktemp("mobilesam"), "small", seed=3, preset=request.param)
 
 
 def check_prompts(ours: model.Predictor, reference: SamPredictor, image: np.ndarray) -> None:
@@ -89,7 +91,9 @@ def test_small_mobilesam_batched_boxes_match_reference(small):
 def test_vit_t_matches_reference(tmp_path):
     ours, reference = pair(tmp_path, "vit_t", seed=5)
     assert ours.sam.name == "vit_t" and ours.sam.image_size == 1024
-    check_prompts(ours, reference, sample_image(seed=11, height=480, width=640))
+    for preset in (FAST, REFERENCE):
+        ours.sam.set_fast_paths(preset)
+        check_prompts(ours, reference, sample_image(seed=11, height=480, width=640))
 
 
 def test_a_custom_tiny_vit_is_not_named_vit_t(tmp_path) -> None:

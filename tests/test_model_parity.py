@@ -2,13 +2,15 @@
 
 Masks must agree to IoU >= 0.99, low-res logits within LOGIT_ATOL, predicted IoU within SCORE_ATOL (tests/parity.py).
 Each compared prediction must also be non-trivial (some mask neither empty nor full), otherwise two
-all-empty masks would "agree" without proving anything.
+all-empty masks would "agree" without proving anything. Our engine runs under both ``FastPaths`` presets:
+``FAST`` (what the backend serves) and ``REFERENCE`` (Meta's order of operations everywhere).
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from segment_anything import SamPredictor
 from segment_anything.utils.transforms import ResizeLongestSide
 
 import model
+from model import FAST, REFERENCE
 from model.transforms import resize_longest_side
 from testsupport.checkpoints import make_image, reference_sam, small_checkpoint, vit_b_checkpoint
 from testsupport.parity import assert_same
@@ -26,12 +29,18 @@ SIZES = [(300, 400), (480, 200), (256, 256), (37, 50), (1, 40)]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+PRESETS = pytest.mark.parametrize("preset", [FAST, REFERENCE], ids=["fast", "reference"])
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    path, reference = small_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=3)
-    return model.Predictor(model.load(path, device="cpu")), SamPredictor(reference)
+def small_checkpoint_file(tmp_path_factory):
+    return small_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=3)
+
+
+@pytest.fixture(scope="module", params=[FAST, REFERENCE], ids=["fast", "reference"])
+def small(small_checkpoint_file, request):
+    path, reference = small_checkpoint_file
+    return model.Predictor(model.load(path, device="cpu", fast_paths=request.param)), SamPredictor(reference)
 
 
 @pytest.mark.parametrize("size", [(300, 400), (480, 200), (37, 50), (1, 40), (1000, 777), (256, 256)])
@@ -170,6 +179,7 @@ def test_threads_with_different_embeddings_get_their_own_masks(small):
 
 @pytest.mark.slow
 def test_vit_b_matches_reference(tmp_path):
+    """Both presets against Meta on each image: Meta's encoder runs once per image."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))  # Meta's reference encoder dominates this test
     path, reference = vit_b_checkpoint(tmp_path, seed=5)
     sam = model.load(path, device="cpu")
@@ -177,28 +187,29 @@ def test_vit_b_matches_reference(tmp_path):
     ours, meta = model.Predictor(sam), SamPredictor(reference)
     for h, w in [(480, 640), (700, 300)]:
         image = make_image(h, w, seed=h)
-        embedding = ours.embed(image)
         meta.set_image(image)
-        torch.testing.assert_close(embedding.features, meta.features, atol=1e-3, rtol=0)
-        point = np.array([[w * 0.4, h * 0.6]])
-        first = ours.predict(embedding, point, np.array([1]))
-        assert first.low_res_logits.shape == (3, 256, 256)
-        assert_same(first, *meta.predict(point, np.array([1])))
-        box = np.array([w * 0.2, h * 0.1, w * 0.9, h * 0.7])
-        assert_same(ours.predict(embedding, point, np.array([0]), box=box, multimask=False),
-                    *meta.predict(point, np.array([0]), box=box, multimask_output=False))
+        for preset in (FAST, REFERENCE):
+            sam.set_fast_paths(preset)
+            embedding = ours.embed(image)
+            torch.testing.assert_close(embedding.features, meta.features, atol=1e-3, rtol=0)
+            point = np.array([[w * 0.4, h * 0.6]])
+            first = ours.predict(embedding, point, np.array([1]))
+            assert first.low_res_logits.shape == (3, 256, 256)
+            assert_same(first, *meta.predict(point, np.array([1])))
+            box = np.array([w * 0.2, h * 0.1, w * 0.9, h * 0.7])
+            assert_same(ours.predict(embedding, point, np.array([0]), box=box, multimask=False),
+                        *meta.predict(point, np.array([0]), box=box, multimask_output=False))
 
 
 @pytest.mark.parametrize("budget", [300, 5000])
-def test_chunked_attention_bias_gives_the_same_embedding(small, monkeypatch, budget):
+def test_chunked_attention_bias_gives_the_same_embedding(small_checkpoint_file, budget):
     """Tiny bias budgets force the per-head and per-row chunking that full-size global blocks use."""
-    import model.image_encoder
-
-    ours, reference = small
+    path, reference = small_checkpoint_file
+    ours = model.Predictor(model.load(path, device="cpu", fast_paths=replace(FAST, attention_bias_elements=budget)))
     image = make_image(150, 220, seed=4)
-    reference.set_image(image)
-    monkeypatch.setattr(model.image_encoder, "_MAX_BIAS_ELEMENTS", budget)
-    torch.testing.assert_close(ours.embed(image).features, reference.features, atol=1e-4, rtol=0)
+    meta = SamPredictor(reference)
+    meta.set_image(image)
+    torch.testing.assert_close(ours.embed(image).features, meta.features, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("input_size, original_size", [((768, 1024), (480, 640)), ((1024, 421), (700, 288)),
@@ -206,34 +217,38 @@ def test_chunked_attention_bias_gives_the_same_embedding(small, monkeypatch, bud
                                                        ((1024, 740), (37, 27)), ((768, 1024), (1500, 2000)),
                                                        ((768, 1024), (768, 1024)), ((577, 1024), (1080, 1920)),
                                                        ((1024, 768), (4000, 3000)), ((1024, 1), (3000, 2))])
-def test_postprocess_matches_meta(input_size, original_size):
+@PRESETS
+def test_postprocess_matches_meta(input_size, original_size, preset):
     from model.transforms import postprocess_masks
 
     logits = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(1)) * 3
-    ours = postprocess_masks(logits, 1024, input_size, original_size)
+    ours = postprocess_masks(logits, 1024, input_size, original_size, preset)
     meta = reference_sam(img_size=1024, depth=1, global_attn_indexes=(0,))
     reference = meta.postprocess_masks(logits, input_size, original_size)
     torch.testing.assert_close(ours, reference, atol=1e-3, rtol=0)
     assert ((ours > 0) != (reference > 0)).float().mean() < 1e-5
     if 3 * original_size[0] * original_size[1] >= input_size[0] * input_size[1]:
         assert torch.equal(ours, reference), "Meta's two resizes on a cropped input are bit for bit Meta's"
+    if preset == REFERENCE:
+        assert torch.equal(ours, reference), "the reference preset is Meta's code"
 
 
-def test_windowed_blocks_in_bands_equal_the_whole_grid(tmp_path, monkeypatch):
+def test_windowed_blocks_in_bands_equal_the_whole_grid(tmp_path):
     """Bands of window rows (the CPU path) against one pass over the grid, where the last band is padded.
 
     A 512-px input with 32-px patches is a 16x16 grid; windows of 7 leave a 2-row last band.
     """
-    import model.image_encoder
-
     path, reference = small_checkpoint(tmp_path, seed=6, img_size=512, patch_size=32, window_size=7,
                                        global_attn_indexes=(1,))
-    encoder = model.load(path, device="cpu").image_encoder
+    sam = model.load(path, device="cpu")
     x = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        banded = encoder(x)
-        monkeypatch.setattr(model.image_encoder, "_WINDOW_BANDS", False)
-        whole = encoder(x)
+        banded = sam.image_encoder(x)
+        sam.set_fast_paths(replace(FAST, window_bands=False))
+        whole = sam.image_encoder(x)
+        sam.set_fast_paths(REFERENCE)
+        meta_order = sam.image_encoder(x)
         expected = reference.image_encoder(x)
     torch.testing.assert_close(banded, whole, atol=1e-6, rtol=0)
     torch.testing.assert_close(banded, expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(meta_order, expected, atol=1e-4, rtol=0)

@@ -2,7 +2,7 @@
 
 Features are the neck's output (LayerNorm'd, unit scale): they must agree within FEATURE_ATOL in fp32.
 The only differences are float rounding: BatchNorm folded into the convolutions, fused attention and
-channels-last layouts.
+channels-last layouts; the features are compared under both ``FastPaths`` presets.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import pytest
 import torch
 from mobile_sam.modeling.tiny_vit_sam import Attention as ReferenceAttention
 
+from model import FAST, REFERENCE
+from model.fast_paths import FastPaths, apply
 from model.tiny_vit import TinyViT, attention_bias_index, tiny_vit_config_from_state_dict, tiny_vit_name
 from testsupport.mobilesam_checkpoints import (
     SMALL_TINY_VIT,
@@ -31,10 +33,11 @@ def random_reference(config: str, seed: int = 0) -> torch.nn.Module:
     return randomize_(reference_tiny_vit(config), seed)
 
 
-def ours_from(reference: torch.nn.Module) -> TinyViT:
+def ours_from(reference: torch.nn.Module, preset: FastPaths = FAST) -> TinyViT:
     state_dict = reference.state_dict()
     encoder = TinyViT(**tiny_vit_config_from_state_dict(state_dict, prefix=""))
     encoder.load_state_dict(state_dict, strict=True)
+    apply(encoder, preset, "cpu")
     return encoder.eval()
 
 
@@ -113,8 +116,10 @@ def test_config_errors_name_the_problem():
         tiny_vit_config_from_state_dict(skewed, prefix="")
 
 
-def test_features_match_reference_small(small_pair):
-    reference, ours = small_pair
+@pytest.mark.parametrize("preset", [FAST, REFERENCE], ids=["fast", "reference"])
+def test_features_match_reference_small(small_pair, preset):
+    reference = small_pair[0]
+    ours = ours_from(reference, preset)
     x = images(2, seed=0)
     with torch.inference_mode():
         expected = reference(x)
@@ -189,6 +194,8 @@ def test_features_match_reference_vit_t():
     x = images(1, seed=1)
     with torch.inference_mode():
         expected = reference(x)
-        actual = ours(x)
-    assert actual.shape == (1, 256, 64, 64)
-    torch.testing.assert_close(actual, expected, atol=FEATURE_ATOL, rtol=0)
+        for preset in (FAST, REFERENCE):
+            apply(ours, preset, "cpu")
+            actual = ours(x)
+            assert actual.shape == (1, 256, 64, 64)
+            torch.testing.assert_close(actual, expected, atol=FEATURE_ATOL, rtol=0)

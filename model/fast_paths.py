@@ -1,0 +1,127 @@
+"""Which of the engine's speed tricks a model uses: one frozen policy, set once per model.
+
+Every module of ``model/`` has a plain forward in the order of operations of Meta's
+``segment_anything/modeling`` (MobileSAM's for TinyViT). The tricks below sit beside those forwards as
+their own functions or methods, and the module picks one by reading the ``FastPaths`` it was given; no
+module looks at module constants or at ``x.device`` to decide. ``REFERENCE`` switches every trick off,
+``FAST`` (the default of ``model.load``) switches them all on. Both compute the same function: the tests
+run Meta's reference against each preset.
+
+    sam = model.load(path, fast_paths=model.REFERENCE)   # or later: sam.set_fast_paths(model.FAST)
+
+A policy is device independent; ``FastPaths.for_device`` says what it means on one device, and
+``Sam.set_fast_paths`` (and every move of the model to another device) hands that resolved policy to the
+modules, once. The CPU-only tricks are the ones about caches and page faults, which a GPU does not have.
+
+Why each trick pays (measured on a 2-core Xeon with glibc's malloc; ``bench/engine.py`` times the whole):
+
+Memory that stays mapped (``window_bands``, ``mlp_chunk_elements``, ``in_place_activations``, and the
+one bias buffer of ``attention_bias_elements``). On a CPU, glibc's allocator hands a freed block of tens
+of MiB back to the operating system, and the next tensor of that size is new memory again, whose first
+touch costs a page fault per 4 KiB. A ViT-B layer at 1024 px makes several such tensors (the MLP's
+hidden layer is 4096 x 3072 floats, 48 MiB); faulting them in can cost more than the arithmetic that fills
+them: an out-of-place GELU of that hidden layer took 4x as long as the same GELU in place. Working in
+pieces of a few MiB keeps each intermediate in the last-level cache between the producer and the consumer
+and in memory the allocator reuses; computing an activation in place writes memory already mapped. All
+three change nothing but rounding (the matmuls block differently) or nothing at all (in place).
+
+* ``fused_attention``: attention as one ``F.scaled_dot_product_attention`` call (scale, bias, softmax and
+  the product with v in one kernel) instead of Meta's explicit ``softmax(q k^T * scale + bias) v`` with
+  the full attention matrix in memory. In the ViT the decomposed relative-position terms become an
+  additive bias built in chunks (``attention_bias_elements``), and windowed blocks run ``qkv`` and
+  ``proj`` on the unpadded grid: both are per-token linear maps, and a zero-padded token maps to qkv's
+  bias, so the padding is filled with that bias instead of being projected. On a CPU this is where most of
+  the encoder's speed-up comes from.
+* ``attention_bias_elements``: the most elements one chunk of the ViT's attention bias may have (fp32:
+  16 MiB, about an L2 plus a share of L3). A global block of ViT-H at 1024 px would otherwise build
+  16 x 4096 x 4096 floats (1 GiB) and stream them through memory twice; a chunk is consumed from cache
+  right after it is written, into one buffer reused by all chunks. On a GPU the concern is kernel launches,
+  not caches, so the budget is raised there to at least ``GPU_ATTENTION_BIAS_ELEMENTS``. 0: one chunk.
+* ``window_bands`` (CPU): windowed ViT blocks attend one band of window rows at a time. Windows never
+  straddle bands (both start at row 0), so it is the same computation with every intermediate (qkv, the
+  padded windows, the output) a tenth of the size.
+* ``mlp_chunk_elements`` (CPU): ``MLPBlock`` runs at most this many hidden activations at once, in chunks
+  of rows (each token's feed-forward is independent of the others). 0: all rows at once.
+* ``in_place_activations``: GELU and ReLU on an intermediate nobody else holds are computed in place.
+  Same kernel, same numbers.
+* ``folded_decoder_attention``: in the mask decoder's cross attention, the few prompt tokens (7 for a
+  click) meet 4096 image tokens. Meta projects every image token to q, k or v and projects the output
+  back; each of those maps is linear, so it can be moved to the token side of the product: the image
+  tokens then meet ``heads x tokens`` vectors (56 for a click) instead of 128-wide projections, less than
+  half the arithmetic for the same function (``model.transformer.Attention.forward_folded``).
+* ``pixel_block_upscaling``: the decoder's two transposed convolutions (kernel = stride = 2) write each
+  output pixel once, so each is one matmul on channels-last pixels; everything between them acts on each
+  pixel alone, so the pixels stay in pixel-block order and only the K final masks are shuffled into image
+  order, 16x fewer values than the 32-channel features (``model.mask_decoder.MaskDecoder.upscale``).
+* ``composed_thumbnail_resize``: for an original image much smaller than the encoder input, Meta's
+  upsample to the padded input, crop and resize compose into one filter of at most 3 taps per axis,
+  applied to the low-res logits: nothing of encoder-input size is made (``model.transforms``).
+* ``cropped_upsample``: otherwise Meta's two resizes, bit for bit, but the first computes only the rows
+  and columns that survive the crop (a quarter of the 1024 x 1024 intermediate for a landscape photo).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+# Chunk budget of the ViT's attention bias off the CPU: 64 M elements is 4 chunks per ViT-B global block.
+GPU_ATTENTION_BIAS_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """One switch (or chunk budget, 0 = off) per speed trick; see the module docstring for each."""
+
+    fused_attention: bool = True
+    attention_bias_elements: int = 1 << 22
+    window_bands: bool = True
+    mlp_chunk_elements: int = 1 << 22
+    in_place_activations: bool = True
+    folded_decoder_attention: bool = True
+    pixel_block_upscaling: bool = True
+    composed_thumbnail_resize: bool = True
+    cropped_upsample: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("attention_bias_elements", "mlp_chunk_elements"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (off) or more, not {getattr(self, name)}")
+
+    def for_device(self, device: torch.device | str) -> FastPaths:
+        """This policy as it applies on ``device``: what the modules read.
+
+        The CPU's cache and page-fault workarounds (bands, MLP chunks) are dropped elsewhere, and the
+        attention-bias budget is raised to what suits a GPU.
+        """
+        device_type = device if isinstance(device, str) else device.type
+        if device_type.split(":")[0] == "cpu":
+            return self
+        budget = self.attention_bias_elements and max(self.attention_bias_elements, GPU_ATTENTION_BIAS_ELEMENTS)
+        return replace(self, window_bands=False, mlp_chunk_elements=0, attention_bias_elements=budget)
+
+
+# Every trick on: what the backend serves.
+FAST = FastPaths()
+# Every trick off: Meta's order of operations everywhere, the plainest code.
+REFERENCE = FastPaths(fused_attention=False, attention_bias_elements=0, window_bands=False, mlp_chunk_elements=0,
+                      in_place_activations=False, folded_decoder_attention=False, pixel_block_upscaling=False,
+                      composed_thumbnail_resize=False, cropped_upsample=False)
+
+
+class UsesFastPaths:
+    """Mixin of the modules that have a fast path: the resolved policy they read (``FAST`` until set)."""
+
+    fast_paths: FastPaths = FAST
+
+
+def apply(module: torch.nn.Module, policy: FastPaths, device: torch.device | str) -> FastPaths:
+    """Hand ``policy``, resolved for ``device``, to every module under ``module`` that reads one."""
+    resolved = policy.for_device(device)
+    for child in module.modules():
+        if isinstance(child, UsesFastPaths):
+            child.fast_paths = resolved
+    return resolved

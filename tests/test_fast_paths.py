@@ -1,0 +1,81 @@
+"""The speed-trick policy: its presets, how it reaches the modules, and a ``model`` package that imports lazily."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import fields, replace
+
+import pytest
+
+from testsupport.paths import REPO_ROOT
+
+
+@pytest.mark.parametrize("statement", ["import model.download", "from model import download",
+                                       "from model import FAST, REFERENCE, FastPaths"])
+def test_the_download_module_and_the_policy_do_not_import_torch(statement):
+    """The CLI's ``download`` must start without torch, which takes seconds to import."""
+    code = f"{statement}; import sys; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)
+
+
+def test_public_names_are_importable():
+    import model
+    from model import (  # noqa: F401
+        FAST,
+        REFERENCE,
+        CheckpointError,
+        Embedding,
+        FastPaths,
+        MaskGenerator,
+        Prediction,
+        Predictor,
+        Sam,
+        load,
+    )
+
+    assert model.runtime.resolve_device("cpu").type == "cpu"  # submodules are attributes too
+    with pytest.raises(AttributeError):
+        model.no_such_name  # noqa: B018
+
+
+def test_presets():
+    from model import FAST, REFERENCE, FastPaths
+
+    assert FastPaths() == FAST
+    for field in fields(FastPaths):
+        assert not getattr(REFERENCE, field.name), f"REFERENCE leaves {field.name} on"
+        assert getattr(FAST, field.name), f"FAST leaves {field.name} off"
+    with pytest.raises(ValueError, match="mlp_chunk_elements"):
+        FastPaths(mlp_chunk_elements=-1)
+
+
+def test_device_resolution():
+    from model import FAST, REFERENCE
+    from model.fast_paths import GPU_ATTENTION_BIAS_ELEMENTS
+
+    assert FAST.for_device("cpu") == FAST
+    gpu = FAST.for_device("cuda:0")
+    assert not gpu.window_bands and gpu.mlp_chunk_elements == 0
+    assert gpu.attention_bias_elements == GPU_ATTENTION_BIAS_ELEMENTS
+    assert gpu.fused_attention and gpu.folded_decoder_attention and gpu.in_place_activations
+    assert REFERENCE.for_device("cuda") == REFERENCE
+
+
+def test_the_policy_reaches_every_module_that_reads_one(tmp_path):
+    import torch
+
+    import model
+    from model.fast_paths import UsesFastPaths
+    from testsupport.checkpoints import small_checkpoint
+
+    path, _ = small_checkpoint(tmp_path, seed=1)
+    sam = model.load(path, device="cpu", fast_paths=model.REFERENCE)
+    readers = [m for m in sam.modules() if isinstance(m, UsesFastPaths)]
+    assert len(readers) > 10
+    assert sam.fast_paths == model.REFERENCE and all(m.fast_paths == model.REFERENCE for m in readers)
+    policy = replace(model.FAST, window_bands=False)
+    sam.set_fast_paths(policy)
+    assert sam.fast_paths == policy and all(m.fast_paths == policy for m in readers)
+    sam.to(torch.float32)  # every move re-resolves the policy for the device
+    assert all(m.fast_paths == policy for m in readers)

@@ -7,6 +7,12 @@ or wrong file and an existing file there can be reused offline.
 Meta's file names carry the first 6 hex digits of the file's sha256 (``sam_vit_b_01ec64.pth``), the
 torch-hub convention: that prefix is what we check. For files whose hash we do not know (MobileSAM,
 the Ultralytics assets) no hash is invented; they are checked for a complete transfer only.
+
+SAM 2 / SAM 2.1 (``sam2.1_hiera_{tiny,small,base_plus,large}``, ``sam2_hiera_*``): Meta publishes no
+checksum for them (neither in the file names nor beside them in its download script), so none is
+listed; a download is checked for a complete transfer (the byte count the server announced), and
+``model.load`` then checks the contents: a file that is not a whole SAM 2 state dict of a released
+architecture, with every image-path tensor of the right shape, is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from tqdm import tqdm
 
 META = "https://dl.fbaipublicfiles.com/segment_anything/"
 ULTRALYTICS = "https://github.com/ultralytics/assets/releases/download/v8.3.0/"
+META_SAM2 = "https://dl.fbaipublicfiles.com/segment_anything_2/072824/"
+META_SAM2_1 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+_SAM2_SIZES = ("tiny", "small", "base_plus", "large")
 _CHUNK = 1 << 20
 # torch-hub style hash in a file name: name_<hex>.ext or name-<hex>.ext.
 _HASH_IN_NAME = re.compile(r"[_-]([0-9a-f]{6,64})\.[A-Za-z0-9]+$")
@@ -46,9 +55,15 @@ CHECKPOINTS: dict[str, Checkpoint] = {
     "sam_l": Checkpoint(ULTRALYTICS + "sam_l.pt", "sam_l.pt", None),
     "ultralytics_mobile_sam": Checkpoint(ULTRALYTICS + "mobile_sam.pt", "ultralytics_mobile_sam.pt", None),
 }
+# SAM 2.1 and SAM 2 (no published checksums, see above).
+CHECKPOINTS.update({f"sam2.1_hiera_{size}": Checkpoint(f"{META_SAM2_1}sam2.1_hiera_{size}.pt",
+                                                       f"sam2.1_hiera_{size}.pt", None) for size in _SAM2_SIZES})
+CHECKPOINTS.update({f"sam2_hiera_{size}": Checkpoint(f"{META_SAM2}sam2_hiera_{size}.pt", f"sam2_hiera_{size}.pt", None)
+                    for size in _SAM2_SIZES})
 ALIASES = {
     "sam_vit_b_01ec64.pth": "vit_b", "sam_vit_l_0b3195.pth": "vit_l", "sam_vit_h_4b8939.pth": "vit_h",
     "mobile_sam": "vit_t", "mobile_sam.pt": "vit_t", "sam_b.pt": "sam_b", "sam_l.pt": "sam_l",
+    **{f"{prefix}_hiera_{size}.pt": f"{prefix}_hiera_{size}" for prefix in ("sam2.1", "sam2") for size in _SAM2_SIZES},
 }
 
 

@@ -150,3 +150,13 @@ def state_dict(name: str) -> dict[str, torch.Tensor]:
     from sam2.build_sam import build_sam2
 
     return build_sam2(CONFIGS[name], ckpt_path=None, device="cpu", mode="eval").state_dict()
+
+
+def reference_mask_generator(sam: torch.nn.Module, **kwargs):
+    """Meta's ``SAM2AutomaticMaskGenerator`` on ``sam``, its predictor's feature sizes set as above."""
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    generator = SAM2AutomaticMaskGenerator(sam, **kwargs)
+    size = sam.image_size
+    generator.predictor._bb_feat_sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
+    return generator

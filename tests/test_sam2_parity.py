@@ -71,8 +71,13 @@ def assert_embedding_matches(embedding: model.Embedding, reference, atol: float)
         assert ours.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_encoder_levels_match_meta(small):
-    """Trunk stages and the neck's levels (before the decoder's projections) equal Meta's backbone."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-linear", "plain-linear"])
+def test_encoder_levels_match_meta(small, monkeypatch, fused):
+    """Trunk stages and the neck's levels (before the decoder's projections) equal Meta's backbone, with
+    oneDNN's fused linear (where this PyTorch has it) and with plain ``F.linear``."""
+    import model.hiera
+
+    monkeypatch.setattr(model.hiera, "_FUSED_LINEAR", fused and model.hiera._FUSED_LINEAR)
     ours, reference = small
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

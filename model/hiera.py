@@ -32,14 +32,12 @@ from torch import nn
 
 from model.common import gelu_
 
-# Upper bound on the elements of the MLP hidden activations held at once on CPU (fp32: 16 MiB).
-_MLP_CHUNK_ELEMENTS = 1 << 22
-# Windowed blocks on CPU run one band of window rows at a time (see MultiScaleBlock._attention_residual).
-_WINDOW_BANDS = True
-# Tokens per band: few enough that a band's intermediates (qkv: 3 x 96-192 channels) stay in cache and in
-# memory the allocator reuses, enough that each operation is worth waking the CPU threads for (on a
-# shared machine every parallel region waits for a free core). Grids under two bands run whole.
-_BAND_TOKENS = 4096
+# Upper bound on the elements of the MLP hidden activations held at once on CPU (fp32: 32 MiB). Larger
+# than our ViT's chunks on purpose: smaller chunks (and bands of window rows, tried as in the ViT) save
+# ~5% of CPU time on an idle machine, but each extra operation is a parallel region whose threads must all
+# get a core, and on a loaded or CPU-quota-limited machine (measured: load 5 on 2 cores) the encoder then
+# ran 1.3x slower in wall time instead.
+_MLP_CHUNK_ELEMENTS = 1 << 23
 
 
 class PatchEmbed(nn.Module):
@@ -179,18 +177,8 @@ class MultiScaleBlock(nn.Module):
         if ws == 0:
             xn = self.norm1(x)
             torch.add(self._shortcut(x, xn), self.attn(xn), out=out)
-            return out
-        banded = x.device.type == "cpu" and _WINDOW_BANDS and b * h * w >= 2 * _BAND_TOKENS and h > ws
-        if banded and (ws % 2 == 0 or not self.q_stride):
-            # One band of window rows at a time (windows never straddle bands, both start at row 0): the
-            # same computation with every intermediate (norm, windows, qkv, attention) a fraction of the
-            # grid's size, small enough to stay in cache instead of streaming through memory.
-            rows = ws * max(1, _BAND_TOKENS // (b * w * ws))
-            step = rows // 2 if self.q_stride else rows
-            for i, top in enumerate(range(0, h, rows)):
-                self._window_band(x[:, top:top + rows], out[:, i * step:(i + 1) * step])
         else:
-            self._window_band(x, out)
+            self._windowed(x, out)
         return out
 
     def _shortcut(self, x: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
@@ -199,8 +187,8 @@ class MultiScaleBlock(nn.Module):
         shortcut = linear(xn, self.proj)
         return max_pool_2x2(shortcut) if self.q_stride else shortcut
 
-    def _window_band(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Windowed attention plus shortcut of rows x (B, h, W, dim), written into ``out`` (B, h', W', dim_out)."""
+    def _windowed(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Windowed attention plus shortcut of x (B, H, W, dim), written into ``out`` (B, H', W', dim_out)."""
         ws = self.window_size
         xn = self.norm1(x)
         shortcut = self._shortcut(x, xn)
@@ -222,9 +210,8 @@ class MultiScaleBlock(nn.Module):
         """x += mlp(norm2(x)) in place (x is the fresh tensor of ``_attention_residual``).
 
         On CPU, in chunks of rows: each token's MLP is independent of the others, so only float rounding
-        changes, and the hidden activations (stage 1 at 1024 px: 65536 x 384 floats, 96 MiB) stay in
-        cache and in memory the allocator reuses; the residual add happens chunk by chunk, so no full-size
-        MLP output is ever concatenated.
+        changes, and the hidden activations stay in memory the allocator reuses; the residual add happens
+        chunk by chunk, so no full-size MLP output is ever concatenated.
         """
         rows = max(1, _MLP_CHUNK_ELEMENTS // self.mlp.layers[0].out_features)
         flat = x.view(-1, x.shape[-1])

@@ -203,6 +203,19 @@ def test_mlp_chunks_equal_the_whole_grid(small, monkeypatch, chunk):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_stays_close_to_fp32(small, tmp_path, dtype):
+    """The reduced-precision modes (CUDA's defaults; emulated here on the CPU) run the same path."""
+    ours, _ = small
+    path, _ = small_checkpoint(tmp_path, seed=3)
+    low = model.Predictor(load_with_config(path, SMALL_CONFIG, device="cpu", dtype=dtype))
+    image = make_image(300, 400, seed=1)
+    exact, approx = ours.predict(ours.embed(image), [[200, 150]], [1]), low.predict(low.embed(image), [[200, 150]], [1])
+    for a, b in zip(exact.masks, approx.masks, strict=True):
+        assert np.logical_and(a, b).sum() / np.logical_or(a, b).sum() >= 0.98
+    np.testing.assert_allclose(exact.scores, approx.scores, atol=2e-2)
+
+
 @pytest.mark.parametrize("shape", [(1, 8, 8, 3), (2, 7, 9, 4), (1, 3, 5, 2)])
 def test_max_pool_equals_torch(shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))

@@ -24,6 +24,11 @@ OFFICIAL_CHECKPOINTS: dict[str, str] = {
     "vit_l": "sam_vit_l_0b3195.pth",
     "vit_h": "sam_vit_h_4b8939.pth",
     "vit_t": "mobile_sam.pt",
+    # SAM 2.1 (Meta's file names; model.load recognises them, model.download fetches them)
+    "sam2.1_hiera_tiny": "sam2.1_hiera_tiny.pt",
+    "sam2.1_hiera_small": "sam2.1_hiera_small.pt",
+    "sam2.1_hiera_base_plus": "sam2.1_hiera_base_plus.pt",
+    "sam2.1_hiera_large": "sam2.1_hiera_large.pt",
 }
 CHECKPOINT_ALIASES: dict[str, str] = {"mobile_sam": "vit_t", "mobilesam": "vit_t", "sam_vit_b": "vit_b",
                                       "sam_vit_l": "vit_l", "sam_vit_h": "vit_h"}

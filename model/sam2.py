@@ -69,6 +69,7 @@ class Sam2(nn.Module):
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 RGB -> (1, 3, S, S) float input: to [0, 1], resized to S x S, normalised."""
+        rgb = rgb if rgb.flags.writeable else rgb.copy()  # torch warns on read-only arrays (decoded images)
         x = torch.from_numpy(rgb).to(self.device).permute(2, 0, 1).unsqueeze(0).float().div_(255)
         size = (self.image_size, self.image_size)
         if tuple(x.shape[-2:]) != size:

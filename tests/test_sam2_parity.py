@@ -271,3 +271,25 @@ def test_tiny_matches_reference(tmp_path):
 def test_base_plus_and_large_match_reference(tmp_path, name):
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     check_official(tmp_path, name, [(600, 500)], embed_atol=1e-3)
+
+
+def test_runtime_needs_none_of_the_reference_packages(tmp_path):
+    """Loading and running a SAM 2.1 checkpoint imports neither sam2 nor Hydra nor torchvision."""
+    import subprocess
+    import sys
+
+    path, _ = small_checkpoint(tmp_path, seed=8)
+    code = f"""
+import sys
+import numpy as np
+import model
+from model.sam2_checkpoint import Sam2Config, load_with_config
+config = Sam2Config(num_heads=1, global_att_blocks={SMALL['global_att_blocks']!r}, window_spec={SMALL['window_spec']!r},
+                    image_size={SMALL['image_size']})
+predictor = model.Predictor(load_with_config({str(path)!r}, config, device="cpu"))
+predictor.predict(predictor.embed(np.zeros((40, 50, 3), np.uint8)), [[5, 5]], [1])
+model.MaskGenerator(predictor.sam, points_per_side=2).generate(np.zeros((40, 50, 3), np.uint8))
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("sam2", "hydra", "omegaconf", "iopath", "torchvision"))
+assert not loaded, loaded
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

@@ -35,6 +35,7 @@ from backend.prompts import ObjectPrompt
 if TYPE_CHECKING:  # these import model and so torch: only when the segmenter is built or loads
     from backend.cache import EmbeddingCache
     from model import Embedding, Predictor, Sam
+    from model.sam2 import Sam2
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Segmenter:
     def __init__(self, checkpoint: str | Path | None, device: str | None = None, *,
                  cache: EmbeddingCache | None = None, metrics: Metrics | None = None,
                  ready_wait_s: float = DEFAULT_READY_WAIT_S, dtype: str = "auto", compile: bool = False,
-                 torch_threads: int = 0, loader: Callable[[str, str | None], Sam] | None = None,
+                 torch_threads: int = 0, loader: Callable[[str, str | None], Sam | Sam2] | None = None,
                  everything_options: dict[str, Any] | None = None) -> None:
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.device = device
@@ -167,7 +168,7 @@ class Segmenter:
         finally:
             self._ready.set()
 
-    def _default_load(self) -> Sam:
+    def _default_load(self) -> Sam | Sam2:
         from model import load
         from model.runtime import configure_threads, dtype_from_name
 

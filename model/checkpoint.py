@@ -7,7 +7,9 @@ whole grid, a windowed one only its window). MobileSAM is recognised by its Tiny
 Supported files: Meta's ``sam_vit_{b,l,h}_*.pth`` (a plain state dict), Ultralytics' ``sam_b.pt`` /
 ``sam_l.pt`` / ``mobile_sam.pt`` (also a plain state dict in Meta's key layout: Ultralytics' own
 builder calls ``load_state_dict(torch.load(f))``), MobileSAM's ``mobile_sam.pt``, and training
-checkpoints that wrap the state dict as ``{"model": sd}`` or ``{"state_dict": sd}``.
+checkpoints that wrap the state dict as ``{"model": sd}`` or ``{"state_dict": sd}``. SAM 2 / SAM 2.1
+files (``sam2.1_hiera_*.pt``, ``{"model": sd}`` with a Hiera trunk) are recognised and built by
+``model.sam2_checkpoint``.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from typing import Any
 
 import torch
 
-from model import runtime
+from model import runtime, sam2_checkpoint
 from model.fast_paths import FAST, FastPaths
 from model.image_encoder import ImageEncoderViT
 from model.mask_decoder import MaskDecoder
 from model.prompt_encoder import PromptEncoder
 from model.sam import Sam
+from model.sam2 import Sam2
 from model.transformer import TwoWayTransformer
 
 # Meta's official encoder configurations: (embed_dim, depth, num_heads, global blocks).
@@ -52,16 +55,28 @@ class CheckpointError(ValueError):
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-         compile: bool = False, fast_paths: FastPaths = FAST) -> Sam:
-    """Build a ready-to-use ``Sam`` (eval mode, on ``device``) from a checkpoint file.
+         compile: bool = False, fast_paths: FastPaths = FAST) -> Sam | Sam2:
+    """Build a ready-to-use ``Sam`` (or ``Sam2``; eval mode, on ``device``) from a checkpoint file.
 
-    ``fast_paths``: which speed tricks the model uses (``model.fast_paths``); ``REFERENCE`` runs Meta's
-    order of operations everywhere. ``Sam.set_fast_paths`` changes it later.
+    ``fast_paths``: which speed tricks a SAM 1 model uses (``model.fast_paths``); ``REFERENCE`` runs Meta's
+    order of operations everywhere. ``Sam.set_fast_paths`` changes it later. SAM 2 models have their own.
     """
+    runtime.resolve_dtype(runtime.resolve_device(device), dtype)  # a bad device fails before the file is read
+    state_dict, fingerprint = read_state_dict(path)
+    # SAM 2 / 2.1 (model/sam2_checkpoint.py): its own architecture inference; the video-memory weights dropped.
+    if sam2_checkpoint.is_sam2(state_dict):
+        sam, state_dict = sam2_checkpoint.build(state_dict, path)
+    else:
+        sam = build(state_dict, path)
+    return finish(sam, state_dict, fingerprint, path, device, dtype, compile, fast_paths)
+
+
+def finish(sam: torch.nn.Module, state_dict: dict[str, torch.Tensor], fingerprint: str, path: str | os.PathLike,
+           device: str | torch.device | None, dtype: torch.dtype | None, compile: bool,
+           fast_paths: FastPaths = FAST) -> Sam | Sam2:
+    """Load the weights strictly into the built model, then set identity, dtype, fast paths, device, eval mode."""
     target = runtime.resolve_device(device)
     autocast_dtype = runtime.resolve_dtype(target, dtype)
-    state_dict, fingerprint = read_state_dict(path)
-    sam = build(state_dict, path)
     try:
         sam.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
@@ -69,7 +84,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
                                     f"{' '.join(str(exc).split())}") from None
     sam.fingerprint = fingerprint
     sam.dtype = autocast_dtype
-    sam.set_fast_paths(fast_paths)
+    if isinstance(sam, Sam):
+        sam.set_fast_paths(fast_paths)
     sam.eval().requires_grad_(False).to(target)
     sam.__dict__["encode"] = runtime.maybe_compile(sam.image_encoder, compile)
     return sam
@@ -127,7 +143,8 @@ def unwrap(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(path, "not a SAM checkpoint: a state dict of tensors was expected")
     state_dict = {k.removeprefix("module."): v for k, v in obj.items()}
-    if not any(k.startswith(ENC) for k in state_dict) or "mask_decoder.iou_token.weight" not in state_dict:
+    decoders = ("mask_decoder.iou_token.weight", "sam_mask_decoder.iou_token.weight")  # SAM, SAM 2
+    if not any(k.startswith(ENC) for k in state_dict) or not any(k in state_dict for k in decoders):
         raise CheckpointError(path, "not a SAM checkpoint: no image_encoder.* / mask_decoder.* weights")
     return state_dict
 

@@ -11,6 +11,12 @@ module imports neither torch nor, until a download starts, the HTTP client: read
 Meta's file names carry the first 6 hex digits of the file's sha256 (``sam_vit_b_01ec64.pth``), the
 torch-hub convention: that prefix is what we check. For files whose hash we do not know (MobileSAM,
 the Ultralytics assets) no hash is invented; they are checked for a complete transfer only.
+
+SAM 2 / SAM 2.1 (``sam2.1_hiera_{tiny,small,base_plus,large}``, ``sam2_hiera_*``): Meta publishes no
+checksum for them (neither in the file names nor beside them in its download script), so none is
+listed; a download is checked for a complete transfer (the byte count the server announced), and
+``model.load`` then checks the contents: a file that is not a whole SAM 2 state dict of a released
+architecture, with every image-path tensor of the right shape, is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from urllib.parse import unquote, urlparse
 
 META = "https://dl.fbaipublicfiles.com/segment_anything/"
 ULTRALYTICS = "https://github.com/ultralytics/assets/releases/download/v8.3.0/"
+META_SAM2 = "https://dl.fbaipublicfiles.com/segment_anything_2/072824/"
+META_SAM2_1 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+_SAM2_SIZES = ("tiny", "small", "base_plus", "large")
 _CHUNK = 1 << 20
 # torch-hub style hash in a file name: name_<hex>.ext or name-<hex>.ext.
 _HASH_IN_NAME = re.compile(r"[_-]([0-9a-f]{6,64})\.[A-Za-z0-9]+$")
@@ -47,6 +56,11 @@ CHECKPOINTS: dict[str, Checkpoint] = {
     "sam_l": Checkpoint(ULTRALYTICS + "sam_l.pt", "sam_l.pt", None),
     "ultralytics_mobile_sam": Checkpoint(ULTRALYTICS + "mobile_sam.pt", "ultralytics_mobile_sam.pt", None),
 }
+# SAM 2.1 and SAM 2 (no published checksums, see above).
+CHECKPOINTS.update({f"sam2.1_hiera_{size}": Checkpoint(f"{META_SAM2_1}sam2.1_hiera_{size}.pt",
+                                                       f"sam2.1_hiera_{size}.pt", None) for size in _SAM2_SIZES})
+CHECKPOINTS.update({f"sam2_hiera_{size}": Checkpoint(f"{META_SAM2}sam2_hiera_{size}.pt", f"sam2_hiera_{size}.pt", None)
+                    for size in _SAM2_SIZES})
 # Other spellings users type for an official name (matched like names: trimmed, any case).
 ALIASES: dict[str, str] = {
     "mobile_sam": "vit_t", "mobilesam": "vit_t", "sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h",

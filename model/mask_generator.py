@@ -47,6 +47,7 @@ from .embedding import Embedding
 from .nms import batched_nms, box_area
 from .predictor import Predictor
 from .sam import Sam
+from .sam2 import Sam2
 
 
 @dataclass
@@ -102,7 +103,9 @@ class MaskGenerator:
     - ``points_per_side``: the grid has ``points_per_side**2`` points on the whole image;
     - ``points_per_batch``: points decoded at once (more is faster on a GPU and uses more memory: each
       point holds three full-size float logit maps of its crop);
-    - ``pred_iou_thresh``: keep masks whose predicted IoU is above it (0 keeps all);
+    - ``pred_iou_thresh``: keep masks whose predicted IoU is above it (0 keeps all); by default 0.88 for
+      SAM and 0.8 for SAM 2 / 2.1, the defaults of Meta's ``SAM2AutomaticMaskGenerator`` (its other defaults
+      are SAM's);
     - ``stability_score_thresh`` / ``stability_score_offset``: keep masks whose IoU between the masks
       thresholded at ``+offset`` and ``-offset`` logits is at least this (0 keeps all);
     - ``box_nms_thresh``: box IoU above which a lower-scored mask of the same crop is a duplicate;
@@ -110,7 +113,9 @@ class MaskGenerator:
     - ``crop_nms_thresh``: box IoU above which masks of different crops are duplicates;
     - ``crop_overlap_ratio``: overlap of first-layer crops as a fraction of the short image side;
     - ``crop_n_points_downscale_factor``: layer i uses ``points_per_side / factor**i`` points a side;
-    - ``min_mask_region_area``: if > 0, fill holes and drop islands smaller than this many pixels.
+    - ``min_mask_region_area``: if > 0, fill holes and drop islands smaller than this many pixels (SAM's
+      clean-up of the final masks, for SAM 2 too: Meta's SAM 2 generator instead hands this area to its
+      predictor, which cleans the low-res logits with a CUDA-only extension and skips it elsewhere).
 
     Only Meta's ``"binary_mask"`` output mode exists here: ``segmentation`` is an (H, W) bool array. The
     RLE modes are left out because our callers (brush RLE, polygons) start from the binary mask.
@@ -118,10 +123,10 @@ class MaskGenerator:
 
     def __init__(
         self,
-        sam: Sam,
+        sam: Sam | Sam2,
         points_per_side: int = 32,
         points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
+        pred_iou_thresh: float | None = None,
         stability_score_thresh: float = 0.95,
         stability_score_offset: float = 1.0,
         box_nms_thresh: float = 0.7,
@@ -131,6 +136,8 @@ class MaskGenerator:
         crop_n_points_downscale_factor: int = 1,
         min_mask_region_area: int = 0,
     ) -> None:
+        if pred_iou_thresh is None:  # Meta's default of the model family (SAM 2's scores are sigmoids)
+            pred_iou_thresh = 0.8 if isinstance(sam, Sam2) else 0.88
         _check_int("points_per_side", points_per_side, 1)
         _check_int("points_per_batch", points_per_batch, 1)
         _check_int("crop_n_layers", crop_n_layers, 0)

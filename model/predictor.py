@@ -19,6 +19,7 @@ import torch
 from model import runtime
 from model.embedding import Embedding
 from model.sam import Sam
+from model.sam2 import LOW_RES_CLAMP, Sam2
 from model.transforms import as_rgb, normalize_and_pad, postprocess_masks, resize_longest_side, scale_coords
 
 
@@ -44,9 +45,10 @@ def _array(value: object, name: str, shape: tuple[int | None, ...]) -> np.ndarra
 
 
 class Predictor:
-    def __init__(self, sam: Sam) -> None:
+    def __init__(self, sam: Sam | Sam2) -> None:
         self.sam = sam
         self.device = sam.device
+        self._sam2 = isinstance(sam, Sam2)  # SAM 2 / 2.1: its own pre/post-processing and decoder inputs
         # The positional encoding of the embedding grid does not depend on the prompt: compute it once.
         with torch.inference_mode():
             # Channels-last: the decoder reads it token-major, so each click then skips a transposing copy.
@@ -57,6 +59,8 @@ class Predictor:
     def embed(self, image: np.ndarray) -> Embedding:
         """Run the image encoder on an HxWx3 uint8 RGB image (grayscale and RGBA are converted)."""
         rgb = as_rgb(image)
+        if self._sam2:
+            return self._embed_sam2(rgb)
         resized = resize_longest_side(rgb, self.sam.image_size)
         with runtime.autocast(self.device, self.sam.dtype):
             x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).unsqueeze(0).float()
@@ -65,6 +69,18 @@ class Predictor:
         return Embedding(features=features.clone(memory_format=torch.channels_last),
                          original_size=(rgb.shape[0], rgb.shape[1]), input_size=(resized.shape[0], resized.shape[1]),
                          fingerprint=self.sam.fingerprint)
+
+    def _embed_sam2(self, rgb: np.ndarray) -> Embedding:
+        """SAM 2: the square, unpadded input; the embedding plus the decoder's high-resolution features."""
+        with torch.inference_mode():
+            x = self.sam.preprocess(rgb)
+        with runtime.autocast(self.device, self.sam.dtype):
+            features, high_res = self.sam.encode_image(x)
+        channels_last = torch.channels_last
+        return Embedding(features=features.float().contiguous(memory_format=channels_last),
+                         original_size=(rgb.shape[0], rgb.shape[1]), input_size=(self.sam.image_size,) * 2,
+                         fingerprint=self.sam.fingerprint,
+                         high_res=tuple(t.float().contiguous(memory_format=channels_last) for t in high_res))
 
     def predict(self, embedding: Embedding, points: object = None, labels: object = None, box: object = None,
                 mask_input: object = None, multimask: bool = True, best_only: bool = False) -> Prediction:
@@ -132,25 +148,50 @@ class Predictor:
         device = self.device
         original, resized = embedding.original_size, embedding.input_size
         points = None
-        if point_coords is not None:
-            if point_labels is None:
-                raise ValueError("point_labels must be given with point_coords")
+        if point_coords is not None and point_labels is None:
+            raise ValueError("point_labels must be given with point_coords")
+        if point_coords is not None and not self._sam2:
             coords = scale_coords(point_coords.to(device), original, resized)
             points = (coords, point_labels.to(device=device, dtype=torch.int64))
-        if boxes is not None:
+        if boxes is not None and not self._sam2:
             boxes = scale_coords(boxes.to(device).reshape(-1, 2, 2), original, resized).reshape(-1, 4)
         if mask_input is not None:
             mask_input = mask_input.to(device=device, dtype=torch.float32)
         with runtime.autocast(device, self.sam.dtype):
-            sparse, dense = self.sam.prompt_encoder(points, boxes, mask_input)
-            low_res, iou = self.sam.mask_decoder(embedding.features.to(device), self._dense_pe, sparse, dense,
-                                                 multimask)
+            if self._sam2:
+                low_res, iou = self._decode_sam2(embedding, point_coords, point_labels, boxes, mask_input, multimask)
+            else:
+                sparse, dense = self.sam.prompt_encoder(points, boxes, mask_input)
+                low_res, iou = self.sam.mask_decoder(embedding.features.to(device), self._dense_pe, sparse, dense,
+                                                     multimask)
             low_res = low_res.float()
             if best_only and low_res.shape[1] > 1:
                 rows = torch.arange(low_res.shape[0], device=low_res.device)
                 best = iou.argmax(dim=1)
                 low_res, iou = low_res[rows, best].unsqueeze(1), iou[rows, best].unsqueeze(1)
-            masks = postprocess_masks(low_res, self.sam.image_size, resized, original, self.sam.fast_paths)
+            if self._sam2:  # straight to the original size; the low-res logits handed back are clamped
+                masks = self.sam.postprocess(low_res, original)
+                low_res = low_res.clamp(-LOW_RES_CLAMP, LOW_RES_CLAMP)
+            else:
+                masks = postprocess_masks(low_res, self.sam.image_size, resized, original, self.sam.fast_paths)
             if not return_logits:
                 masks = masks > self.sam.mask_threshold
         return masks, iou.float(), low_res
+
+    def _decode_sam2(self, embedding: Embedding, point_coords: torch.Tensor | None, point_labels: torch.Tensor | None,
+                     boxes: torch.Tensor | None, mask_input: torch.Tensor | None,
+                     multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM 2's prompt frame and order (box corners as points 2 / 3 first) and its decoder inputs."""
+        if not embedding.high_res:
+            raise ValueError("the embedding has no high-resolution features: it was not made by a SAM 2 model")
+        device, original = self.device, embedding.original_size
+        sam = self.sam
+        coords = labels = None
+        if point_coords is not None:
+            coords = sam.transform_coords(point_coords.to(device), original)
+            labels = point_labels.to(device=device, dtype=torch.int64)
+        if boxes is not None:
+            boxes = sam.transform_coords(boxes.to(device).reshape(-1, 2, 2), original).reshape(-1, 4)
+        sparse, dense = sam.prompt_encoder.embed_prompts(coords, labels, boxes, mask_input)
+        high_res = tuple(t.to(device) for t in embedding.high_res)
+        return sam.mask_decoder(embedding.features.to(device), self._dense_pe, sparse, dense, high_res, multimask)

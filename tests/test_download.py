@@ -122,3 +122,31 @@ def test_table_names_resolve():
     assert download.resolve("sam_vit_l_0b3195.pth").sha256 == "0b3195"
     assert download.resolve("mobile_sam").filename == "mobile_sam.pt"
     assert download.resolve("https://example.org/x/sam_vit_b_01ec64.pth").sha256 == "01ec64"
+
+
+def test_sam2_names_resolve_to_meta_without_invented_hashes():
+    for size in ("tiny", "small", "base_plus", "large"):
+        entry = download.resolve(f"sam2.1_hiera_{size}")
+        assert entry.url == f"https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_{size}.pt"
+        assert entry.filename == f"sam2.1_hiera_{size}.pt" and entry.sha256 is None
+        assert download.resolve(f"sam2.1_hiera_{size}.pt") == entry
+        assert download.resolve(f"sam2_hiera_{size}").url.endswith(f"/072824/sam2_hiera_{size}.pt")
+
+
+def test_sam2_checkpoint_downloads_and_loads(server, tmp_path, monkeypatch):
+    """A SAM 2.1 file through its table entry (served locally), then loaded and checked by its contents."""
+    import torch
+
+    from model.sam2_checkpoint import Sam2Config, load_with_config
+    from testsupport.sam2_checkpoints import SMALL, small_checkpoint
+
+    base, root = server
+    path, _ = small_checkpoint(root, seed=2)
+    path.rename(root / "sam2.1_hiera_tiny.pt")
+    entry = download.CHECKPOINTS["sam2.1_hiera_tiny"]
+    monkeypatch.setitem(download.CHECKPOINTS, "sam2.1_hiera_tiny", replace(entry, url=base + "sam2.1_hiera_tiny.pt"))
+    local = fetch("sam2.1_hiera_tiny", tmp_path / "models", progress=False)
+    config = Sam2Config(num_heads=1, global_att_blocks=SMALL["global_att_blocks"], window_spec=SMALL["window_spec"],
+                        image_size=SMALL["image_size"])
+    sam = load_with_config(local, config, device="cpu", dtype=torch.float32)
+    assert sam.fingerprint == hashlib.sha256(local.read_bytes()).hexdigest()[:16]

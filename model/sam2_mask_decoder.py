@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.common import LayerNorm2d, activate_
+from model.common import LayerNorm2d, activate
 from model.mask_decoder import MLP
 from model.transformer import TwoWayTransformer
 
@@ -161,12 +161,12 @@ class Sam2MaskDecoder(nn.Module):
         c4 = x.shape[-1]
         s1_blocks = s1.permute(0, 2, 3, 1).reshape(s1.shape[0], h, 2, w, 2, c4).transpose(2, 3)
         x.view(b, h, w, 2, 2, c4).add_(s1_blocks.to(x.dtype))
-        x = activate_(act1, F.layer_norm(x, (c4,), norm.weight, norm.bias, norm.eps))
+        x = activate(act1, F.layer_norm(x, (c4,), norm.weight, norm.bias, norm.eps), in_place=True)
         x = _conv_transpose_2x2(x, up2)  # (B, 16hw, C/8): pixel (4y + 2a + c, 4x + 2b + d) at (y, x, a, b, c, d)
         c8 = x.shape[-1]
         s0_blocks = s0.permute(0, 2, 3, 1).reshape(s0.shape[0], h, 2, 2, w, 2, 2, c8).permute(0, 1, 4, 2, 5, 3, 6, 7)
         x.view(b, h, w, 2, 2, 2, 2, c8).add_(s0_blocks.to(x.dtype))
-        return activate_(act2, x)
+        return activate(act2, x, in_place=True)
 
 
 def _conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:

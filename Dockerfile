@@ -35,6 +35,14 @@ RUN groupadd --system --gid 1000 sam \
     && useradd --system --uid 1000 --gid sam --create-home --home-dir /home/sam sam \
     && mkdir -p /models /app \
     && chown sam:sam /models
+# tcmalloc as malloc (LD_PRELOAD below): glibc's malloc gives large freed blocks back to the OS and faults
+# them in again on the next encode; tcmalloc keeps them for reuse, which saves 2% of a ViT-B encode's CPU
+# time and 11% of a MobileSAM one's (bench/allocator.py). The base image's Debian release picks the version
+# (bookworm's libtcmalloc-minimal4, trixie's libtcmalloc-minimal4t64 that provides the name).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libtcmalloc-minimal4 \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 # The venv holds the installed package, its gunicorn settings (backend/gunicorn_conf.py) included.
@@ -44,7 +52,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     MODEL_DIR=/models \
     SAM_CHECKPOINT=vit_b \
     HOST=0.0.0.0 \
-    PORT=9090
+    PORT=9090 \
+    LD_PRELOAD=libtcmalloc_minimal.so.4 \
+    TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=17179869184
 USER 1000:1000
 VOLUME ["/models"]
 EXPOSE 9090

@@ -75,9 +75,16 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
-    """``layer(x)``, followed by the exact GELU when ``gelu``: fused on CPU where oneDNN offers it."""
-    if _FUSED_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and not _autocast_on("cpu"):
+    """``layer(x)``, followed by the exact GELU when ``gelu``: fused on CPU where oneDNN offers it (not under
+    ``torch.compile``, which fuses on its own and lowers this op only for frozen weights)."""
+    if (_FUSED_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and not _autocast_on("cpu")
+            and not _compiling()):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), layer.weight, layer.bias,
                                                   "gelu" if gelu else "none", [], "none" if gelu else "")
     y = layer(x)

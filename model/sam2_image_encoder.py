@@ -48,11 +48,14 @@ class FpnNeck(nn.Module):
         (d_model,) added to the bias."""
         conv = self.convs[len(self.convs) - 1 - level].conv
         weight, bias = conv.weight.flatten(1), conv.bias
-        if extra_bias is not None:
-            bias = bias + extra_bias
-        if project is not None:
-            p_weight, p_bias = project
-            weight, bias = p_weight @ weight, p_weight @ bias + p_bias
+        # The folding is done in fp32 even under autocast: a few thousand products, and the folded weights
+        # should be as exact as the two convolutions they replace.
+        with torch.autocast(x.device.type, enabled=False):
+            if extra_bias is not None:
+                bias = bias.float() + extra_bias.float()
+            if project is not None:
+                p_weight, p_bias = project
+                weight, bias = p_weight.float() @ weight.float(), p_weight.float() @ bias.float() + p_bias.float()
         return F.linear(x, weight.to(x.dtype), bias.to(x.dtype))
 
     def forward(self, xs: list[torch.Tensor],

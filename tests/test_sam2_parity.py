@@ -293,3 +293,15 @@ loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("sam2", "hydra", "
 assert not loaded, loaded
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_compiled_encoder_equals_eager(small, tmp_path):
+    """``compile=True`` (torch.compile of the image encoder, about a minute on a CPU) gives the same features."""
+    ours, _ = small
+    path, _ = small_checkpoint(tmp_path, seed=3)
+    compiled = model.Predictor(load_with_config(path, SMALL_CONFIG, device="cpu", compile=True))
+    image = make_image(200, 300, seed=1)
+    eager, fast = ours.embed(image), compiled.embed(image)
+    for a, b in zip((eager.features, *eager.high_res), (fast.features, *fast.high_res), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -15,9 +15,11 @@ The computation is Meta's, rearranged where that is faster on CPU and equal up t
   background table plus a tiled window table) is cached per grid size, keyed on the tables' versions so
   loading new weights invalidates it;
 * windows are cut once from the normalised input, and merged back inside the residual add; a 2x2 max
-  pool is an ``amax`` over a reshaped view (no permute to channels-first and back);
-* attention is ``F.scaled_dot_product_attention`` on strided q/k/v views of the fused projection;
-* MLPs run on chunks of rows with GELU in place (cache-sized hidden activations, see ``HieraMLP``).
+  pool is two ``maximum`` passes over strided views (no permute to channels-first and back);
+* attention is ``F.scaled_dot_product_attention`` on views of the fused q/k/v projection (copied to
+  contiguous heads for the long sequences of the global blocks);
+* on CPU at fp32 the linear layers are oneDNN's, with the bias and GELU fused into the product (``linear``);
+* MLPs run on chunks of rows, their residual added chunk by chunk (``MultiScaleBlock._mlp_residual_``).
 
 Padding follows Meta: a grid that is not a multiple of the window is zero-padded after ``norm1``, and the
 padded tokens take part in the attention of their window (their keys and values are the projections'

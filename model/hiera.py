@@ -15,9 +15,11 @@ The computation is Meta's, rearranged where that is faster on CPU and equal up t
   background table plus a tiled window table) is cached per grid size, keyed on the tables' versions so
   loading new weights invalidates it;
 * windows are cut once from the normalised input, and merged back inside the residual add; a 2x2 max
-  pool is an ``amax`` over a reshaped view (no permute to channels-first and back);
-* attention is ``F.scaled_dot_product_attention`` on strided q/k/v views of the fused projection;
-* MLPs run on chunks of rows with GELU in place (cache-sized hidden activations, see ``HieraMLP``).
+  pool is two ``maximum`` passes over strided views (no permute to channels-first and back);
+* attention is ``F.scaled_dot_product_attention`` on views of the fused q/k/v projection (copied to
+  contiguous heads for the long sequences of the global blocks);
+* on CPU at fp32 the linear layers are oneDNN's, with the bias and GELU fused into the product (``linear``);
+* MLPs run on chunks of rows, their residual added chunk by chunk (``MultiScaleBlock._mlp_residual_``).
 
 Padding follows Meta: a grid that is not a multiple of the window is zero-padded after ``norm1``, and the
 padded tokens take part in the attention of their window (their keys and values are the projections'
@@ -38,6 +40,8 @@ from model.common import gelu_
 # get a core, and on a loaded or CPU-quota-limited machine (measured: load 5 on 2 cores) the encoder then
 # ran 1.3x slower in wall time instead.
 _MLP_CHUNK_ELEMENTS = 1 << 23
+# Attention over at least this many keys gets contiguous q / k / v (see MultiScaleAttention.forward).
+_CONTIGUOUS_ATTENTION_TOKENS = 1024
 
 
 class PatchEmbed(nn.Module):
@@ -144,7 +148,12 @@ class MultiScaleAttention(nn.Module):
             q = max_pool_2x2(qkv[..., : self.dim_out])
             h, w = q.shape[1:3]
             q = q.view(b, h * w, heads, -1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if k.shape[2] >= _CONTIGUOUS_ATTENTION_TOKENS:
+            # Long sequences (the global blocks): SDPA's CPU kernel reads contiguous heads 8-15% faster,
+            # more than the copy costs; for the windows' 16-196 tokens the copy costs more than it saves.
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = F.scaled_dot_product_attention(q, k, v)
         # (B, heads, N', hd) -> (B, N', heads * hd): a view for one head, a copy otherwise.
         out = out.transpose(1, 2).reshape(b, h, w, self.dim_out)
         return linear(out, self.proj)

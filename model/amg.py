@@ -189,7 +189,7 @@ def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tup
         raise ValueError(f"mode must be 'holes' or 'islands', got {mode!r}")
     holes = mode == "holes"
     working = (holes ^ mask).astype(np.uint8)
-    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working, 8)
+    n_labels, regions, stats, _ = cv2.connectedComponentsWithStats(working, connectivity=8)
     sizes = stats[:, -1][1:]  # row 0 is the background
     small = [i + 1 for i, s in enumerate(sizes) if s < area_thresh]
     if not small:

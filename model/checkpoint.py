@@ -21,9 +21,10 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
 
 from model import runtime, sam2_checkpoint
 from model.fast_paths import FAST, FastPaths
@@ -43,6 +44,7 @@ OFFICIAL_VITS = {
 # Heads of the decoder's two-way transformer: not visible in any tensor shape; every SAM release uses 8.
 DECODER_HEADS = 8
 ENC = "image_encoder."
+_SamT = TypeVar("_SamT", bound="Sam | Sam2")
 
 
 class CheckpointError(ValueError):
@@ -63,6 +65,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     """
     runtime.resolve_dtype(runtime.resolve_device(device), dtype)  # a bad device fails before the file is read
     state_dict, fingerprint = read_state_dict(path)
+    sam: Sam | Sam2
     # SAM 2 / 2.1 (model/sam2_checkpoint.py): its own architecture inference; the video-memory weights dropped.
     if sam2_checkpoint.is_sam2(state_dict):
         sam, state_dict = sam2_checkpoint.build(state_dict, path)
@@ -71,9 +74,9 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
     return finish(sam, state_dict, fingerprint, path, device, dtype, compile, fast_paths)
 
 
-def finish(sam: torch.nn.Module, state_dict: dict[str, torch.Tensor], fingerprint: str, path: str | os.PathLike,
+def finish(sam: _SamT, state_dict: dict[str, torch.Tensor], fingerprint: str, path: str | os.PathLike,
            device: str | torch.device | None, dtype: torch.dtype | None, compile: bool,
-           fast_paths: FastPaths = FAST) -> Sam | Sam2:
+           fast_paths: FastPaths = FAST) -> _SamT:
     """Load the weights strictly into the built model, then set identity, dtype, fast paths, device, eval mode."""
     target = runtime.resolve_device(device)
     autocast_dtype = runtime.resolve_dtype(target, dtype)
@@ -201,6 +204,7 @@ def vit_name(config: dict[str, Any]) -> str:
 
 def build(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> Sam:
     """An untrained ``Sam`` whose shapes match the state dict."""
+    encoder: nn.Module
     if ENC + "patch_embed.seq.0.c.weight" in sd or any(k.startswith(ENC + "layers.") for k in sd):
         from model.tiny_vit import TinyViT, tiny_vit_config_from_state_dict, tiny_vit_name
 

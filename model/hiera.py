@@ -28,6 +28,9 @@ biases), exactly as the weights were trained.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,10 +103,11 @@ class HieraMLP(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
+        self.hidden_dim = hidden_dim
         self.layers = nn.ModuleList([nn.Linear(dim, hidden_dim), nn.Linear(hidden_dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lin1, lin2 = self.layers
+        lin1, lin2 = cast("Iterable[nn.Linear]", self.layers)
         return linear(linear(x, lin1, gelu=True), lin2)
 
 
@@ -229,7 +233,7 @@ class MultiScaleBlock(nn.Module):
         changes, and the hidden activations stay in memory the allocator reuses; the residual add happens
         chunk by chunk, so no full-size MLP output is ever concatenated.
         """
-        rows = max(1, _MLP_CHUNK_ELEMENTS // self.mlp.layers[0].out_features)
+        rows = max(1, _MLP_CHUNK_ELEMENTS // self.mlp.hidden_dim)
         flat = x.view(-1, x.shape[-1])
         if x.device.type != "cpu" or flat.shape[0] <= rows:
             return x.add_(self.mlp(self.norm2(x)))
@@ -260,6 +264,7 @@ class Hiera(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *window_pos_embed_bkg_spatial_size))
         self.pos_embed_window = nn.Parameter(torch.zeros(1, embed_dim, window_spec[0], window_spec[0]))
         self.blocks = nn.ModuleList()
+        block_dims: list[int] = []
         stage = 0
         for i in range(sum(stages)):
             dim_out = embed_dim
@@ -271,8 +276,9 @@ class Hiera(nn.Module):
                 stage += 1
             self.blocks.append(MultiScaleBlock(embed_dim, dim_out, num_heads, mlp_ratio,
                                                q_stride=i in self.q_pool_blocks, window_size=window_size))
+            block_dims.append(dim_out)
             embed_dim = dim_out
-        self.channel_list = [self.blocks[i].dim_out for i in self.stage_ends[::-1]]
+        self.channel_list = [block_dims[i] for i in self.stage_ends[::-1]]
         self._pos_cache: tuple[tuple, torch.Tensor] | None = None
 
     def position_embedding(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor:

@@ -118,7 +118,7 @@ class MaskDecoder(UsesFastPaths, nn.Module):
         masks are shuffled into image order. On CPU this is several times faster than the convolution
         kernels.
         """
-        up1, norm, act1, up2, act2 = self.output_upscaling
+        up1, norm, act1, up2, act2 = upscaling_layers(self.output_upscaling)
         in_place = self.fast_paths.in_place_activations
         x = _conv_transpose_2x2(tokens, up1)
         x = activate(act1, F.layer_norm(x, (norm.weight.shape[0],), norm.weight, norm.bias, norm.eps), in_place)
@@ -126,6 +126,18 @@ class MaskDecoder(UsesFastPaths, nn.Module):
         (bs, k, _), (h, w) = hyper_in.shape, size
         masks = (hyper_in @ upscaled.transpose(1, 2)).reshape(bs, k, h, w, 2, 2, 2, 2)
         return masks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(bs, k, 4 * h, 4 * w)
+
+
+# A decoder's ``output_upscaling``: transposed convolution, LayerNorm2d, activation, transposed convolution, activation.
+UpscalingLayers = tuple[nn.ConvTranspose2d, LayerNorm2d, nn.Module, nn.ConvTranspose2d, nn.Module]
+
+
+def upscaling_layers(output_upscaling: nn.Sequential) -> UpscalingLayers:
+    """The layers of ``output_upscaling``, typed (they stay in one Sequential for Meta's key names)."""
+    up1, norm, act1, up2, act2 = output_upscaling
+    assert isinstance(up1, nn.ConvTranspose2d) and isinstance(up2, nn.ConvTranspose2d)
+    assert isinstance(norm, LayerNorm2d)
+    return up1, norm, act1, up2, act2
 
 
 def _conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:

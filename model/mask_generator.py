@@ -298,9 +298,12 @@ def _check_int(name: str, value: Any, low: int) -> None:
 
 
 def _check_real(name: str, value: Any, low: float, high: float | None = None, high_open: bool = False) -> None:
-    ok = isinstance(value, Real) and not isinstance(value, bool) and np.isfinite(value) and value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
+    ok = isinstance(value, Real) and not isinstance(value, bool)
+    if ok:
+        number = float(value)  # every Real converts; np.isfinite of the value itself fails on a Fraction
+        ok = np.isfinite(number) and number >= low
+        if ok and high is not None:
+            ok = number < high if high_open else number <= high
     if not ok:
         upper = "" if high is None else (f" and < {high}" if high_open else f" and <= {high}")
         raise ValueError(f"{name} must be a number >= {low}{upper}, got {value!r}")

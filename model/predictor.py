@@ -12,8 +12,10 @@ happens inside, as Meta's ``predict`` does it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from model import runtime
@@ -59,7 +61,7 @@ class Predictor:
     def embed(self, image: np.ndarray) -> Embedding:
         """Run the image encoder on an HxWx3 uint8 RGB image (grayscale and RGBA are converted)."""
         rgb = as_rgb(image)
-        if self._sam2:
+        if isinstance(self.sam, Sam2):
             return self._embed_sam2(rgb)
         resized = resize_longest_side(rgb, self.sam.image_size)
         with runtime.autocast(self.device, self.sam.dtype):
@@ -72,6 +74,7 @@ class Predictor:
 
     def _embed_sam2(self, rgb: np.ndarray) -> Embedding:
         """SAM 2: the square, unpadded input; the embedding plus the decoder's high-resolution features."""
+        assert isinstance(self.sam, Sam2)
         with torch.inference_mode():
             x = self.sam.preprocess(rgb)
         with runtime.autocast(self.device, self.sam.dtype):
@@ -105,7 +108,7 @@ class Predictor:
             box_t = torch.from_numpy(_array(box, "box", (4,))).unsqueeze(0)
         if mask_input is not None:
             h, w = self._mask_input_size
-            mask = _array(mask_input, "mask_input", (1, h, w) if np.ndim(mask_input) == 3 else (h, w))
+            mask = _array(mask_input, "mask_input", (1, h, w) if np.ndim(cast(npt.ArrayLike, mask_input)) == 3 else (h, w))
             mask_t = torch.from_numpy(mask.astype(np.float32)).reshape(1, 1, h, w)
         if coords_t is None and box_t is None and mask_t is None:
             raise ValueError("give at least one prompt: points, a box or mask_input")
@@ -150,7 +153,7 @@ class Predictor:
         points = None
         if point_coords is not None and point_labels is None:
             raise ValueError("point_labels must be given with point_coords")
-        if point_coords is not None and not self._sam2:
+        if point_coords is not None and point_labels is not None and not self._sam2:
             coords = scale_coords(point_coords.to(device), original, resized)
             points = (coords, point_labels.to(device=device, dtype=torch.int64))
         if boxes is not None and not self._sam2:
@@ -169,7 +172,7 @@ class Predictor:
                 rows = torch.arange(low_res.shape[0], device=low_res.device)
                 best = iou.argmax(dim=1)
                 low_res, iou = low_res[rows, best].unsqueeze(1), iou[rows, best].unsqueeze(1)
-            if self._sam2:  # straight to the original size; the low-res logits handed back are clamped
+            if isinstance(self.sam, Sam2):  # straight to the original size; the low-res logits handed back are clamped
                 masks = self.sam.postprocess(low_res, original)
                 low_res = low_res.clamp(-LOW_RES_CLAMP, LOW_RES_CLAMP)
             else:
@@ -186,8 +189,9 @@ class Predictor:
             raise ValueError("the embedding has no high-resolution features: it was not made by a SAM 2 model")
         device, original = self.device, embedding.original_size
         sam = self.sam
+        assert isinstance(sam, Sam2)
         coords = labels = None
-        if point_coords is not None:
+        if point_coords is not None and point_labels is not None:
             coords = sam.transform_coords(point_coords.to(device), original)
             labels = point_labels.to(device=device, dtype=torch.int64)
         if boxes is not None:

@@ -7,6 +7,7 @@ frame (the resized, padded image), exactly as Meta's ``predict_torch`` expects t
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -16,6 +17,8 @@ from model.common import LayerNorm2d
 
 class PositionEmbeddingRandom(nn.Module):
     """Fourier features of (x, y) with a fixed random Gaussian matrix (a checkpoint buffer)."""
+
+    positional_encoding_gaussian_matrix: torch.Tensor  # buffer (2, num_pos_feats), registered in __init__
 
     def __init__(self, num_pos_feats: int = 64, scale: float | None = None) -> None:
         super().__init__()
@@ -67,6 +70,10 @@ class PromptEncoder(nn.Module):
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
+    def _point_embedding(self, label: int) -> torch.Tensor:
+        """The (1, C) learned embedding of point label 0-3 (``point_embeddings.<label>``)."""
+        return cast(nn.Embedding, self.point_embeddings[label]).weight
+
     def get_dense_pe(self) -> torch.Tensor:
         """Positional encoding of the image-embedding grid, (1, C, h, w). Callers cache it."""
         return self.pe_layer(self.image_embedding_size).unsqueeze(0)
@@ -80,13 +87,13 @@ class PromptEncoder(nn.Module):
         pe = self.pe_layer.forward_with_coords(points, self.input_image_size)
         labels = labels[..., None]
         pe = torch.where(labels == -1, self.not_a_point_embed.weight, pe)
-        pe = pe + torch.where(labels == 0, self.point_embeddings[0].weight, 0.0)
-        return pe + torch.where(labels == 1, self.point_embeddings[1].weight, 0.0)
+        pe = pe + torch.where(labels == 0, self._point_embedding(0), 0.0)
+        return pe + torch.where(labels == 1, self._point_embedding(1), 0.0)
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         corners = (boxes + 0.5).reshape(-1, 2, 2)
         pe = self.pe_layer.forward_with_coords(corners, self.input_image_size)
-        corner_embed = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])
+        corner_embed = torch.cat([self._point_embedding(2), self._point_embedding(3)])
         return pe + corner_embed
 
     def forward(self, points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None,

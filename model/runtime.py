@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import ParamSpec, TypeVar
 
 import torch
 
@@ -18,6 +19,9 @@ import torch
 DTYPES: dict[str, torch.dtype | None] = {
     "auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
 }
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -107,7 +111,7 @@ def default_cache_bytes(device: str | None) -> int:
     return max(256 << 20, min(ram // 20, 2 << 30))
 
 
-def maybe_compile(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+def maybe_compile(module: Callable[_P, _R], enabled: bool) -> Callable[_P, _R]:
     """``torch.compile(module)`` when enabled; the state dict of ``module`` itself is untouched."""
     if not enabled:
         return module

@@ -22,6 +22,11 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 
 class Sam(nn.Module):
     mask_threshold: float = 0.0
+    # Buffers (registered in __init__) and the encoder entry point kept in __dict__: declared here, since
+    # nn.Module's __getattr__ would type them as "Tensor | Module".
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+    encode: Callable[[torch.Tensor], torch.Tensor]
 
     def __init__(self, image_encoder: nn.Module, prompt_encoder: PromptEncoder, mask_decoder: MaskDecoder,
                  image_size: int, name: str = "custom", fingerprint: str = "",

@@ -22,10 +22,12 @@ methods here:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from model.sam2_image_encoder import ImageEncoder
 from model.sam2_mask_decoder import Sam2MaskDecoder
@@ -38,6 +40,12 @@ LOW_RES_CLAMP = 32.0
 
 class Sam2(nn.Module):
     mask_threshold: float = 0.0
+    # Buffers (registered in __init__) and the encoder entry point kept in __dict__: declared here, since
+    # nn.Module's __getattr__ would type them as "Tensor | Module". ``encode`` is ``ImageEncoder.forward``
+    # as ``encode_image`` calls it: (x, s0 weight, s0 bias, s1 weight, s1 bias, no_mem_embed) -> [s0, s1, embedding].
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+    encode: Callable[[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, Tensor], list[Tensor]]
 
     def __init__(self, image_encoder: ImageEncoder, prompt_encoder: Sam2PromptEncoder, mask_decoder: Sam2MaskDecoder,
                  image_size: int, name: str = "sam2_custom", fingerprint: str = "") -> None:

@@ -38,7 +38,7 @@ VIDEO_ONLY = ("memory_attention.", "memory_encoder.", "maskmem_tpos_enc", "no_me
 # embedding): their presence tells a 2.1 file from a 2.0 one. The image path is the same in both.
 SAM2_1_ONLY = ("no_obj_embed_spatial", "obj_ptr_tpos_proj.weight")
 # Every SAM 2 / 2.1 release: (Hiera width, blocks per stage) -> name, first heads, global blocks, windows.
-RELEASES = {
+RELEASES: dict[tuple[int, tuple[int, ...]], tuple[str, int, tuple[int, ...], tuple[int, ...]]] = {
     (96, (1, 2, 7, 2)): ("hiera_tiny", 1, (5, 7, 9), (8, 4, 14, 7)),
     (96, (1, 2, 11, 2)): ("hiera_small", 1, (7, 10, 13), (8, 4, 14, 7)),
     (112, (2, 3, 16, 3)): ("hiera_base_plus", 2, (12, 16, 20), (8, 4, 14, 7)),

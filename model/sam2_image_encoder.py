@@ -16,6 +16,7 @@ never through the 256-channel map Meta computes and then shrinks (a quarter of M
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +47,9 @@ class FpnNeck(nn.Module):
         """The 1x1 convolution of ``level`` on channels-last x (B, H, W, Cin) -> (B, H, W, d_model), as a
         matrix product; ``project`` (weight (Cout, d_model), bias) is folded in after it, ``extra_bias``
         (d_model,) added to the bias."""
-        conv = self.convs[len(self.convs) - 1 - level].conv
+        conv = cast(nn.Conv2d, self.convs[len(self.convs) - 1 - level].conv)
         weight, bias = conv.weight.flatten(1), conv.bias
+        assert bias is not None  # the lateral convolutions are built with biases
         # The folding is done in fp32 even under autocast: a few thousand products, and the folded weights
         # should be as exact as the two convolutions they replace.
         with torch.autocast(x.device.type, enabled=False):
@@ -66,7 +68,7 @@ class FpnNeck(nn.Module):
         ``embed_bias`` for the last kept level, when given, are folded in (see the module docstring)."""
         n = len(self.convs) - 1
         kept = n + 1 - SCALP
-        out: list[torch.Tensor | None] = [None] * (n + 1)
+        out: list[torch.Tensor] = []  # lowest resolution first
         previous = None
         for level in range(n, -1, -1):
             project = projections[level] if projections is not None and level < len(projections) else None
@@ -76,8 +78,8 @@ class FpnNeck(nn.Module):
                 b, h, w, c = previous.shape
                 lateral.view(b, h, 2, w, 2, c).add_(previous.view(b, h, 1, w, 1, c).to(lateral.dtype))
             previous = lateral
-            out[level] = lateral
-        return [o.permute(0, 3, 1, 2) for o in out[:kept]]
+            out.append(lateral)
+        return [o.permute(0, 3, 1, 2) for o in out[::-1][:kept]]
 
 
 class ImageEncoder(nn.Module):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.common import LayerNorm2d, activate
-from model.mask_decoder import MLP
+from model.mask_decoder import MLP, upscaling_layers
 from model.transformer import TwoWayTransformer
 
 
@@ -154,7 +154,7 @@ class Sam2MaskDecoder(nn.Module):
         convolution writes each output pixel once, so each is one matmul; everything between acts on each
         pixel alone. The high-resolution maps are added through views that read them in block order.
         """
-        up1, norm, act1, up2, act2 = self.output_upscaling
+        up1, norm, act1, up2, act2 = upscaling_layers(self.output_upscaling)
         s0, s1 = high_res_features
         b = tokens.shape[0]
         x = _conv_transpose_2x2(tokens, up1)  # (B, 4hw, C/4): pixel (2y + a, 2x + b) at (y, x, a, b)

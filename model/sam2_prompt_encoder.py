@@ -26,7 +26,7 @@ class Sam2PromptEncoder(PromptEncoder):
         labels = labels[..., None]
         pe = torch.where(labels == -1, self.not_a_point_embed.weight, pe)
         for label in range(4):
-            pe = pe + torch.where(labels == label, self.point_embeddings[label].weight, 0.0)
+            pe = pe + torch.where(labels == label, self._point_embedding(label), 0.0)
         return pe
 
     def embed_prompts(self, coords: torch.Tensor | None, labels: torch.Tensor | None, boxes: torch.Tensor | None,
@@ -36,14 +36,18 @@ class Sam2PromptEncoder(PromptEncoder):
         coords (B, N, 2) xy and labels (B, N) of the clicks, boxes (B, 4) xyxy, all in input-frame pixels;
         masks (B, 1, 4h, 4w) low-res logits. The dense embedding is an expanded view without a mask.
         """
+        points: tuple[torch.Tensor, torch.Tensor] | None = None
+        if coords is not None:
+            if labels is None:
+                raise ValueError("labels must be given with coords")
+            points = (coords, labels)
         if boxes is not None:
             corners = boxes.reshape(-1, 2, 2)
             corner_labels = torch.tensor([[2, 3]], dtype=torch.int64, device=boxes.device).expand(corners.shape[0], 2)
-            if coords is not None:
-                coords = torch.cat([corners, coords.to(corners.dtype)], dim=1)
-                labels = torch.cat([corner_labels, labels.to(torch.int64)], dim=1)
+            if points is not None:
+                points = (torch.cat([corners, points[0].to(corners.dtype)], dim=1),
+                          torch.cat([corner_labels, points[1].to(torch.int64)], dim=1))
             else:
-                coords, labels = corners, corner_labels
-        points = (coords, labels) if coords is not None else None
+                points = (corners, corner_labels)
         # No separate boxes: every point list gets its padding point, as in SAM 2's predictor.
         return self(points, None, masks)

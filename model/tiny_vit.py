@@ -59,6 +59,8 @@ class Conv2dBN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.bn
+        # Always the running statistics (never None: the BatchNorm tracks them, as it is built above).
+        assert bn.running_var is not None and bn.running_mean is not None
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         weight = self.c.weight * scale[:, None, None, None]
         bias = bn.bias - bn.running_mean * scale
@@ -134,6 +136,8 @@ def attention_bias_index(window_size: int) -> torch.Tensor:
 
 class Attention(UsesFastPaths, nn.Module):
     """Multi-head self-attention inside one window, with a learned bias per head and relative offset."""
+
+    attention_bias_idxs: torch.Tensor  # buffer (N, N), registered in __init__
 
     def __init__(self, dim: int, num_heads: int, window_size: int) -> None:
         super().__init__()

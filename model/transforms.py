@@ -48,7 +48,7 @@ def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
     if (h, w) == image.shape[:2]:
         return image if image.flags.writeable else image.copy()
     # np.array, not np.asarray: a writable copy that torch.from_numpy accepts without a warning.
-    return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    return np.array(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
 
 
 def scale_coords(coords: torch.Tensor, original_size: tuple[int, int], input_size: tuple[int, int]) -> torch.Tensor:

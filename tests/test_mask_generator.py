@@ -13,6 +13,8 @@ logits are small, so the stability offset is 0.05 instead of 1.0 (at 1.0 every s
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -230,6 +232,14 @@ def test_bad_options_are_clear_errors(models, options: dict, message: str) -> No
     _, sam = models
     with pytest.raises(ValueError, match=message):
         MaskGenerator(sam, **options)
+
+
+def test_any_real_number_is_an_option(models) -> None:
+    """Thresholds are checked as numbers.Real: a Fraction or a numpy float is as good as a float."""
+    _, sam = models
+    MaskGenerator(sam, pred_iou_thresh=Fraction(9, 10), stability_score_offset=np.float32(0.5))
+    with pytest.raises(ValueError, match="box_nms_thresh"):
+        MaskGenerator(sam, box_nms_thresh=Fraction(3, 2))
 
 
 @pytest.mark.parametrize("bad", [

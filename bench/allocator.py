@@ -15,8 +15,8 @@ time; other processes' load stretches wall time far more than CPU time), of the 
 the wall time, the workers' peak RSS and the load average of each round. With ``--threads 1`` the CPU time
 holds no OpenMP spin-waiting.
 
-    .venv/bin/python bench/allocator.py                       # both models, 5 rounds
-    .venv/bin/python bench/allocator.py --models vit_b --runs 3 --threads 1
+    .venv/bin/python -m bench.allocator                       # both models, 5 rounds
+    .venv/bin/python -m bench.allocator --models vit_b --runs 3 --threads 1
 
 jemalloc: ``apt-get install libjemalloc2``; tcmalloc: ``apt-get install libtcmalloc-minimal4``. A missing
 library is reported and skipped. Besides the three allocators as installed, two configurations
@@ -38,7 +38,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from testsupport.paths import REPO_ROOT
 
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
@@ -148,8 +148,8 @@ class Worker:
             env["LD_PRELOAD"] = library
         self.allocator = allocator
         self.process = subprocess.Popen(
-            [sys.executable, __file__, "--worker", "--models", ",".join(models), "--threads", str(threads)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            [sys.executable, "-m", "bench.allocator", "--worker", "--models", ",".join(models), "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
         hello = self.read()
         if hello["library"] != (library or "glibc"):
             raise SystemExit(f"the {allocator} worker runs {hello['library']}: LD_PRELOAD={library} did not load")

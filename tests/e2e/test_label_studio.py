@@ -178,12 +178,18 @@ def assert_same_mask(got: np.ndarray, expected: np.ndarray, what: str) -> None:
 # fixtures
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Meta's format, seeded random weights, a tiny configuration: encodes take milliseconds on a CPU."""
+@pytest.fixture(scope="module", params=["sam", "sam2.1"])
+def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Meta's formats, seeded random weights. SAM: a tiny configuration, encodes take milliseconds on a CPU.
+    SAM 2.1: the released hiera-tiny architecture (what a served SAM 2.1 file must be), a few seconds an encode."""
+    directory = tmp_path_factory.mktemp("checkpoint")
+    if request.param == "sam2.1":
+        from testsupport.sam2_checkpoints import checkpoint as sam2_checkpoint
+
+        return sam2_checkpoint(directory, "sam2.1_hiera_tiny", seed=7)[0]
     from testsupport.backend import make_tiny_checkpoint
 
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "sam_tiny.pth", seed=7)
+    return make_tiny_checkpoint(directory / "sam_tiny.pth", seed=7)
 
 
 @pytest.fixture(scope="module")

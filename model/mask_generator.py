@@ -162,18 +162,24 @@ class MaskGenerator:
         self.min_mask_region_area = min_mask_region_area
 
     @torch.inference_mode()
-    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+    def generate(self, image: np.ndarray, embedding: Embedding | None = None) -> list[dict[str, Any]]:
         """Mask records for ``image`` (HxWx3 uint8 RGB; grayscale HxW and RGBA are converted).
 
         Each record is Meta's: ``segmentation`` (H, W) bool, ``area`` int, ``bbox`` [x, y, w, h] of the
         mask (inclusive pixel edges, Meta's convention), ``predicted_iou`` and ``stability_score``
         floats, ``point_coords`` [[x, y]] the prompt in image pixels, ``crop_box`` [x, y, w, h].
-        Raises ValueError for anything that is not such an image.
+        ``embedding``: the whole image's, made by ``Predictor.embed`` with this model (e.g. from a cache), used
+        for the whole-image crop instead of encoding it again. Raises ValueError for anything that is not such
+        an image, or for an embedding of another image size or model.
         """
         _check_image(image)
         orig_size = (int(image.shape[0]), int(image.shape[1]))
+        if embedding is not None and (embedding.original_size != orig_size
+                                      or embedding.fingerprint != self.predictor.sam.fingerprint):
+            raise ValueError(f"the embedding is of a {embedding.original_size} image by model "
+                             f"{embedding.fingerprint!r}, not of this {orig_size} image by this model")
         crop_boxes, layers = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
-        data = _Candidates.cat([self._process_crop(image, box, layer, orig_size)
+        data = _Candidates.cat([self._process_crop(image, box, layer, orig_size, embedding if layer == 0 else None)
                                 for box, layer in zip(crop_boxes, layers, strict=True)])
 
         if len(crop_boxes) > 1:
@@ -187,11 +193,12 @@ class MaskGenerator:
         return _records(data)
 
     def _process_crop(self, image: np.ndarray, crop_box: Box, layer: int,
-                      orig_size: tuple[int, int]) -> _Candidates:
+                      orig_size: tuple[int, int], embedding: Embedding | None = None) -> _Candidates:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1]
         crop_h, crop_w = crop.shape[:2]
-        embedding = self.predictor.embed(crop)
+        if embedding is None:
+            embedding = self.predictor.embed(crop)
         points = self.point_grids[layer] * np.array([[crop_w, crop_h]], dtype=np.float64)
 
         data = _Candidates.cat([

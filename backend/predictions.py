@@ -134,21 +134,24 @@ class Predictions:
         ``sam-backend preannotate``, picks it up; the log says how many were left and the command.
         SAM_BATCH_MODE=off answers ``[]`` for every task (warm-up only).
 
-        A task whose image or regions fail gets an empty prediction (logged) so the other tasks still get
-        theirs; when every task fails, the first error is the answer, so a wrong token or URL is not silent.
+        A task with nothing to prompt with (no rectangles in ``boxes``, no keypoints in ``points``) gets
+        ``[]`` too. A task whose image or regions fail gets an empty prediction (logged) so the other tasks
+        still get theirs; when every task fails, the first error is the answer, so a wrong token or URL is not silent.
         """
         options = BatchOptions(mode=self.settings.sam_batch_mode)
         if options.mode == "off":
             return [[] for _ in tasks]
         results: list[Prediction | list[Prediction] | None] = [None] * len(tasks)
-        outcomes: queue.Queue[tuple[int, Prediction | BaseException]] = queue.Queue()
+        outcomes: queue.Queue[tuple[int, Prediction | list[Prediction] | BaseException]] = queue.Queue()
         stop = threading.Event()
 
         def work() -> None:
             try:
                 stream = predict_tasks(self, tasks, options, self._image, stop=stop)
-                for index, (_, outcome) in enumerate(stream):
-                    outcomes.put((index, outcome))
+                for index, (task, outcome) in enumerate(stream):
+                    # Nothing to prompt with (no rectangles, no keypoints): no prediction, so that a later
+                    # batch, after a detector's boxes or an annotator's clicks arrived, still does the task.
+                    outcomes.put((index, outcome if self.needs_image(task, options) else []))
             except BaseException as error:  # noqa: BLE001 - handed to the request thread, which raises it
                 outcomes.put((-1, error))
 
@@ -185,7 +188,7 @@ class Predictions:
         project_id = project_id_of(project, tasks)
         command = f"sam-backend preannotate --project {project_id if project_id is not None else '<id>'}"
         shown = ", ".join(str(i) for i in left[:20]) + (", ..." if len(left) > 20 else "")
-        log.warning("batch /predict: the time budget (SAM_BATCH_BUDGET_S=%.0f s) ran out with %d of %d tasks "
+        log.warning("batch /predict: the time budget (SAM_BATCH_BUDGET_S=%g s) ran out with %d of %d tasks "
                     "left without a prediction (tasks %s); Label Studio stores nothing for them. Finish them "
                     "with `%s`, or run Retrieve predictions on them again.", self.settings.sam_batch_budget_s,
                     len(left), len(tasks), shown, command)

@@ -575,3 +575,39 @@ def test_basic_auth_protects_predict_and_is_off_by_default(checkpoint: Path, ima
     assert client.post("/predict", json=body, headers=auth).status_code == 200
     open_client = create_app(make_settings(checkpoint)).test_client()
     assert open_client.get("/health").status_code == 200
+
+
+def test_everything_filters_caps_and_labels_the_generators_masks(checkpoint: Path, image_server: Any,
+                                                                  oracle: Any) -> None:
+    """The per-task step of `preannotate --mode everything`: masks below --min-score or --min-area go, the best
+    --max-masks stay (by predicted IoU), all under --label; a label the output tag lacks is refused."""
+    from backend.errors import LabelConfigError
+    from backend.image_fetch import ImageFetcher
+    from backend.label_config import parse_label_config
+    from backend.predictions import BatchOptions, Predictions
+    from model import MaskGenerator
+
+    # box_nms_thresh 1: random weights give whole-image boxes, which NMS would reduce to one mask
+    options = {"points_per_side": 6, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
+    settings = make_settings(checkpoint)
+    segmenter = Segmenter(checkpoint, "cpu", everything_options=options)
+    body = fixture_body("predict_batch_two_tasks.json")
+    config = parse_label_config(body["label_config"].replace('<Label value="Object" background="#FF0000"/>',
+                                                             '<Label value="Object"/><Label value="Thing"/>'))
+    fetcher = ImageFetcher(label_studio_url=image_server.url, label_studio_token=image_server.legacy_token)
+    predictions = Predictions(config, settings, segmenter, fetcher)
+    task = body["tasks"][0]
+    records = MaskGenerator(oracle.sam, **options).generate(draw_image(FIXTURE_IMAGES[task["data"]["image"]]))
+    scores = sorted((r["predicted_iou"] for r in records), reverse=True)
+    assert len(scores) >= 4, "the configuration should give a few masks"
+    threshold = scores[len(scores) // 2]
+    min_area = int(np.median([r["area"] for r in records]))
+    want = sorted((r for r in records if r["predicted_iou"] >= threshold and r["area"] >= min_area),
+                  key=lambda r: r["predicted_iou"], reverse=True)[:2]
+    got = predictions.predict_task(task, BatchOptions(mode="everything", min_score=threshold, min_area=min_area,
+                                                      max_masks=2, label="Thing"))
+    assert [r["value"]["brushlabels"] for r in got["result"]] == [["Thing"]] * len(want)
+    for mask, record in zip(decoded_masks(got), want, strict=True):
+        np.testing.assert_array_equal(mask, record["segmentation"])
+    with pytest.raises(LabelConfigError, match="Nothing"):
+        predictions.predict_task(task, BatchOptions(mode="everything", label="Nothing"))

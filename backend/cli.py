@@ -17,8 +17,12 @@ import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from backend.config import Settings, SettingsError, missing_checkpoint_message, model_dir_from_env
+
+if TYPE_CHECKING:
+    from backend.segmenter import Segmenter
 
 # The settings ship inside the package, so a plain `pip install .` serves like a checkout does.
 GUNICORN_CONF = "python:backend.gunicorn_conf"
@@ -150,6 +154,76 @@ def _preannotate(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+def _model_or_exit(args: argparse.Namespace) -> Segmenter | None:
+    """The model of an offline command (SAM_CHECKPOINT / SAM_DEVICE, or --checkpoint / --device), loaded."""
+    from backend.errors import BackendError
+    from backend.segmenter import Segmenter
+
+    env = dict(os.environ)
+    env.update({name: value for name, value in (("SAM_CHECKPOINT", args.checkpoint), ("SAM_DEVICE", args.device))
+                if value})
+    settings = _settings_or_exit(env)
+    if settings is None:
+        return None
+    segmenter = Segmenter.from_settings(settings)
+    try:
+        segmenter.load()
+    except BackendError as error:
+        print(f"sam-backend: {error.message}", file=sys.stderr)
+        return None
+    return segmenter
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from backend.offline import InputError, parse_objects, predict_images
+
+    try:
+        prompts = parse_objects(args.points or (), args.labels or (), args.box or ())
+        if not prompts and not args.everything:
+            raise InputError("give prompts (--points, --box) or --everything")
+        if prompts and args.everything:
+            raise InputError("--everything takes no prompts: give one or the other")
+        missing = [str(p) for p in args.images if not p.is_file()]
+        if missing:
+            raise InputError(f"no such image file: {', '.join(missing)}")
+    except InputError as error:
+        print(f"sam-backend: {error}", file=sys.stderr)
+        return 2
+    segmenter = _model_or_exit(args)
+    if segmenter is None:
+        return 2
+    try:
+        results = predict_images(segmenter, args.images, prompts, args.out, everything=args.everything,
+                                 progress=not args.quiet)
+    except InputError as error:
+        print(f"sam-backend: {error}", file=sys.stderr)
+        return 2
+    for result in results:
+        print(f"{result.image}: {result.masks} mask(s), {result.json_path}")
+    return 0
+
+
+def _auto_annotate(args: argparse.Namespace) -> int:
+    from backend.offline import InputError, auto_annotate, yolo_detector
+
+    out = args.out or args.images.parent / f"{args.images.name}_auto_annotate_labels"
+    try:
+        if (args.boxes is None) == (args.detector is None):
+            raise InputError("give the boxes: --boxes LABELS_DIR (YOLO detection labels) or --detector WEIGHTS")
+        detector = yolo_detector(args.detector, args.conf) if args.detector else None
+        segmenter = _model_or_exit(args)
+        if segmenter is None:
+            return 2
+        summary = auto_annotate(segmenter, args.images, out, labels_dir=args.boxes, detector=detector,
+                                progress=not args.quiet)
+    except InputError as error:
+        print(f"sam-backend: {error}", file=sys.stderr)
+        return 2
+    for line in summary.lines_of(out):
+        print(line)
+    return 1 if summary.failures else 0
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -247,6 +321,45 @@ def build_parser() -> argparse.ArgumentParser:
     preannotate.add_argument("--quiet", action="store_true", help="no progress bar")
     preannotate.add_argument("--verbose", action="store_true", help="log each task (LOG_LEVEL)")
     preannotate.set_defaults(handler=_preannotate)
+
+    model_help = f"checkpoint file or official name in MODEL_DIR: {names} (SAM_CHECKPOINT)"
+    predict = commands.add_parser(
+        "predict", help="masks for image files from points, boxes or segment-everything (Ultralytics' prompts)",
+        description="Masks for image files, with Ultralytics' prompt conventions: each --points value is one "
+                    "object, its points joined by ';' (--points 10,20 30,40: two objects; --points '10,20;30,40': "
+                    "one object of two points); --labels gives 1 (foreground) / 0 (background) per point, written "
+                    "the same way (default all 1); each --box x0 y0 x1 y1 is one object (with points too, box i "
+                    "and points i are one object). Pixels of the image as a viewer shows it. Writes, per image, "
+                    "<name>_mask_<i>.png, <name>_overlay.png and <name>.json (scores, boxes, prompts).")
+    predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    predict.add_argument("--points", nargs="+", metavar="X,Y[;X,Y...]", help="one value per object")
+    predict.add_argument("--labels", nargs="+", metavar="L[;L...]", help="1 or 0 per point, as --points")
+    predict.add_argument("--box", nargs=4, type=float, action="append", metavar=("X0", "Y0", "X1", "Y1"),
+                         help="a box prompt; repeat for more objects")
+    predict.add_argument("--everything", action="store_true", help="SAM's automatic mask generator, no prompts")
+    predict.add_argument("--out", type=Path, default=Path("sam-predictions"),
+                         help="output folder (default ./sam-predictions)")
+    predict.add_argument("--checkpoint", help=model_help)
+    predict.add_argument("--device", help="auto, cpu, cuda or cuda:N (SAM_DEVICE)")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
+    predict.set_defaults(handler=_predict)
+
+    auto = commands.add_parser(
+        "auto-annotate", help="YOLO detection labels (or a YOLO detector) -> SAM masks -> YOLO segmentation labels",
+        description="For each image of IMAGES_DIR, the boxes of its YOLO label file in --boxes (class cx cy w h, "
+                    "normalised) become SAM masks, written as YOLO segmentation labels (class x1 y1 x2 y2 ..., "
+                    "normalised polygon of the mask's largest part), one line per box, in --out: the files "
+                    "Ultralytics' auto_annotate writes. With --detector the boxes come from an Ultralytics YOLO "
+                    "model instead (pip install 'sam-label-studio-backend[ultralytics]').")
+    auto.add_argument("images", type=Path, metavar="IMAGES_DIR")
+    auto.add_argument("--boxes", type=Path, metavar="LABELS_DIR", help="YOLO detection labels, <image stem>.txt")
+    auto.add_argument("--detector", metavar="WEIGHTS", help="an Ultralytics YOLO model, e.g. yolo11x.pt")
+    auto.add_argument("--conf", type=float, default=0.25, help="the detector's confidence threshold (default 0.25)")
+    auto.add_argument("--out", type=Path, help="output folder (default IMAGES_DIR_auto_annotate_labels beside it)")
+    auto.add_argument("--checkpoint", help=model_help)
+    auto.add_argument("--device", help="auto, cpu, cuda or cuda:N (SAM_DEVICE)")
+    auto.add_argument("--quiet", action="store_true", help="no progress bar")
+    auto.set_defaults(handler=_auto_annotate)
 
     worker = commands.add_parser(
         "worker", help="consume the shared warm-up and pre-annotation queues with a model of its own "

@@ -227,6 +227,8 @@ def setup() -> Response:
 def predict() -> Response:
     """Check the body, queue warm-ups when a task is opened, answer with ``backend.predictions``."""
     backend = _backend()
+    # Label Studio waits 100 s for the whole call: a batch answers by this deadline with what is done.
+    deadline = time.monotonic() + backend.settings.sam_batch_budget_s
     body = _json_body()
     tasks = body.get("tasks")
     if not isinstance(tasks, list) or not tasks:
@@ -247,7 +249,7 @@ def predict() -> Response:
         # encoding now, so that the first click finds the embedding ready.
         backend.warm_up(tasks, config, source="open" if len(tasks) == 1 else "batch")
     predictions = Predictions(config, backend.settings, backend.segmenter, backend.fetcher)
-    results = predictions.predict(tasks, regions)
+    results = predictions.predict(tasks, regions, deadline=deadline, project=body.get("project"))
     return jsonify({"results": results, "model_version": backend.segmenter.model_version})
 
 

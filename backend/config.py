@@ -27,7 +27,7 @@ from backend.limits import IMAGE_MAX_BYTES, IMAGE_MAX_PIXELS, IMAGE_TIMEOUT_S
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")  # what each means: model.runtime.DTYPES (a test keeps the two equal)
 OUTPUTS = ("auto", "brush", "polygon")
-BATCH_MODES = ("boxes", "everything", "off")
+BATCH_MODES = ("boxes", "points", "everything", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -95,7 +95,8 @@ class Settings:
     # -- what predictions look like
     sam_output: str = "auto"  # auto | brush | polygon
     sam_label_map: tuple[tuple[str, str], ...] = field(default=())
-    sam_batch_mode: str = "boxes"  # boxes | everything | off
+    sam_batch_mode: str = "boxes"  # boxes | points | everything | off
+    sam_batch_budget_s: float = 80.0  # a batch /predict answers by then (Label Studio waits 100 s)
     # -- warm-up: encode task images before the first click
     sam_warmup: bool = True
 
@@ -180,6 +181,7 @@ class Settings:
             sam_output=env.choice("SAM_OUTPUT", cls.sam_output, OUTPUTS),
             sam_label_map=tuple(parse_label_map(env.text("SAM_LABEL_MAP")).items()),
             sam_batch_mode=env.choice("SAM_BATCH_MODE", cls.sam_batch_mode, BATCH_MODES),
+            sam_batch_budget_s=env.number("SAM_BATCH_BUDGET_S", cls.sam_batch_budget_s, positive=True),
             sam_warmup=env.flag("SAM_WARMUP", cls.sam_warmup),
         )
 

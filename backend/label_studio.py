@@ -222,7 +222,7 @@ class LabelStudioClient:
 
     def refused(self, status: int, url: str) -> ImageAccessError:
         """The message for a 401/403 from Label Studio: which token was sent, and what to change."""
-        where = f"Label Studio refused the image {url} (HTTP {status})"
+        where = f"Label Studio refused {'the request' if '/api/' in url else 'the image'} {url} (HTTP {status})"
         if self.kind == "none":
             message = (
                 f"{where}: the backend has no Label Studio token. Set LABEL_STUDIO_API_KEY to a personal access "
@@ -259,12 +259,19 @@ class LabelStudioClient:
             raise ImageAccessError(f"Label Studio answered {url} with something that is not JSON: is "
                                    f"{self.url} (from {self.url_source}) really Label Studio?") from None
 
-    def iter_tasks(self, project_id: int, page_size: int = PAGE_SIZE) -> Iterator[dict[str, Any]]:
-        """Every task of the project, page by page (``GET /api/tasks``: ``{"tasks": [...], "total": N}``)."""
+    def iter_tasks(self, project_id: int, page_size: int = PAGE_SIZE,
+                   fields: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every task of the project, page by page (``GET /api/tasks``: ``{"tasks": [...], "total": N}``).
+
+        ``fields="all"`` adds each task's ``annotations`` and ``predictions`` (with their results).
+        """
         page, seen = 1, 0
         while True:
+            params: dict[str, Any] = {"project": project_id, "page": page, "page_size": page_size}
+            if fields:
+                params["fields"] = fields
             try:
-                body = self.get_json("/api/tasks", {"project": project_id, "page": page, "page_size": page_size})
+                body = self.get_json("/api/tasks", params)
             except ImageAccessError as error:
                 if page > 1 and error.upstream_status == 404:  # past the last page
                     return
@@ -276,6 +283,68 @@ class LabelStudioClient:
             if len(tasks) < page_size or (total is not None and seen >= total):
                 return
             page += 1
+
+    def task(self, task_id: int) -> dict[str, Any]:
+        """One task with its ``annotations`` and ``predictions`` (``GET /api/tasks/<id>``)."""
+        task = self.get_json(f"/api/tasks/{int(task_id)}")
+        if not isinstance(task, dict) or "data" not in task:
+            raise ImageAccessError(f"Label Studio did not answer task {task_id} with a task")
+        return task
+
+    def create_prediction(self, task_id: int, result: list[Any], score: float | None,
+                          model_version: str) -> dict[str, Any]:
+        """Store a prediction on a task (``POST /api/predictions``, answered 201 with the prediction)."""
+        body = {"task": int(task_id), "result": result, "score": score, "model_version": model_version}
+        created = self.send_json("POST", "/api/predictions", body)
+        if not isinstance(created, dict) or "id" not in created:
+            raise ImageAccessError(f"Label Studio did not answer the prediction for task {task_id} with one")
+        return created
+
+    def delete_prediction(self, prediction_id: int) -> None:
+        """Delete one prediction (``DELETE /api/predictions/<id>``, 204); one already gone is no error."""
+        try:
+            self.send_json("DELETE", f"/api/predictions/{int(prediction_id)}")
+        except ImageAccessError as error:
+            if error.upstream_status != 404:
+                raise
+
+    def send_json(self, method: str, path: str, body: Any = None) -> Any:
+        """``method`` (POST, PATCH, DELETE) on a Label Studio API path with a JSON body; the answer's JSON.
+
+        The token is sent as for ``get_json``, a refreshable token is refreshed once on a 401, and a refusal
+        says which token was sent. Any other answer from 400 up is an ``ImageAccessError`` with the status
+        and Label Studio's own explanation (its ``detail`` and ``validation_errors``).
+        """
+        url = self.base_url(path) + path
+        deadline = self.http.deadline()
+        retried = False
+        while True:
+            headers = self.headers(deadline)
+            timeout = remaining(deadline, url)
+            try:
+                response = self.http.session.request(method, url, json=body, headers=headers, timeout=timeout,
+                                                     allow_redirects=False)
+            except requests.RequestException as exc:
+                raise request_failed(exc, url, timeout, self) from None
+            with response:
+                status = response.status_code
+                if status == 401 and self.can_refresh() and not retried:
+                    self.forget_access_token(headers.get("Authorization", ""))
+                    retried = True
+                    continue
+                if status in (401, 403):
+                    raise self.refused(status, url)
+                if status >= 300:
+                    raise ImageAccessError(f"Label Studio answered {method} {url} with HTTP {status}: "
+                                           f"{_explanation(response)}", upstream_status=status)
+                if not response.content:
+                    return None
+                try:
+                    return response.json()
+                except ValueError:
+                    raise ImageAccessError(f"Label Studio answered {method} {url} with something that is not "
+                                           f"JSON: is {self.url} (from {self.url_source}) really Label Studio?"
+                                           ) from None
 
     def read_project(self, project_id: int, progress: bool = False) -> Project:
         """The project's label config, image field and tasks (id and data only); ``progress`` shows a bar."""
@@ -290,6 +359,19 @@ class LabelStudioClient:
                 tasks.append({"id": task.get("id"), "data": task.get("data", {})})
                 bar.update(1)
         return Project(id=project_id, label_config=project["label_config"], value_key=value_key, tasks=tasks)
+
+
+def _explanation(response: requests.Response) -> str:
+    """What Label Studio said about a refused request: its ``detail`` and ``validation_errors``, else the text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300] or response.reason
+    if isinstance(body, dict):
+        parts = [str(body[key]) for key in ("detail", "validation_errors") if body.get(key)]
+        if parts:
+            return "; ".join(parts)[:600]
+    return json.dumps(body)[:300]
 
 
 class LabelStudioClients:

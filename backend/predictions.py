@@ -5,9 +5,14 @@ This is what ``/predict`` means, apart from HTTP (``backend.app`` parses and che
 
 - interactive: an annotator used a smart tool, so the context holds its keypoints / rectangles for one task;
   every object (one per label, ``backend.prompts``) becomes a mask under an output label;
-- batch ("Retrieve predictions", or a task being opened): no context, one prediction per task, made as
-  SAM_BATCH_MODE says: ``boxes`` (a mask per rectangle the task already has), ``everything`` (SAM's automatic
-  mask generator) or ``off`` (empty predictions).
+- batch ("Retrieve predictions", or a task being opened): no context, one entry per task, made as
+  SAM_BATCH_MODE says: ``boxes`` (a mask per rectangle the task already has), ``points`` (a mask per label of
+  the latest annotation's keypoints), ``everything`` (SAM's automatic mask generator) or ``off`` (nothing),
+  within a time budget (SAM_BATCH_BUDGET_S) that keeps the answer inside Label Studio's 100 s.
+
+The per-task step (``Predictions.predict_task``) and the stream that fetches images ahead of the model
+(``predict_tasks``) are shared with ``sam-backend preannotate`` (``backend.preannotate``), which runs the
+same batch modes over a whole project and writes the predictions through Label Studio's API.
 
 Output labels. A mask gets the label of the output tag (BrushLabels / PolygonLabels) that matches the smart
 label (``backend.prompts.resolve_output_label``). A click must use a label of its own smart tool: the
@@ -17,8 +22,14 @@ rectangle (an annotation, or a detector's prediction) is taken with whatever lab
 
 from __future__ import annotations
 
+import collections
 import logging
-from collections.abc import Sequence
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Task = dict[str, Any]  # a Label Studio task as JSON: "id", "data", "annotations", "predictions"
+PREFETCH = 4  # images downloaded ahead of the model in a batch
 
 
 class Predictions:
@@ -49,12 +61,13 @@ class Predictions:
         self.images = images
         self.output = config.output_tag(settings.sam_output)
 
-    def predict(self, tasks: Sequence[Task], regions: object) -> list[Prediction]:
+    def predict(self, tasks: Sequence[Task], regions: object, deadline: float | None = None,
+                project: object = None) -> list[Prediction | list[Prediction]]:
         """The ``results`` of /predict: one prediction for the smart regions of the first task when there are
-        any (an interactive click), else one per task (a batch)."""
+        any (an interactive click), else one entry per task (a batch, answered by ``deadline``)."""
         if regions:
             return [self.interactive(tasks[0], regions)]
-        return self.batch(tasks)
+        return self.batch(tasks, deadline, project)
 
     @property
     def version(self) -> str:
@@ -109,42 +122,108 @@ class Predictions:
 
     # ----------------------------------------------------------------------------------------------------
     # batch
-    def batch(self, tasks: Sequence[Task]) -> list[Prediction]:
-        """Exactly one prediction per task, in order (Label Studio stores nothing on a count mismatch).
+    def batch(self, tasks: Sequence[Task], deadline: float | None = None,
+              project: object = None) -> list[Prediction | list[Prediction]]:
+        """Exactly one entry per task, in order (Label Studio stores nothing on a count mismatch).
 
-        A task whose image fails gets an empty prediction (logged) so the other tasks still get theirs;
-        when every task fails, the first error is the answer, so a wrong token or URL is not silent.
+        Tasks run one after the other in a worker thread, their images downloaded ahead (``predict_tasks``),
+        until ``deadline`` (``time.monotonic()``; None: no limit). Label Studio gives the whole call 100 s and
+        then stores nothing at all, so at the deadline the answer goes out with what is done: every task left
+        gets ``[]``, an entry with no prediction in it, which Label Studio accepts and stores nothing for. A
+        left task has no prediction of this model version, so "Retrieve predictions" again, or
+        ``sam-backend preannotate``, picks it up; the log says how many were left and the command.
+        SAM_BATCH_MODE=off answers ``[]`` for every task (warm-up only).
+
+        A task with nothing to prompt with (no rectangles in ``boxes``, no keypoints in ``points``) gets
+        ``[]`` too. A task whose image or regions fail gets an empty prediction (logged) so the other tasks
+        still get theirs; when every task fails, the first error is the answer, so a wrong token or URL is not silent.
         """
-        mode = self.settings.sam_batch_mode
-        if mode == "off":
-            return [prediction([], self.version) for _ in tasks]
-        results: list[Prediction] = []
-        first_error: BackendError | None = None
-        for task in tasks:
-            try:
-                results.append(self._boxes(task) if mode == "boxes" else self._everything(task))
-            except BackendError as error:
-                if error.status == 503:  # the model is not there: no task can succeed
-                    raise
-                first_error = first_error or error
-                log.warning("task %s: no prediction: %s", task.get("id"), error.message)
-                results.append(prediction([], self.version))
-        if first_error is not None and all(not r["result"] for r in results):
-            raise first_error
-        return results
+        options = BatchOptions(mode=self.settings.sam_batch_mode)
+        if options.mode == "off":
+            return [[] for _ in tasks]
+        results: list[Prediction | list[Prediction] | None] = [None] * len(tasks)
+        outcomes: queue.Queue[tuple[int, Prediction | list[Prediction] | BaseException]] = queue.Queue()
+        stop = threading.Event()
 
-    def _boxes(self, task: Task) -> Prediction:
-        """SAM_BATCH_MODE=boxes: each rectangle of the latest annotation (else of a prediction) -> a mask."""
+        def work() -> None:
+            try:
+                stream = predict_tasks(self, tasks, options, self._image, stop=stop)
+                for index, (task, outcome) in enumerate(stream):
+                    # Nothing to prompt with (no rectangles, no keypoints): no prediction, so that a later
+                    # batch, after a detector's boxes or an annotator's clicks arrived, still does the task.
+                    outcomes.put((index, outcome if self.needs_image(task, options) else []))
+            except BaseException as error:  # noqa: BLE001 - handed to the request thread, which raises it
+                outcomes.put((-1, error))
+
+        thread = threading.Thread(target=work, name="batch-predict", daemon=True)
+        thread.start()
+        first_error: BackendError | None = None
+        answered = 0
+        while answered < len(tasks):
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                index, outcome = outcomes.get(timeout=left)
+            except queue.Empty:
+                break
+            if isinstance(outcome, BaseException):
+                # A failure of the model (503: it is not there) or of the code fails the whole batch.
+                if index < 0 or not isinstance(outcome, BackendError) or outcome.status == 503:
+                    stop.set()
+                    raise outcome
+                first_error = first_error or outcome
+                log.warning("task %s: no prediction: %s", tasks[index].get("id"), outcome.message)
+                outcome = prediction([], self.version)
+            results[index] = outcome
+            answered += 1
+        stop.set()
+        if answered < len(tasks):
+            self._log_left(tasks, results, project)
+        done = [r for r in results if isinstance(r, dict)]
+        if first_error is not None and done and all(not r["result"] for r in done):
+            raise first_error
+        return [r if r is not None else [] for r in results]
+
+    def _log_left(self, tasks: Sequence[Task], results: Sequence[object], project: object) -> None:
+        left = [task.get("id") for task, result in zip(tasks, results, strict=True) if result is None]
+        project_id = project_id_of(project, tasks)
+        command = f"sam-backend preannotate --project {project_id if project_id is not None else '<id>'}"
+        shown = ", ".join(str(i) for i in left[:20]) + (", ..." if len(left) > 20 else "")
+        log.warning("batch /predict: the time budget (SAM_BATCH_BUDGET_S=%g s) ran out with %d of %d tasks "
+                    "left without a prediction (tasks %s); Label Studio stores nothing for them. Finish them "
+                    "with `%s`, or run Retrieve predictions on them again.", self.settings.sam_batch_budget_s,
+                    len(left), len(tasks), shown, command)
+
+    def needs_image(self, task: Task, options: BatchOptions) -> bool:
+        """Whether the task's prediction in this mode needs its image (a task with no prompts does not)."""
+        if options.mode == "boxes":
+            return bool(task_rectangles(task))
+        if options.mode == "points":
+            return bool(task_keypoints(task))
+        return options.mode == "everything"
+
+    def predict_task(self, task: Task, options: BatchOptions, image: TaskImage | None = None) -> Prediction:
+        """One task's prediction in a batch mode: the per-task step of the batch /predict and of
+        ``sam-backend preannotate``. ``image`` is the task's image when the caller fetched it already."""
+        if options.mode == "boxes":
+            return self._boxes(task, image)
+        if options.mode == "points":
+            return self._points(task, image)
+        if options.mode == "everything":
+            return self._everything(task, options, image)
+        return prediction([], self.version)
+
+    def _boxes(self, task: Task, image: TaskImage | None = None) -> Prediction:
+        """Each rectangle of the latest annotation (else of a prediction) -> a mask, all in one decoder call."""
         rectangles = task_rectangles(task)
         if not rectangles:
             return prediction([], self.version)
-        image = self._image(task)
+        image = image or self._image(task)
         labels: list[str] = []
         boxes: list[np.ndarray] = []
         for region in rectangles:
             prompt = parse_prompts([region], image.size)[0]
             assert prompt.box is not None  # a rectangle region always gives a box
-            labels.append(self._output_label(prompt.label, self._rectangle_tag(region.get("from_name"))))
+            labels.append(self._output_label(prompt.label, self._tag("RectangleLabels", region.get("from_name"))))
             boxes.append(prompt.box)
         embedding = self.segmenter.embed(image.decode, image.sha256)
         masks = self.segmenter.segment_boxes(embedding, np.asarray(boxes, dtype=np.float32))
@@ -153,17 +232,48 @@ class Predictions:
             result.extend(self._regions(mask.mask, label, mask.score))
         return prediction(result, self.version)
 
-    def _rectangle_tag(self, name: object) -> ControlTag | None:
-        return next((t for t in self.config.smart_tools if t.kind == "RectangleLabels" and t.name == name), None)
+    def _points(self, task: Task, image: TaskImage | None = None) -> Prediction:
+        """The keypoints of the latest annotation, one object per label as in a click -> a mask each."""
+        keypoints = task_keypoints(task)
+        if not keypoints:
+            return prediction([], self.version)
+        image = image or self._image(task)
+        prompts = parse_prompts(keypoints, image.size)
+        embedding = self.segmenter.embed(image.decode, image.sha256)
+        result: list[Region] = []
+        for prompt in prompts:
+            label = self._output_label(prompt.label, self._tag("KeyPointLabels", prompt.from_name))
+            mask = self.segmenter.segment(embedding, prompt)
+            result.extend(self._regions(mask.mask, label, mask.score))
+        return prediction(result, self.version)
 
-    def _everything(self, task: Task) -> Prediction:
-        """SAM_BATCH_MODE=everything: every object SAM finds, labelled with the output tag's first label."""
+    def _tag(self, kind: str, name: object) -> ControlTag | None:
+        return next((t for t in self.config.smart_tools if t.kind == kind and t.name == name), None)
+
+    def everything_label(self, options: BatchOptions) -> str:
+        """The label every "segment everything" mask gets: ``options.label``, else the output tag's first."""
         if not self.output.labels:
             raise LabelConfigError(f"the {self.output.kind} tag {self.output.name!r} has no labels")
-        image = self._image(task)
-        label = self.output.labels[0]
+        if options.label is None:
+            return self.output.labels[0]
+        if options.label not in self.output.labels:
+            raise LabelConfigError(f"the label {options.label!r} is not a label of the {self.output.kind} tag "
+                                   f"{self.output.name!r} (its labels: {list(self.output.labels)})")
+        return options.label
+
+    def _everything(self, task: Task, options: BatchOptions, image: TaskImage | None = None) -> Prediction:
+        """Every object SAM finds (the automatic mask generator), filtered and capped by ``options``."""
+        label = self.everything_label(options)
+        image = image or self._image(task)
+        embedding = self.segmenter.embed(image.decode, image.sha256)
+        masks = self.segmenter.segment_everything(image.array, embedding=embedding)
+        kept = [m for m in masks if m.score >= options.min_score
+                and (options.min_area <= 0 or int(m.mask.sum()) >= options.min_area)]
+        kept.sort(key=lambda m: m.score, reverse=True)
+        if options.max_masks is not None:
+            kept = kept[:options.max_masks]
         result: list[Region] = []
-        for mask in self.segmenter.segment_everything(image.array):
+        for mask in kept:
             result.extend(self._regions(mask.mask, label, mask.score))
         return prediction(result, self.version)
 
@@ -175,29 +285,117 @@ class Predictions:
         return mask_regions(mask, label, score, self.config, self.settings.sam_output)
 
 
+@dataclass(frozen=True)
+class BatchOptions:
+    """What a batch prediction does for each task (SAM_BATCH_MODE, or ``sam-backend preannotate``'s options).
+
+    ``mode``: ``boxes`` (a mask per rectangle the task has), ``points`` (a mask per label of the latest
+    annotation's keypoints), ``everything`` (SAM's automatic mask generator) or ``off`` (nothing).
+    For ``everything``: keep masks whose predicted IoU is at least ``min_score`` and with at least
+    ``min_area`` pixels, the best ``max_masks`` of them (None: all), labelled ``label`` (None: the output
+    tag's first label).
+    """
+
+    mode: str = "boxes"
+    min_score: float = 0.0
+    min_area: int = 0
+    max_masks: int | None = None
+    label: str | None = None
+
+
+def predict_tasks(predictions: Predictions, tasks: Iterable[Task], options: BatchOptions,
+                  fetch: Callable[[Task], TaskImage], *, prefetch: int = PREFETCH,
+                  stop: threading.Event | None = None) -> Iterator[tuple[Task, Prediction | BackendError]]:
+    """Each task's prediction (or the ``BackendError`` that stopped it), in order, images fetched ahead.
+
+    ``prefetch`` threads download (and, when the encoder will need them, decode) the images of the next
+    tasks while this thread runs the model on the current one, so a slow image host and the CPU or GPU work
+    at the same time. ``fetch`` gets a task's image (a job passes one bound to its Label Studio). Errors that
+    are not ``BackendError`` (a bug, a model failure) are raised. ``stop`` ends the stream early; the task
+    under way finishes first.
+    """
+    cache = predictions.segmenter.cache
+    fingerprint: str | None = None
+
+    def load(task: Task) -> TaskImage:
+        image = fetch(task)
+        nonlocal fingerprint
+        if fingerprint is None:
+            fingerprint = predictions.segmenter.fingerprint
+        if options.mode == "everything" or not cache.contains(fingerprint, image.sha256):
+            image.array  # noqa: B018 - decoded here, in a download thread, while the model works on another task
+        return image
+
+    pending: collections.deque[tuple[Task, Future[TaskImage] | None]] = collections.deque()
+    iterator = iter(tasks)
+    with ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="image-prefetch") as pool:
+        try:
+            while True:
+                while len(pending) <= prefetch:
+                    task = next(iterator, None)
+                    if task is None:
+                        break
+                    wanted = predictions.needs_image(task, options)
+                    pending.append((task, pool.submit(load, task) if wanted else None))
+                if not pending or (stop is not None and stop.is_set()):
+                    return
+                task, future = pending.popleft()
+                try:
+                    image = future.result() if future is not None else None
+                    yield task, predictions.predict_task(task, options, image)
+                except BackendError as error:
+                    yield task, error
+        finally:
+            for _, future in pending:
+                if future is not None:
+                    future.cancel()
+
+
+def project_id_of(project: object, tasks: Sequence[Task] = ()) -> int | None:
+    """The Label Studio project id of a /predict body's ``project`` ("<id>.<created-ts>"), else of its tasks."""
+    text = str(project).split(".")[0] if project is not None else ""
+    if text.isdigit():
+        return int(text)
+    ids = {t.get("project") for t in tasks if isinstance(t, dict)}
+    only = ids.pop() if len(ids) == 1 else None
+    return only if isinstance(only, int) and not isinstance(only, bool) else None
+
+
 def task_rectangles(task: Task) -> list[Region]:
     """The rectanglelabels regions of the task's latest annotation, else of its latest prediction that has any.
 
     Annotations win because they are what a person drew or accepted; cancelled (skipped) ones are ignored.
     """
-    def rects(item: dict[str, Any]) -> list[Region]:
-        result = item.get("result")
-        return [r for r in result or [] if isinstance(r, dict) and r.get("type") == RECTANGLE]
-
-    def newest_first(items: object) -> list[dict[str, Any]]:
-        if not isinstance(items, list):
-            return []
-        found = [i for i in items if isinstance(i, dict) and not i.get("was_cancelled")]
-        return sorted(found, key=lambda i: (str(i.get("updated_at") or i.get("created_at") or ""),
-                                            i.get("id") or 0), reverse=True)
-
-    annotations = newest_first(task.get("annotations"))
+    annotations = _newest_first(task.get("annotations"))
     if annotations:
-        found = rects(annotations[0])
+        found = _regions_of(annotations[0], RECTANGLE)
         if found:
             return found
-    for item in newest_first(task.get("predictions")):
-        found = rects(item)
+    for item in _newest_first(task.get("predictions")):
+        found = _regions_of(item, RECTANGLE)
         if found:
             return found
     return []
+
+
+def task_keypoints(task: Task) -> list[Region]:
+    """The keypointlabels regions of the task's latest annotation (cancelled ones ignored)."""
+    annotations = _newest_first(task.get("annotations"))
+    return _regions_of(annotations[0], KEYPOINT) if annotations else []
+
+
+def _regions_of(item: dict[str, Any], kind: str) -> list[Region]:
+    result = item.get("result")
+    return [r for r in result if isinstance(r, dict) and r.get("type") == kind] if isinstance(result, list) else []
+
+
+def _newest_first(items: object) -> list[dict[str, Any]]:
+    if not isinstance(items, list):
+        return []
+    found = [i for i in items if isinstance(i, dict) and not i.get("was_cancelled")]
+    return sorted(found, key=lambda i: (str(i.get("updated_at") or i.get("created_at") or ""),
+                                        _sortable_id(i.get("id"))), reverse=True)
+
+
+def _sortable_id(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0

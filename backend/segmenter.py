@@ -221,15 +221,20 @@ class Segmenter:
             prediction = predictor.predict_boxes(embedding, boxes)
         return [Mask(mask=m, score=float(s)) for m, s in zip(prediction.masks, prediction.scores, strict=True)]
 
-    def segment_everything(self, image: np.ndarray, **options: Any) -> list[Mask]:
+    def segment_everything(self, image: np.ndarray, embedding: Embedding | None = None,
+                           **options: Any) -> list[Mask]:
         """Every object SAM finds on a grid of points (Meta's automatic mask generator).
 
-        ``options`` (over ``everything_options``) are MaskGenerator arguments. It decodes points_per_side**2
-        prompts per image: seconds on a GPU, minutes on a CPU, which is why boxes is the default batch mode.
+        ``options`` (over ``everything_options``) are MaskGenerator arguments. ``embedding`` is the image's
+        (from ``embed``, so the cache's), used for the whole-image pass instead of encoding again. It decodes
+        points_per_side**2 prompts per image: seconds on a GPU, minutes on a CPU, which is why boxes is the
+        default batch mode.
         """
         from model import MaskGenerator
 
         sam = self.predictor().sam
-        records = MaskGenerator(sam, **{**self.everything_options, **options}).generate(image)
+        generator = MaskGenerator(sam, **{**self.everything_options, **options})
+        with self.metrics.time_decoder():
+            records = generator.generate(image, embedding=embedding)
         return [Mask(mask=np.asarray(r["segmentation"], dtype=bool), score=float(r["predicted_iou"]))
                 for r in records]

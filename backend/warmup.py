@@ -25,7 +25,7 @@ import hashlib
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -285,10 +285,12 @@ class Warmer:
             self._stop.wait(1.0 if failures == 0 else min(30.0, 2.0 ** failures))
 
 
-def run_worker(redis_url: str, encoder: Encoder, burst: bool = False) -> None:
+def run_worker(redis_url: str, encoder: Encoder, burst: bool = False, also: Sequence[str] = ()) -> None:
     """A dedicated consumer of the shared queue in this process's main thread (``sam-backend worker``).
 
-    rq's own signal handling applies: Ctrl-C or SIGTERM finishes the current job, then stops.
+    ``also``: more queues to consume after this one (``backend.preannotate``'s), whose job functions find
+    this process's model through their own binding. rq's own signal handling applies: Ctrl-C or SIGTERM
+    finishes the current job, then stops.
     """
     import redis
     from rq import Queue, SimpleWorker
@@ -297,7 +299,8 @@ def run_worker(redis_url: str, encoder: Encoder, burst: bool = False) -> None:
     connection = redis.Redis.from_url(redis_url, socket_connect_timeout=5.0)
     _redis_for_pending = connection
     bind_encoder(encoder)
-    worker = SimpleWorker([Queue(QUEUE_NAME, connection=connection)], connection=connection)
+    queues = [Queue(name, connection=connection) for name in (QUEUE_NAME, *also)]
+    worker = SimpleWorker(queues, connection=connection)
     worker.work(burst=burst, logging_level="INFO")
 
 

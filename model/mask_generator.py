@@ -11,9 +11,13 @@ step and with the same numbers:
 4. box NMS within each crop (ranked by predicted IoU), then across crops (smaller crops win);
 5. optionally fill small holes and drop small islands, then NMS again preferring untouched masks.
 
-What differs is how, not what: the decoder is our ``Predictor.predict_torch`` on an ``Embedding``, NMS is
-our torch port (``model.nms``, no torchvision at runtime), and candidate masks wait as run-length
-encodings so that a large image does not hold hundreds of full-size masks in memory.
+What differs is how, not what: the decoder is our ``Predictor.decode_low_res`` on an ``Embedding`` (a cached
+one can be passed in), NMS is our torch port (``model.nms``, no torchvision at runtime), and the work at full
+image size is done only for masks that can still be kept. The predicted-IoU filter runs on the decoder's
+output before anything is upsampled; the stability score, boxes and crop-edge test run on the survivors'
+full-size logits, a chunk at a time; what passes waits as 256x256 low-res logits, and only the masks that
+outlive NMS are made again at full size and run-length encoded (so a large image never holds hundreds of
+full-size masks). Meta upsamples and encodes every one of the grid's masks.
 """
 
 from __future__ import annotations
@@ -95,6 +99,35 @@ class _Candidates:
         )
 
 
+# Full-size masks made at once: bounds memory (each is a float map of the crop, e.g. 12 MB at 4000x3000).
+MASK_CHUNK = 64
+
+
+@dataclass
+class _Survivors:
+    """Masks of one crop that passed the filters so far, as low-res logits (aligned columns, crop frame)."""
+
+    low_res: torch.Tensor  # (N, 4h, 4w) float32
+    boxes: torch.Tensor  # (N, 4) int64 xyxy, inclusive
+    iou_preds: torch.Tensor
+    stability: torch.Tensor
+    points: torch.Tensor  # (N, 2) float64, on the CPU
+
+    def __len__(self) -> int:
+        return len(self.low_res)
+
+    def select(self, keep: torch.Tensor) -> _Survivors:
+        return _Survivors(low_res=self.low_res[keep], boxes=self.boxes[keep], iou_preds=self.iou_preds[keep],
+                          stability=self.stability[keep], points=self.points[keep.cpu()])
+
+    @staticmethod
+    def cat(parts: Sequence[_Survivors]) -> _Survivors:
+        return _Survivors(low_res=torch.cat([p.low_res for p in parts]), boxes=torch.cat([p.boxes for p in parts]),
+                          iou_preds=torch.cat([p.iou_preds for p in parts]),
+                          stability=torch.cat([p.stability for p in parts]),
+                          points=torch.cat([p.points for p in parts]))
+
+
 class MaskGenerator:
     """Masks for everything in an image, from a grid of single-point prompts (Meta's automatic generator).
 
@@ -169,18 +202,24 @@ class MaskGenerator:
         self.min_mask_region_area = min_mask_region_area
 
     @torch.inference_mode()
-    def generate(self, image: np.ndarray) -> list[dict[str, Any]]:
+    def generate(self, image: np.ndarray, embedding: Embedding | None = None) -> list[dict[str, Any]]:
         """Mask records for ``image`` (HxWx3 uint8 RGB; grayscale HxW and RGBA are converted).
 
         Each record is Meta's: ``segmentation`` (H, W) bool, ``area`` int, ``bbox`` [x, y, w, h] of the
         mask (inclusive pixel edges, Meta's convention), ``predicted_iou`` and ``stability_score``
         floats, ``point_coords`` [[x, y]] the prompt in image pixels, ``crop_box`` [x, y, w, h].
-        Raises ValueError for anything that is not such an image.
+        ``embedding``: the whole image's, made by ``Predictor.embed`` with this model (e.g. from a cache), used
+        for the whole-image crop instead of encoding it again. Raises ValueError for anything that is not such
+        an image, or for an embedding of another image size or model.
         """
         _check_image(image)
         orig_size = (int(image.shape[0]), int(image.shape[1]))
+        if embedding is not None and (embedding.original_size != orig_size
+                                      or embedding.fingerprint != self.predictor.sam.fingerprint):
+            raise ValueError(f"the embedding is of a {embedding.original_size} image by model "
+                             f"{embedding.fingerprint!r}, not of this {orig_size} image by this model")
         crop_boxes, layers = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
-        data = _Candidates.cat([self._process_crop(image, box, layer, orig_size)
+        data = _Candidates.cat([self._process_crop(image, box, layer, orig_size, embedding if layer == 0 else None)
                                 for box, layer in zip(crop_boxes, layers, strict=True)])
 
         if len(crop_boxes) > 1:
@@ -194,56 +233,83 @@ class MaskGenerator:
         return _records(data)
 
     def _process_crop(self, image: np.ndarray, crop_box: Box, layer: int,
-                      orig_size: tuple[int, int]) -> _Candidates:
+                      orig_size: tuple[int, int], embedding: Embedding | None = None) -> _Candidates:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1]
         crop_h, crop_w = crop.shape[:2]
-        embedding = self.predictor.embed(crop)
+        if embedding is None:
+            embedding = self.predictor.embed(crop)
         points = self.point_grids[layer] * np.array([[crop_w, crop_h]], dtype=np.float64)
 
-        data = _Candidates.cat([
+        data = _Survivors.cat([
             self._process_batch(embedding, points[i:i + self.points_per_batch], crop_box, orig_size)
             for i in range(0, len(points), self.points_per_batch)
         ])
         # Duplicates within the crop: several grid points land on the same object.
         data = data.select(batched_nms(data.boxes.float(), data.iou_preds, None, self.box_nms_thresh))
 
-        data.boxes = uncrop_boxes(data.boxes, crop_box)
-        data.points = uncrop_points(data.points, crop_box)
-        return data
+        # Only the masks that survived everything are made again at full size, and encoded.
+        orig_h, orig_w = orig_size
+        rles: list[Rle] = []
+        for start in range(0, len(data), MASK_CHUNK):
+            masks = self._masks(embedding, data.low_res[start:start + MASK_CHUNK])
+            rles.extend(masks_to_rle(uncrop_masks(masks, crop_box, orig_h, orig_w)))
+        return _Candidates(rles=rles, boxes=uncrop_boxes(data.boxes, crop_box), iou_preds=data.iou_preds,
+                           stability=data.stability, points=uncrop_points(data.points, crop_box),
+                           crop_boxes=torch.tensor([crop_box], dtype=torch.int64,
+                                                   device=data.boxes.device).expand(len(data), 4))
+
+    def _logits(self, embedding: Embedding, low_res: torch.Tensor) -> torch.Tensor:
+        """(N, 4h, 4w) low-res logits -> (N, H, W) logits at the crop's size."""
+        return self.predictor.upsample_logits(embedding, low_res[:, None])[:, 0]
+
+    def _masks(self, embedding: Embedding, low_res: torch.Tensor) -> torch.Tensor:
+        return self._logits(embedding, low_res) > self.mask_threshold
 
     def _process_batch(self, embedding: Embedding, points: np.ndarray, crop_box: Box,
-                       orig_size: tuple[int, int]) -> _Candidates:
+                       orig_size: tuple[int, int]) -> _Survivors:
+        """Decode a batch of grid points (three masks each) and keep what Meta's filters keep.
+
+        The predicted-IoU filter needs no pixels, so it runs on the decoder's output before anything is
+        upsampled: only its survivors are brought to full size, where the stability score, the boxes and
+        the crop-edge test need them. What survives is kept as low-res logits, a 256x256 map whatever the
+        image size; the full-size masks are made again for the few that outlive NMS (``_process_crop``).
+        """
         orig_h, orig_w = orig_size
         device = self.device
         coords = torch.as_tensor(points, device=device)[:, None, :]
         labels = torch.ones(len(points), 1, dtype=torch.int, device=device)
-        logits, iou_preds, _ = self.predictor.predict_torch(embedding, point_coords=coords, point_labels=labels,
-                                                            multimask=True, return_logits=True)
-        per_point = logits.shape[1]
-        logits = logits.flatten(0, 1)
+        low_res, iou_preds = self.predictor.decode_low_res(embedding, point_coords=coords, point_labels=labels,
+                                                           multimask=True)
+        per_point = low_res.shape[1]
+        low_res = low_res.flatten(0, 1)
         iou_preds = iou_preds.flatten(0, 1).float()
         point_of = torch.as_tensor(np.repeat(points, per_point, axis=0))
 
         if self.pred_iou_thresh > 0.0:
             keep = iou_preds > self.pred_iou_thresh
-            logits, iou_preds, point_of = logits[keep], iou_preds[keep], point_of[keep.cpu()]
+            low_res, iou_preds, point_of = low_res[keep], iou_preds[keep], point_of[keep.cpu()]
 
-        stability = stability_score(logits, self.mask_threshold, self.stability_score_offset)
-        if self.stability_score_thresh > 0.0:
-            keep = stability >= self.stability_score_thresh
-            logits, iou_preds, stability, point_of = logits[keep], iou_preds[keep], stability[keep], point_of[
-                keep.cpu()]
-
-        masks = logits > self.mask_threshold
-        del logits
-        boxes = masks_to_boxes(masks)
-        keep = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
-        masks, boxes, iou_preds, stability, point_of = (masks[keep], boxes[keep], iou_preds[keep],
-                                                        stability[keep], point_of[keep.cpu()])
-        crop_boxes = torch.tensor([crop_box], dtype=torch.int64, device=boxes.device).expand(len(boxes), 4)
-        return _Candidates(rles=masks_to_rle(uncrop_masks(masks, crop_box, orig_h, orig_w)), boxes=boxes,
-                           iou_preds=iou_preds, stability=stability, points=point_of, crop_boxes=crop_boxes)
+        nothing = torch.zeros(0, dtype=torch.int64, device=low_res.device)
+        parts = [_Survivors(low_res=low_res[nothing], boxes=torch.zeros(0, 4, dtype=torch.int64, device=device),
+                            iou_preds=iou_preds[nothing], stability=iou_preds[nothing], points=point_of[:0])]
+        for start in range(0, len(low_res), MASK_CHUNK):
+            chunk = low_res[start:start + MASK_CHUNK]
+            logits = self._logits(embedding, chunk)
+            stability = stability_score(logits, self.mask_threshold, self.stability_score_offset)
+            keep = stability >= self.stability_score_thresh if self.stability_score_thresh > 0.0 \
+                else torch.ones_like(stability, dtype=torch.bool)
+            masks = logits > self.mask_threshold
+            del logits
+            boxes = masks_to_boxes(masks[keep])
+            del masks
+            index = keep.nonzero().flatten()
+            near = is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+            index, boxes = index[~near], boxes[~near]
+            rows = index + start
+            parts.append(_Survivors(low_res=low_res[rows], boxes=boxes, iou_preds=iou_preds[rows],
+                                    stability=stability[index], points=point_of[rows.cpu()]))
+        return _Survivors.cat(parts)
 
     @staticmethod
     def _remove_small_regions(data: _Candidates, min_area: float, nms_thresh: float) -> _Candidates:

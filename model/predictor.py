@@ -145,6 +145,27 @@ class Predictor:
         logits (B,K,4h,4w), all on the model's device. ``best_only``: K = 1, the candidate with the
         highest predicted IoU of each prompt, chosen before upsampling.
         """
+        device = self.device
+        with runtime.autocast(device, self.sam.dtype):
+            low_res, iou = self.decode_low_res(embedding, point_coords, point_labels, boxes, mask_input, multimask)
+            if best_only and low_res.shape[1] > 1:
+                rows = torch.arange(low_res.shape[0], device=low_res.device)
+                best = iou.argmax(dim=1)
+                low_res, iou = low_res[rows, best].unsqueeze(1), iou[rows, best].unsqueeze(1)
+            masks = self.upsample_logits(embedding, low_res)
+            if isinstance(self.sam, Sam2):  # the low-res logits handed back are clamped, as SAM 2's predictor does
+                low_res = low_res.clamp(-LOW_RES_CLAMP, LOW_RES_CLAMP)
+            if not return_logits:
+                masks = masks > self.sam.mask_threshold
+        return masks, iou.float(), low_res
+
+    def decode_low_res(self, embedding: Embedding, point_coords: torch.Tensor | None = None,
+                       point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
+                       mask_input: torch.Tensor | None = None,
+                       multimask: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder alone: low-res logits (B,K,4h,4w) float32 and IoU predictions (B,K), before any
+        upsampling; ``predict_torch``'s arguments. Callers that filter masks by their predicted IoU (the
+        automatic mask generator) upsample only the survivors with ``upsample_logits``."""
         if embedding.fingerprint != self.sam.fingerprint:
             raise ValueError(f"the embedding was made by model {embedding.fingerprint!r}, "
                              f"not by this one ({self.sam.fingerprint!r})")
@@ -161,25 +182,20 @@ class Predictor:
         if mask_input is not None:
             mask_input = mask_input.to(device=device, dtype=torch.float32)
         with runtime.autocast(device, self.sam.dtype):
-            if self._sam2:
+            if isinstance(self.sam, Sam2):
                 low_res, iou = self._decode_sam2(embedding, point_coords, point_labels, boxes, mask_input, multimask)
             else:
                 sparse, dense = self.sam.prompt_encoder(points, boxes, mask_input)
                 low_res, iou = self.sam.mask_decoder(embedding.features.to(device), self._dense_pe, sparse, dense,
                                                      multimask)
-            low_res = low_res.float()
-            if best_only and low_res.shape[1] > 1:
-                rows = torch.arange(low_res.shape[0], device=low_res.device)
-                best = iou.argmax(dim=1)
-                low_res, iou = low_res[rows, best].unsqueeze(1), iou[rows, best].unsqueeze(1)
-            if isinstance(self.sam, Sam2):  # straight to the original size; the low-res logits handed back are clamped
-                masks = self.sam.postprocess(low_res, original)
-                low_res = low_res.clamp(-LOW_RES_CLAMP, LOW_RES_CLAMP)
-            else:
-                masks = postprocess_masks(low_res, self.sam.image_size, resized, original, self.sam.fast_paths)
-            if not return_logits:
-                masks = masks > self.sam.mask_threshold
-        return masks, iou.float(), low_res
+        return low_res.float(), iou
+
+    def upsample_logits(self, embedding: Embedding, low_res: torch.Tensor) -> torch.Tensor:
+        """Low-res logits (B,K,4h,4w) -> logits (B,K,H,W) at the embedded image's original size."""
+        if isinstance(self.sam, Sam2):  # SAM 2 resizes straight to the original size
+            return self.sam.postprocess(low_res, embedding.original_size)
+        return postprocess_masks(low_res, self.sam.image_size, embedding.input_size, embedding.original_size,
+                                 self.sam.fast_paths)
 
     def _decode_sam2(self, embedding: Embedding, point_coords: torch.Tensor | None, point_labels: torch.Tensor | None,
                      boxes: torch.Tensor | None, mask_input: torch.Tensor | None,

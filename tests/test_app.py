@@ -156,8 +156,9 @@ def test_batch_fixture_one_entry_per_task_in_order(client: Any) -> None:
     response = client.post("/predict", json=fixture_body("predict_batch_two_tasks.json"))
     assert response.status_code == 200
     results = response.json["results"]
-    assert len(results) == 2  # the fixture's tasks have no rectangles yet: empty, but one entry each
-    assert all(r["result"] == [] and r["model_version"] for r in results)
+    # The fixture's tasks have no rectangles yet: one entry each, [] (no prediction: Label Studio stores
+    # nothing, so a later batch, once they have boxes, still does them).
+    assert results == [[], []]
 
 
 def rectangle(x: float, y: float, w: float, h: float, label: str = "Object") -> dict[str, Any]:
@@ -180,7 +181,7 @@ def test_batch_boxes_from_latest_annotation_else_predictions(client: Any, oracle
     response = client.post("/predict", json=body)
     assert response.status_code == 200, response.json
     results = response.json["results"]
-    assert [len(r["result"]) for r in results] == [2, 1, 0]
+    assert [len(r["result"]) for r in results[:2]] == [2, 1] and results[2] == []
     for task, prediction, boxes in ((first, results[0], [[80, 60, 240, 180], [32, 24, 128, 72]]),
                                     (second, results[1], [[96, 72, 224, 168]])):
         image = draw_image(FIXTURE_IMAGES[task["data"]["image"]])
@@ -189,13 +190,74 @@ def test_batch_boxes_from_latest_annotation_else_predictions(client: Any, oracle
             np.testing.assert_array_equal(got, expected)
 
 
-def test_batch_mode_off_gives_empty_predictions(checkpoint: Path) -> None:
+def test_batch_mode_off_gives_an_entry_without_a_prediction_per_task(checkpoint: Path) -> None:
+    """``[]`` per task: Label Studio counts one entry per task and stores nothing for it (warm-up only)."""
     client = create_app(make_settings(checkpoint, sam_batch_mode="off")).test_client()
     body = fixture_body("predict_batch_two_tasks.json")
     body["tasks"][0]["annotations"] = [{"id": 1, "result": [rectangle(25, 25, 50, 50)]}]
     response = client.post("/predict", json=body)
     assert response.status_code == 200
-    assert [r["result"] for r in response.json["results"]] == [[], []]
+    assert response.json["results"] == [[], []]
+
+
+def keypoint(x: float, y: float, label: str = "Object", positive: bool = True) -> dict[str, Any]:
+    return {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": 320,
+            "original_height": 240, "image_rotation": 0, "is_positive": positive,
+            "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": [label]}}
+
+
+def test_batch_mode_points_masks_the_keypoints_of_the_latest_annotation(checkpoint: Path, image_server: Any,
+                                                                      oracle: Any) -> None:
+    """SAM_BATCH_MODE=points: the latest annotation's keypoints, one object per label as in a click."""
+    client = create_app(make_settings(checkpoint, sam_batch_mode="points")).test_client()
+    client.post("/setup", json=setup_body(image_server))
+    body = fixture_body("predict_batch_two_tasks.json")
+    first, second = body["tasks"]
+    first["annotations"] = [{"id": 1, "updated_at": "2026-11-26T12:00:00Z",
+                             "result": [keypoint(50, 50), keypoint(60, 55), keypoint(5, 5, positive=False)]}]
+    second["annotations"] = [{"id": 2, "result": [rectangle(25, 25, 50, 50)]}]  # no keypoints: nothing
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.json
+    results = response.json["results"]
+    assert len(results[0]["result"]) == 1 and results[1] == []
+    image = draw_image(FIXTURE_IMAGES[first["data"]["image"]])
+    want = oracle.predict(oracle.embed(image), points=np.array([[160, 120], [192, 132], [16, 12]], np.float32),
+                          labels=np.array([1, 1, 0]), multimask=False).masks[0]
+    np.testing.assert_array_equal(decoded_masks(results[0])[0], want)
+
+
+def test_batch_answers_within_its_budget_and_names_what_was_left(checkpoint: Path, image_server: Any,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A batch bigger than SAM_BATCH_BUDGET_S answers in time, one entry per task: a prediction for each task
+    done, ``[]`` (nothing stored by Label Studio) for each task left; the log names them and the command."""
+    settings = make_settings(checkpoint, sam_batch_budget_s=2.0, sam_warmup=False)
+    segmenter = Segmenter.from_settings(settings)
+    segmenter.load()  # the budget is for the tasks: a model still loading would take it all on a busy machine
+    client = create_app(settings, segmenter).test_client()
+    client.post("/setup", json=setup_body(image_server))
+    body = fixture_body("predict_batch_two_tasks.json")
+    template = body["tasks"][0]
+    body["tasks"] = [{**template, "id": 100 + i, "annotations": [{"id": i, "result": [rectangle(25, 25, 50, 50)]}]}
+                     for i in range(24)]
+    image_server.delay_s = 0.5  # 24 downloads, 4 at a time: 3 s of waiting alone
+    try:
+        with caplog.at_level(logging.WARNING, logger="backend.predictions"):
+            started = time.monotonic()
+            response = client.post("/predict", json=body)
+            elapsed = time.monotonic() - started
+    finally:
+        image_server.delay_s = 0.0
+    assert response.status_code == 200, response.json
+    assert elapsed < 2.0 + 1.5, f"the batch took {elapsed:.1f} s with a 2 s budget"
+    results = response.json["results"]
+    assert len(results) == 24
+    done = [r for r in results if r != []]
+    assert 1 <= len(done) < 24, [len(r) if r == [] else "done" for r in results]
+    assert all(len(r["result"]) == 1 and r["model_version"] for r in done)
+    assert all(r == [] for r in results[len(done):]), "tasks are answered in order: the left ones are the last"
+    message = next(r.getMessage() for r in caplog.records if "budget" in r.getMessage())
+    assert f"{24 - len(done)} of 24 tasks left" in message
+    assert "sam-backend preannotate --project 4" in message and "123" in message
 
 
 def test_batch_mode_everything_gives_the_mask_generators_masks(checkpoint: Path, image_server: Any,
@@ -516,3 +578,39 @@ def test_basic_auth_protects_predict_and_is_off_by_default(checkpoint: Path, ima
     assert client.post("/predict", json=body, headers=auth).status_code == 200
     open_client = create_app(make_settings(checkpoint)).test_client()
     assert open_client.get("/health").status_code == 200
+
+
+def test_everything_filters_caps_and_labels_the_generators_masks(checkpoint: Path, image_server: Any,
+                                                                  oracle: Any) -> None:
+    """The per-task step of `preannotate --mode everything`: masks below --min-score or --min-area go, the best
+    --max-masks stay (by predicted IoU), all under --label; a label the output tag lacks is refused."""
+    from backend.errors import LabelConfigError
+    from backend.image_fetch import ImageFetcher
+    from backend.label_config import parse_label_config
+    from backend.predictions import BatchOptions, Predictions
+    from model import MaskGenerator
+
+    # box_nms_thresh 1: random weights give whole-image boxes, which NMS would reduce to one mask
+    options = {"points_per_side": 6, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}
+    settings = make_settings(checkpoint)
+    segmenter = Segmenter(checkpoint, "cpu", everything_options=options)
+    body = fixture_body("predict_batch_two_tasks.json")
+    config = parse_label_config(body["label_config"].replace('<Label value="Object" background="#FF0000"/>',
+                                                             '<Label value="Object"/><Label value="Thing"/>'))
+    fetcher = ImageFetcher(label_studio_url=image_server.url, label_studio_token=image_server.legacy_token)
+    predictions = Predictions(config, settings, segmenter, fetcher)
+    task = body["tasks"][0]
+    records = MaskGenerator(oracle.sam, **options).generate(draw_image(FIXTURE_IMAGES[task["data"]["image"]]))
+    scores = sorted((r["predicted_iou"] for r in records), reverse=True)
+    assert len(scores) >= 4, "the configuration should give a few masks"
+    threshold = scores[len(scores) // 2]
+    min_area = int(np.median([r["area"] for r in records]))
+    want = sorted((r for r in records if r["predicted_iou"] >= threshold and r["area"] >= min_area),
+                  key=lambda r: r["predicted_iou"], reverse=True)[:2]
+    got = predictions.predict_task(task, BatchOptions(mode="everything", min_score=threshold, min_area=min_area,
+                                                      max_masks=2, label="Thing"))
+    assert [r["value"]["brushlabels"] for r in got["result"]] == [["Thing"]] * len(want)
+    for mask, record in zip(decoded_masks(got), want, strict=True):
+        np.testing.assert_array_equal(mask, record["segmentation"])
+    with pytest.raises(LabelConfigError, match="Nothing"):
+        predictions.predict_task(task, BatchOptions(mode="everything", label="Nothing"))

@@ -252,3 +252,17 @@ def test_bad_images_are_clear_errors(models, bad) -> None:
     _, sam = models
     with pytest.raises(ValueError, match="image"):
         MaskGenerator(sam, **BASE).generate(bad)
+
+
+def test_a_given_embedding_replaces_the_whole_image_encode(models, image: np.ndarray) -> None:
+    """A cached embedding of the image gives the same records as encoding it inside ``generate``; crops
+    are still encoded on their own; an embedding of another image is refused."""
+    from model import Predictor
+
+    _, sam = models
+    embedding = Predictor(sam).embed(image)
+    for options in ({}, {"crop_n_layers": 1}):
+        generator = MaskGenerator(sam, **BASE, **options)
+        _assert_same_records(generator.generate(image, embedding=embedding), generator.generate(image))
+    with pytest.raises(ValueError, match="embedding"):
+        MaskGenerator(sam, **BASE).generate(image[:64], embedding=embedding)

@@ -229,6 +229,7 @@ class FakeServer:
     def __init__(self) -> None:
         self.seen: list[Seen] = []
         self.files = dict(sample_files())
+        self.delay_s = 0.0  # each file is sent this late: a slow image host
         handler = type("Handler", (_Handler,), {"owner": self})
         self._server = _Server(("127.0.0.1", 0), handler)
         self.port = self._server.server_address[1]
@@ -251,6 +252,8 @@ class FakeServer:
             request.send_json(404, {"detail": "Not found."})
             return
         data, content_type = self.files[name]
+        if self.delay_s:
+            time.sleep(self.delay_s)
         request.send(200, data, content_type)
 
 

@@ -38,10 +38,11 @@ RUN groupadd --system --gid 1000 sam \
 # tcmalloc as malloc (LD_PRELOAD below): glibc's malloc gives large freed blocks back to the OS and faults
 # them in again on the next encode; tcmalloc keeps them for reuse, which saves 2% of a ViT-B encode's CPU
 # time and 11% of a MobileSAM one's (bench/allocator.py). The base image's Debian release picks the version
-# (bookworm's libtcmalloc-minimal4, trixie's libtcmalloc-minimal4t64 that provides the name).
+# (trixie's libtcmalloc-minimal4t64, else bookworm's libtcmalloc-minimal4; both install the same .so.4).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libtcmalloc-minimal4 \
+    && (apt-get install -y --no-install-recommends libtcmalloc-minimal4t64 \
+        || apt-get install -y --no-install-recommends libtcmalloc-minimal4) \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app

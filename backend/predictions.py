@@ -135,8 +135,9 @@ class Predictions:
         SAM_BATCH_MODE=off answers ``[]`` for every task (warm-up only).
 
         A task with nothing to prompt with (no rectangles in ``boxes``, no keypoints in ``points``) gets
-        ``[]`` too. A task whose image or regions fail gets an empty prediction (logged) so the other tasks
-        still get theirs; when every task fails, the first error is the answer, so a wrong token or URL is not silent.
+        ``[]`` too, and so does a task whose image or regions fail (logged): the other tasks still get theirs,
+        and the failed one stays without a prediction, so a later run tries it again. When no task gave a
+        mask and one failed, that first error is the answer, so a wrong token or URL is not silent.
         """
         options = BatchOptions(mode=self.settings.sam_batch_mode)
         if options.mode == "off":
@@ -172,14 +173,13 @@ class Predictions:
                     raise outcome
                 first_error = first_error or outcome
                 log.warning("task %s: no prediction: %s", tasks[index].get("id"), outcome.message)
-                outcome = prediction([], self.version)
+                outcome = []
             results[index] = outcome
             answered += 1
         stop.set()
         if answered < len(tasks):
             self._log_left(tasks, results, project)
-        done = [r for r in results if isinstance(r, dict)]
-        if first_error is not None and done and all(not r["result"] for r in done):
+        if first_error is not None and not any(isinstance(r, dict) and r["result"] for r in results):
             raise first_error
         return [r if r is not None else [] for r in results]
 

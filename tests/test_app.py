@@ -190,6 +190,20 @@ def test_batch_boxes_from_latest_annotation_else_predictions(client: Any, oracle
             np.testing.assert_array_equal(got, expected)
 
 
+def test_a_batch_task_whose_image_fails_gets_no_prediction_and_the_others_theirs(client: Any) -> None:
+    """The failed task stays without a prediction (``[]``), so a later batch or preannotate tries it again."""
+    body = fixture_body("predict_batch_two_tasks.json")
+    for task in body["tasks"]:
+        task["annotations"] = [{"id": 1, "result": [rectangle(25, 25, 50, 50)]}]
+    body["tasks"][0]["data"]["image"] = "/data/upload/4/nothing-here.png"
+    response = client.post("/predict", json=body)
+    assert response.status_code == 200, response.json
+    first, second = response.json["results"]
+    assert first == [] and len(second["result"]) == 1
+    body["tasks"] = body["tasks"][:1]
+    assert client.post("/predict", json=body).status_code == 502, "every task failed: the error is the answer"
+
+
 def test_batch_mode_off_gives_an_entry_without_a_prediction_per_task(checkpoint: Path) -> None:
     """``[]`` per task: Label Studio counts one entry per task and stores nothing for it (warm-up only)."""
     client = create_app(make_settings(checkpoint, sam_batch_mode="off")).test_client()

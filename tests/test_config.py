@@ -153,7 +153,7 @@ def _imports_torch(code: str) -> bool:
     import sys
 
     result = subprocess.run([sys.executable, "-c", f"{code}\nimport sys; print('torch' in sys.modules)"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True)
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True)
     return result.stdout.strip().splitlines()[-1] == "True"
 
 

@@ -120,9 +120,9 @@ class MaskDecoder(UsesFastPaths, nn.Module):
         """
         up1, norm, act1, up2, act2 = upscaling_layers(self.output_upscaling)
         in_place = self.fast_paths.in_place_activations
-        x = _conv_transpose_2x2(tokens, up1)
+        x = conv_transpose_2x2(tokens, up1)
         x = activate(act1, F.layer_norm(x, (norm.weight.shape[0],), norm.weight, norm.bias, norm.eps), in_place)
-        upscaled = activate(act2, _conv_transpose_2x2(x, up2), in_place)  # (B, h*w*16, C/8)
+        upscaled = activate(act2, conv_transpose_2x2(x, up2), in_place)  # (B, h*w*16, C/8)
         (bs, k, _), (h, w) = hyper_in.shape, size
         masks = (hyper_in @ upscaled.transpose(1, 2)).reshape(bs, k, h, w, 2, 2, 2, 2)
         return masks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(bs, k, 4 * h, 4 * w)
@@ -140,7 +140,7 @@ def upscaling_layers(output_upscaling: nn.Sequential) -> UpscalingLayers:
     return up1, norm, act1, up2, act2
 
 
-def _conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+def conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
     """``conv`` (kernel 2, stride 2, no padding) on channels-last pixels x (B, N, Cin) -> (B, 4N, Cout).
 
     Output pixel 4n + 2a + b is input pixel n's kernel position (a, b): pixel-block order.

@@ -47,6 +47,10 @@ class PositionEmbeddingRandom(nn.Module):
 
 
 class PromptEncoder(nn.Module):
+    # Labels whose learned embedding is added to a point's: 0 negative, 1 positive. SAM 2 also labels box
+    # corners as points (2 top-left, 3 bottom-right); SAM embeds its boxes apart.
+    point_labels = 2
+
     def __init__(self, embed_dim: int, image_embedding_size: tuple[int, int],
                  input_image_size: tuple[int, int], mask_in_chans: int,
                  activation: type[nn.Module] = nn.GELU) -> None:
@@ -87,8 +91,9 @@ class PromptEncoder(nn.Module):
         pe = self.pe_layer.forward_with_coords(points, self.input_image_size)
         labels = labels[..., None]
         pe = torch.where(labels == -1, self.not_a_point_embed.weight, pe)
-        pe = pe + torch.where(labels == 0, self._point_embedding(0), 0.0)
-        return pe + torch.where(labels == 1, self._point_embedding(1), 0.0)
+        for label in range(self.point_labels):
+            pe = pe + torch.where(labels == label, self._point_embedding(label), 0.0)
+        return pe
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         corners = (boxes + 0.5).reshape(-1, 2, 2)

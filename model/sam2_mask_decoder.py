@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.common import LayerNorm2d, activate
-from model.mask_decoder import MLP, upscaling_layers
+from model.mask_decoder import MLP, conv_transpose_2x2, upscaling_layers
 from model.transformer import TwoWayTransformer
 
 
@@ -157,24 +157,14 @@ class Sam2MaskDecoder(nn.Module):
         up1, norm, act1, up2, act2 = upscaling_layers(self.output_upscaling)
         s0, s1 = high_res_features
         b = tokens.shape[0]
-        x = _conv_transpose_2x2(tokens, up1)  # (B, 4hw, C/4): pixel (2y + a, 2x + b) at (y, x, a, b)
+        x = conv_transpose_2x2(tokens, up1)  # (B, 4hw, C/4): pixel (2y + a, 2x + b) at (y, x, a, b)
         c4 = x.shape[-1]
         s1_blocks = s1.permute(0, 2, 3, 1).reshape(s1.shape[0], h, 2, w, 2, c4).transpose(2, 3)
         x.view(b, h, w, 2, 2, c4).add_(s1_blocks.to(x.dtype))
         x = activate(act1, F.layer_norm(x, (c4,), norm.weight, norm.bias, norm.eps), in_place=True)
-        x = _conv_transpose_2x2(x, up2)  # (B, 16hw, C/8): pixel (4y + 2a + c, 4x + 2b + d) at (y, x, a, b, c, d)
+        x = conv_transpose_2x2(x, up2)  # (B, 16hw, C/8): pixel (4y + 2a + c, 4x + 2b + d) at (y, x, a, b, c, d)
         c8 = x.shape[-1]
         s0_blocks = s0.permute(0, 2, 3, 1).reshape(s0.shape[0], h, 2, 2, w, 2, 2, c8).permute(0, 1, 4, 2, 5, 3, 6, 7)
         x.view(b, h, w, 2, 2, 2, 2, c8).add_(s0_blocks.to(x.dtype))
         return activate(act2, x, in_place=True)
 
-
-def _conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
-    """``conv`` (kernel 2, stride 2, no padding) on channels-last pixels x (B, N, Cin) -> (B, 4N, Cout).
-
-    Output pixel 4n + 2a + b is input pixel n's kernel position (a, b): pixel-block order.
-    """
-    c_in, c_out = conv.weight.shape[:2]
-    weight = conv.weight.permute(2, 3, 1, 0).reshape(4 * c_out, c_in)  # rows in (a, b, Cout) order
-    bias = None if conv.bias is None else conv.bias.repeat(4)
-    return F.linear(x, weight, bias).reshape(x.shape[0], 4 * x.shape[1], c_out)

@@ -16,18 +16,7 @@ from model.prompt_encoder import PromptEncoder
 
 
 class Sam2PromptEncoder(PromptEncoder):
-    def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        """Points (B, N, 2) in input-frame pixels, labels (B, N) in {-1, 0, 1, 2, 3} -> (B, N(+1), C)."""
-        points = points + 0.5  # centre of the pixel
-        if pad:
-            points = torch.cat([points, points.new_zeros((points.shape[0], 1, 2))], dim=1)
-            labels = torch.cat([labels, -labels.new_ones((labels.shape[0], 1))], dim=1)
-        pe = self.pe_layer.forward_with_coords(points, self.input_image_size)
-        labels = labels[..., None]
-        pe = torch.where(labels == -1, self.not_a_point_embed.weight, pe)
-        for label in range(4):
-            pe = pe + torch.where(labels == label, self._point_embedding(label), 0.0)
-        return pe
+    point_labels = 4  # 0 negative, 1 positive, 2 / 3 a box's top-left / bottom-right corner
 
     def embed_prompts(self, coords: torch.Tensor | None, labels: torch.Tensor | None, boxes: torch.Tensor | None,
                       masks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,7 @@ from model import FAST, REFERENCE, MaskGenerator, amg, load
 from model.nms import batched_nms, nms
 from testsupport.checkpoints import small_checkpoint
 from testsupport.images import shapes_image
+from testsupport.parity import assert_same_records
 
 # ---------------------------------------------------------------------------------------------- NMS
 
@@ -150,30 +151,6 @@ def image() -> np.ndarray:
 BASE = dict(points_per_side=8, pred_iou_thresh=0.3, stability_score_thresh=0.2, stability_score_offset=0.01)
 
 
-def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
-def _assert_same_records(ours: list[dict], theirs: list[dict]) -> None:
-    assert len(ours) == len(theirs)
-    unmatched = list(range(len(ours)))
-    for record in theirs:
-        ious = [_mask_iou(ours[i]["segmentation"], record["segmentation"]) for i in unmatched]
-        best = int(np.argmax(ious))
-        assert ious[best] >= 0.99, f"no mask of ours matches Meta's mask at {record['bbox']}"
-        mine = ours[unmatched.pop(best)]
-        assert mine["segmentation"].shape == record["segmentation"].shape
-        assert mine["segmentation"].dtype == bool
-        assert abs(mine["area"] - record["area"]) <= 0.01 * record["area"]
-        assert isinstance(mine["area"], int)
-        np.testing.assert_allclose(mine["bbox"], record["bbox"], atol=1)
-        assert mine["predicted_iou"] == pytest.approx(record["predicted_iou"], abs=1e-3)
-        assert mine["stability_score"] == pytest.approx(record["stability_score"], abs=2e-2)
-        np.testing.assert_allclose(mine["point_coords"], record["point_coords"], atol=1e-6)
-        assert mine["crop_box"] == [int(v) for v in record["crop_box"]]
-
-
 @pytest.mark.parametrize("options", [
     {},
     {"crop_n_layers": 1},
@@ -191,7 +168,7 @@ def test_generate_matches_meta(models, image: np.ndarray, options: dict, preset)
     finally:
         sam.set_fast_paths(FAST)
     assert len(theirs) >= 5, "the configuration should keep a real number of masks"
-    _assert_same_records(ours, theirs)
+    assert_same_records(ours, theirs, point_atol=1e-6)
     if options.get("crop_n_layers"):
         assert len({tuple(r["crop_box"]) for r in ours}) > 1, "masks of the smaller crops should survive"
 
@@ -208,7 +185,7 @@ def test_generate_record_types(models, image: np.ndarray) -> None:
     assert isinstance(record["predicted_iou"], float) and isinstance(record["stability_score"], float)
     assert record["crop_box"] == [0, 0, image.shape[1], image.shape[0]]
     # The batch size is a memory knob only.
-    _assert_same_records(records, MaskGenerator(sam, **BASE).generate(image))
+    assert_same_records(records, MaskGenerator(sam, **BASE).generate(image), point_atol=1e-6)
 
 
 def test_generate_grayscale_and_nothing_kept(models, image: np.ndarray) -> None:
@@ -263,6 +240,6 @@ def test_a_given_embedding_replaces_the_whole_image_encode(models, image: np.nda
     embedding = Predictor(sam).embed(image)
     for options in ({}, {"crop_n_layers": 1}):
         generator = MaskGenerator(sam, **BASE, **options)
-        _assert_same_records(generator.generate(image, embedding=embedding), generator.generate(image))
+        assert_same_records(generator.generate(image, embedding=embedding), generator.generate(image), point_atol=1e-6)
     with pytest.raises(ValueError, match="embedding"):
         MaskGenerator(sam, **BASE).generate(image[:64], embedding=embedding)

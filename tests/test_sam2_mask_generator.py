@@ -13,13 +13,13 @@ the predictor parity tests run them at full strength). Stability offset 0.01, as
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from model import MaskGenerator
 from model.sam2_checkpoint import Sam2Config, load_with_config
 from testsupport.images import shapes_image
+from testsupport.parity import assert_same_records
 from testsupport.sam2_checkpoints import SMALL, reference_mask_generator, save, small_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
@@ -45,29 +45,6 @@ def models(tmp_path_factory: pytest.TempPathFactory):
     return reference, load_with_config(path, config, device="cpu", dtype=torch.float32)
 
 
-def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
-
-
-def _assert_same_records(ours: list[dict], theirs: list[dict]) -> None:
-    assert len(ours) == len(theirs)
-    unmatched = list(range(len(ours)))
-    for record in theirs:
-        ious = [_mask_iou(ours[i]["segmentation"], record["segmentation"]) for i in unmatched]
-        best = int(np.argmax(ious))
-        assert ious[best] >= 0.99, f"no mask of ours matches Meta's mask at {record['bbox']}"
-        mine = ours[unmatched.pop(best)]
-        assert mine["segmentation"].shape == record["segmentation"].shape and mine["segmentation"].dtype == bool
-        assert abs(mine["area"] - record["area"]) <= 0.01 * record["area"]
-        np.testing.assert_allclose(mine["bbox"], record["bbox"], atol=1)
-        assert mine["predicted_iou"] == pytest.approx(record["predicted_iou"], abs=1e-3)
-        assert mine["stability_score"] == pytest.approx(record["stability_score"], abs=2e-2)
-        # Meta keeps the grid points in float32, we in float64.
-        np.testing.assert_allclose(mine["point_coords"], record["point_coords"], atol=1e-4)
-        assert mine["crop_box"] == [int(v) for v in record["crop_box"]]
-
-
 @pytest.mark.parametrize("options", [{}, {"crop_n_layers": 1}, {"crop_n_layers": 1, "crop_n_points_downscale_factor": 2}],
                          ids=["image", "crops", "crops+downscale"])
 def test_generate_matches_meta(models, options: dict) -> None:
@@ -77,7 +54,7 @@ def test_generate_matches_meta(models, options: dict) -> None:
     theirs = reference_mask_generator(reference, **config).generate(image)
     ours = MaskGenerator(sam, **config).generate(image)
     assert len(theirs) >= 5, "the configuration should keep a real number of masks"
-    _assert_same_records(ours, theirs)
+    assert_same_records(ours, theirs, point_atol=1e-4)
     if options.get("crop_n_layers"):
         assert len({tuple(r["crop_box"]) for r in ours}) > 1, "masks of the smaller crops should survive"
 

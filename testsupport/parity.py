@@ -28,3 +28,26 @@ def assert_same(ours: model.Prediction, masks: np.ndarray, scores: np.ndarray, l
         assert iou(ours.masks[k], masks[k]) >= MASK_IOU, f"mask {k}"
     np.testing.assert_allclose(ours.low_res_logits, logits, atol=LOGIT_ATOL, rtol=0)
     np.testing.assert_allclose(ours.scores, scores, atol=SCORE_ATOL, rtol=0)
+
+
+def assert_same_records(ours: list[dict], theirs: list[dict], point_atol: float) -> None:
+    """Segment-everything records against the reference's, matched one to one by mask IoU.
+
+    ``point_atol``: how far the grid point may be (Meta's SAM 2 generator keeps its points in float32).
+    """
+    assert len(ours) == len(theirs)
+    unmatched = list(range(len(ours)))
+    for record in theirs:
+        ious = [iou(ours[i]["segmentation"], record["segmentation"]) for i in unmatched]
+        best = int(np.argmax(ious))
+        assert ious[best] >= MASK_IOU, f"no mask of ours matches the reference's mask at {record['bbox']}"
+        mine = ours[unmatched.pop(best)]
+        assert mine["segmentation"].shape == record["segmentation"].shape
+        assert mine["segmentation"].dtype == bool
+        assert abs(mine["area"] - record["area"]) <= 0.01 * record["area"]
+        assert isinstance(mine["area"], int)
+        np.testing.assert_allclose(mine["bbox"], record["bbox"], atol=1)
+        assert abs(mine["predicted_iou"] - record["predicted_iou"]) <= 1e-3
+        assert abs(mine["stability_score"] - record["stability_score"]) <= 2e-2
+        np.testing.assert_allclose(mine["point_coords"], record["point_coords"], atol=point_atol)
+        assert mine["crop_box"] == [int(v) for v in record["crop_box"]]

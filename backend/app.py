@@ -30,7 +30,8 @@ from werkzeug.exceptions import HTTPException
 
 from backend.config import Settings
 from backend.errors import BackendError, BadRequest, Unauthorized
-from backend.label_config import LabelConfig, parse_label_config
+from backend.json_body import parse_object
+from backend.label_config import LabelConfig, ProjectConfigs, parse_label_config
 from backend.metrics import Metrics
 from backend.predictions import Predictions
 from backend.segmenter import Segmenter
@@ -58,7 +59,7 @@ class Backend:
     fetcher: ImageFetcher
     metrics: Metrics
     warmer: Warmer | None = None  # None when SAM_WARMUP is off
-    projects: dict[str, str] = field(default_factory=dict)  # project id -> label config seen in /setup
+    projects: ProjectConfigs = field(default_factory=lambda: ProjectConfigs(256, 64 * 2**20))  # /setup's configs
 
     def warm_up(self, tasks: list[dict[str, Any]], label_config: LabelConfig, source: str) -> int:
         """Queue background encodes of the tasks' images; never raises, never waits for an encode."""
@@ -86,7 +87,9 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     if settings.sam_warmup:
         warmer = Warmer(redis_url=settings.redis_url or None, encoder=make_encoder(segmenter, fetcher),
                         on_depth=metrics.warmup_queue_depth.set)
-    backend = Backend(settings=settings, segmenter=segmenter, fetcher=fetcher, metrics=metrics, warmer=warmer)
+    limits = settings.request_limits
+    backend = Backend(settings=settings, segmenter=segmenter, fetcher=fetcher, metrics=metrics, warmer=warmer,
+                      projects=ProjectConfigs(limits.setup_projects, limits.setup_memory_mb * 2**20))
 
     app = Flask(__name__)
     app.json = _OrderedJSON(app)
@@ -182,12 +185,14 @@ def _unexpected_error(error: Exception) -> Response:
 
 
 def _json_body() -> dict[str, Any]:
-    body = request.get_json(silent=True, force=True)
-    if body is None:
-        raise BadRequest("the request body must be JSON (Content-Type: application/json)")
-    if not isinstance(body, dict):
-        raise BadRequest(f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
+    """The body as a checked JSON object (``backend.json_body``); a body that cannot be read is a 400 too."""
+    try:
+        data = request.get_data(cache=True)
+    except HTTPException:
+        raise
+    except (OSError, ValueError) as error:  # gunicorn's bad chunked encoding, a truncated body
+        raise BadRequest(f"the request body could not be read ({type(error).__name__}: {error})") from None
+    return parse_object(data, _backend().settings.request_limits.max_json_depth)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -212,7 +217,7 @@ def setup() -> Response:
     schema = body.get("schema")
     if schema is not None:
         parse_label_config(schema)
-        backend.projects[str(body.get("project"))] = schema
+        backend.projects.put(str(body.get("project")), schema)
     hostname, token = body.get("hostname"), body.get("access_token")
     if hostname is not None and not isinstance(hostname, str):
         raise BadRequest("'hostname' must be the Label Studio URL as a string")
@@ -233,9 +238,8 @@ def predict() -> Response:
     tasks = body.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise BadRequest("'tasks' must be a non-empty list of Label Studio tasks")
-    for index, task in enumerate(tasks):
-        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-            raise BadRequest(f"task {index} must be an object with a 'data' object")
+    backend.settings.request_limits.check_tasks(tasks)
+    _check_tasks(tasks)
     config = parse_label_config(body.get("label_config"))
     params = body.get("params") or {}
     if not isinstance(params, dict):
@@ -244,11 +248,12 @@ def predict() -> Response:
     if context is not None and not isinstance(context, dict):
         raise BadRequest("'params.context' must be an object or null")
     regions = (context or {}).get("result")
+    predictions = Predictions(config, backend.settings, backend.segmenter, backend.fetcher)
+    predictions.check_limits(tasks, regions)
     if not regions:
         # Label Studio sends this when an annotator opens a task (and for "Retrieve predictions"): start
         # encoding now, so that the first click finds the embedding ready.
         backend.warm_up(tasks, config, source="open" if len(tasks) == 1 else "batch")
-    predictions = Predictions(config, backend.settings, backend.segmenter, backend.fetcher)
     results = predictions.predict(tasks, regions, deadline=deadline, project=body.get("project"))
     return jsonify({"results": results, "model_version": backend.segmenter.model_version})
 
@@ -270,15 +275,25 @@ def webhook() -> Response:
     return jsonify({"status": "ok", "action": action})
 
 
+def _check_tasks(tasks: list[Any], where: str = "tasks") -> None:
+    for index, task in enumerate(tasks):
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise BadRequest(f"'{where}[{index}]' must be an object with a 'data' object")
+
+
 def _warm_created_tasks(backend: Backend, body: dict[str, Any]) -> int:
     tasks = body.get("tasks")
+    if tasks is not None and not isinstance(tasks, list):
+        raise BadRequest("'tasks' of a TASKS_CREATED event must be a list of tasks")
+    if tasks:
+        backend.settings.request_limits.check_tasks(tasks)
+        _check_tasks(tasks)
     project = body.get("project")
     if not isinstance(project, dict):
         project = {}
     xml = project.get("label_config")
-    if not xml:
-        xml = next((schema for key, schema in backend.projects.items()
-                    if key.split(".")[0] == str(project.get("id"))), None)
+    if not isinstance(xml, str) or not xml:
+        xml = backend.projects.for_project_id(project.get("id"))
     if not isinstance(tasks, list) or not xml:
         log.info("TASKS_CREATED without tasks or a label config: nothing to warm up")
         return 0

@@ -18,6 +18,14 @@ result), and, with Redis, a short lock lets other processes wait for the value i
 Redis is an accelerator, never a dependency: when it is down, slow or full, clicks go on from the memory
 tier, the log gets one warning per outage and ``sam_backend_redis_errors_total`` counts the failures.
 A corrupt or foreign value in Redis is detected, deleted and recomputed.
+
+One embedding, one mask: every tier hands out the same values. Redis holds fp16 (``Embedding.to_bytes``),
+so a freshly computed embedding is rounded through fp16 before anyone uses it
+(``Embedding.at_stored_precision``): the process that encoded the image, a process that read it from Redis
+and a process restarted since all decode from identical tensors, and a click gives the identical mask on
+every worker. Without the rounding the fp32 copy of the encoding process and the fp16 copy of the others
+gave masks 1-19 pixels apart for the same click (docs/architecture.md, "The embedding cache", has the
+measurements behind fp16 rather than fp32 in Redis).
 """
 
 from __future__ import annotations
@@ -256,7 +264,7 @@ class EmbeddingCache:
     def _load_or_compute(self, key: str, fingerprint: str, compute: Callable[[], Embedding]) -> Embedding:
         if self.redis is None:
             self.metrics.cache_miss()
-            return compute()
+            return compute().at_stored_precision()
 
         embedding = self._from_redis(key, fingerprint)
         if embedding is not None:
@@ -279,7 +287,7 @@ class EmbeddingCache:
 
         self.metrics.cache_miss()
         try:
-            embedding = compute()
+            embedding = compute().at_stored_precision()
             self.redis.put(key, embedding.to_bytes())
             return embedding
         finally:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backend.limits import IMAGE_MAX_BYTES, IMAGE_MAX_PIXELS, IMAGE_TIMEOUT_S
+from backend.request_limits import RequestLimits
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")  # what each means: model.runtime.DTYPES (a test keeps the two equal)
@@ -99,6 +100,25 @@ class Settings:
     sam_batch_budget_s: float = 80.0  # a batch /predict answers by then (Label Studio waits 100 s)
     # -- warm-up: encode task images before the first click
     sam_warmup: bool = True
+    # -- what one request may cost (backend.request_limits, which says why these defaults): a 413 above each
+    sam_max_json_depth: int = RequestLimits.max_json_depth
+    sam_max_tasks: int = RequestLimits.max_tasks
+    sam_max_boxes_per_task: int = RequestLimits.max_boxes_per_task
+    sam_max_click_regions: int = RequestLimits.max_click_regions
+    sam_max_click_points: int = RequestLimits.max_click_points
+    sam_max_click_objects: int = RequestLimits.max_click_objects
+    sam_setup_projects: int = RequestLimits.setup_projects
+    sam_setup_memory_mb: int = RequestLimits.setup_memory_mb
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        """The SAM_MAX_* and SAM_SETUP_* settings, as the checks of ``backend.request_limits`` take them."""
+        return RequestLimits(
+            max_json_depth=self.sam_max_json_depth, max_tasks=self.sam_max_tasks,
+            max_boxes_per_task=self.sam_max_boxes_per_task, max_click_regions=self.sam_max_click_regions,
+            max_click_points=self.sam_max_click_points, max_click_objects=self.sam_max_click_objects,
+            setup_projects=self.sam_setup_projects, setup_memory_mb=self.sam_setup_memory_mb,
+        )
 
     @property
     def label_map(self) -> dict[str, str]:
@@ -183,6 +203,14 @@ class Settings:
             sam_batch_mode=env.choice("SAM_BATCH_MODE", cls.sam_batch_mode, BATCH_MODES),
             sam_batch_budget_s=env.number("SAM_BATCH_BUDGET_S", cls.sam_batch_budget_s, positive=True),
             sam_warmup=env.flag("SAM_WARMUP", cls.sam_warmup),
+            sam_max_json_depth=env.integer("SAM_MAX_JSON_DEPTH", cls.sam_max_json_depth, minimum=8),
+            sam_max_tasks=env.integer("SAM_MAX_TASKS", cls.sam_max_tasks, minimum=1),
+            sam_max_boxes_per_task=env.integer("SAM_MAX_BOXES_PER_TASK", cls.sam_max_boxes_per_task, minimum=1),
+            sam_max_click_regions=env.integer("SAM_MAX_CLICK_REGIONS", cls.sam_max_click_regions, minimum=1),
+            sam_max_click_points=env.integer("SAM_MAX_CLICK_POINTS", cls.sam_max_click_points, minimum=1),
+            sam_max_click_objects=env.integer("SAM_MAX_CLICK_OBJECTS", cls.sam_max_click_objects, minimum=1),
+            sam_setup_projects=env.integer("SAM_SETUP_PROJECTS", cls.sam_setup_projects, minimum=1),
+            sam_setup_memory_mb=env.integer("SAM_SETUP_MEMORY_MB", cls.sam_setup_memory_mb, minimum=1),
         )
 
 

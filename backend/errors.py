@@ -30,6 +30,13 @@ class BadRequest(BackendError):
     status = 400
 
 
+class LimitExceeded(BackendError):
+    """The request asks for more work than a limit of ``backend.request_limits`` allows (413); the message names
+    the setting that raises it."""
+
+    status = 413
+
+
 class Unauthorized(BackendError):
     """Basic auth is configured and the request did not pass it (401)."""
 

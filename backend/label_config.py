@@ -12,8 +12,11 @@ setup mistake, so the error shows a minimal working config to copy.
 
 from __future__ import annotations
 
+import functools
 import re
+import threading
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from backend.errors import LabelConfigError
@@ -93,11 +96,23 @@ class LabelConfig:
         return next((tool for tool in self.smart_tools if tool.name == name), None)
 
 
+PARSED_CONFIGS = 32  # parsed label configs kept: every click of a project re-sends the same text
+
+
 def parse_label_config(xml: str | None) -> LabelConfig:
-    """Parse a ``<View>`` label config; raises LabelConfigError saying what is wrong and what to add."""
+    """Parse a ``<View>`` label config; raises LabelConfigError saying what is wrong and what to add.
+
+    Every /predict carries its project's config, so the last ``PARSED_CONFIGS`` parses are kept (a LabelConfig
+    is immutable); a config that fails is parsed again each time, which is the rare case.
+    """
     if not isinstance(xml, str) or not xml.strip():
         raise LabelConfigError("The request carries no label config; Label Studio sends it as "
                                "'label_config' in /predict and 'schema' in /setup.")
+    return _parse_cached(xml)
+
+
+@functools.lru_cache(maxsize=PARSED_CONFIGS)
+def _parse_cached(xml: str) -> LabelConfig:
     if _FORBIDDEN.search(xml):
         raise LabelConfigError("The label config contains a DOCTYPE or ENTITY declaration; "
                                "Label Studio configs never need one and the backend refuses to parse it.")
@@ -151,11 +166,58 @@ def _control_tag(element: ET.Element, kind: str) -> ControlTag:
     name, to_name = _attribute(element, "name"), _attribute(element, "toName")
     if not name or not to_name:
         raise LabelConfigError(f"A <{kind}> tag in the label config lacks its name or toName attribute.")
-    labels: list[str] = []
+    labels: dict[str, None] = {}  # ordered and de-duplicated in linear time (taxonomies have thousands)
     for child in element.iter():
         if isinstance(child.tag, str) and child.tag.lower() == "label":
             value = _attribute(child, "value", strip=False)  # labels match exactly as written
-            if value and value not in labels:
-                labels.append(value)
+            if value:
+                labels.setdefault(value)
     smart = _attribute(element, "smart").lower() == "true" or _attribute(element, "smartOnly").lower() == "true"
     return ControlTag(kind=kind, name=name, to_name=to_name, labels=tuple(labels), smart=smart)
+
+
+class ProjectConfigs:
+    """The label configs /setup brought, by Label Studio's project key ("<id>.<created-ts>"), bounded.
+
+    Webhooks may come without their project's config, so /setup's are kept for them. /setup needs no project
+    to exist and may be called by anyone the Basic auth lets in, so the store is an LRU bounded both in entries
+    and in characters: distinct project keys cannot grow it without end (observed before the bound: 400
+    calls, +590 MB never freed).
+    """
+
+    def __init__(self, max_entries: int, max_chars: int) -> None:
+        self.max_entries = max_entries
+        self.max_chars = max_chars
+        self._items: OrderedDict[str, str] = OrderedDict()
+        self._chars = 0
+        self._lock = threading.Lock()
+
+    def put(self, project: str, schema: str) -> None:
+        if len(schema) > self.max_chars:
+            return
+        with self._lock:
+            old = self._items.pop(project, None)
+            self._chars += len(schema) - (len(old) if old is not None else 0)
+            self._items[project] = schema
+            while len(self._items) > self.max_entries or self._chars > self.max_chars:
+                _, dropped = self._items.popitem(last=False)
+                self._chars -= len(dropped)
+
+    def for_project_id(self, project_id: object) -> str | None:
+        """The newest config of project ``project_id`` (the id part of the key), or None."""
+        wanted = str(project_id)
+        with self._lock:
+            for key in reversed(self._items):
+                if key.split(".")[0] == wanted:
+                    self._items.move_to_end(key)
+                    return self._items[key]
+        return None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    @property
+    def chars(self) -> int:
+        with self._lock:
+            return self._chars

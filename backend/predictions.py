@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 Task = dict[str, Any]  # a Label Studio task as JSON: "id", "data", "annotations", "predictions"
 PREFETCH = 4  # images downloaded ahead of the model in a batch
+# Boxes per decoder call in the boxes batch mode: each box's mask and logits are full-size until they become
+# regions, so the memory of a task with hundreds of rectangles stays that of BOX_CHUNK masks.
+BOX_CHUNK = 16
 
 
 class Predictions:
@@ -68,6 +71,24 @@ class Predictions:
         if regions:
             return [self.interactive(tasks[0], regions)]
         return self.batch(tasks, deadline, project)
+
+    def check_limits(self, tasks: Sequence[Task], regions: object) -> None:
+        """Refuse (413) a request above a limit of ``Settings.request_limits`` before any image or warm-up.
+
+        A click's regions are counted; a batch's tasks each by what their mode prompts with.
+        """
+        if regions:
+            self.settings.request_limits.check_prompts(regions)
+            return
+        for index, task in enumerate(tasks):
+            self._check_task(task, self.settings.sam_batch_mode, f"tasks[{index}]")
+
+    def _check_task(self, task: Task, mode: str, where: str) -> None:
+        limits = self.settings.request_limits
+        if mode == "boxes":
+            limits.check_boxes(len(task_rectangles(task)), where)
+        elif mode == "points":
+            limits.check_prompts(task_keypoints(task), f"the keypoints of {where}")
 
     @property
     def version(self) -> str:
@@ -217,6 +238,7 @@ class Predictions:
         rectangles = task_rectangles(task)
         if not rectangles:
             return prediction([], self.version)
+        self._check_task(task, "boxes", f"task {task.get('id')}")
         image = image or self._image(task)
         labels: list[str] = []
         boxes: list[np.ndarray] = []
@@ -226,10 +248,12 @@ class Predictions:
             labels.append(self._output_label(prompt.label, self._tag("RectangleLabels", region.get("from_name"))))
             boxes.append(prompt.box)
         embedding = self.segmenter.embed(image.decode, image.sha256)
-        masks = self.segmenter.segment_boxes(embedding, np.asarray(boxes, dtype=np.float32))
         result: list[Region] = []
-        for mask, label in zip(masks, labels, strict=True):
-            result.extend(self._regions(mask.mask, label, mask.score))
+        for start in range(0, len(boxes), BOX_CHUNK):
+            chunk = np.asarray(boxes[start:start + BOX_CHUNK], dtype=np.float32)
+            masks = self.segmenter.segment_boxes(embedding, chunk)
+            for mask, label in zip(masks, labels[start:start + BOX_CHUNK], strict=True):
+                result.extend(self._regions(mask.mask, label, mask.score))
         return prediction(result, self.version)
 
     def _points(self, task: Task, image: TaskImage | None = None) -> Prediction:
@@ -237,6 +261,7 @@ class Predictions:
         keypoints = task_keypoints(task)
         if not keypoints:
             return prediction([], self.version)
+        self._check_task(task, "points", f"task {task.get('id')}")
         image = image or self._image(task)
         prompts = parse_prompts(keypoints, image.size)
         embedding = self.segmenter.embed(image.decode, image.sha256)

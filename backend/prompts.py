@@ -269,6 +269,8 @@ def _box(value: Mapping[str, object], where: str, height: int, width: int) -> np
     ys = y0 + corners[:, 0] * sin + corners[:, 1] * cos
     # Round away float noise so that e.g. a 90 degree turn gives exact pixel edges.
     box = np.round(np.array([xs.min(), ys.min(), xs.max(), ys.max()]), 6)
+    if not np.isfinite(box).all():  # finite percentages so large that pixels overflow (1e300 %)
+        raise BadRequest(f"{where}: the rectangle's coordinates are far outside the {width}x{height} image")
     box = np.clip(box, 0.0, [width, height, width, height])
     if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
         raise BadRequest(f"{where}: the rectangle lies outside the {width}x{height} image")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -51,6 +51,14 @@ class Embedding:
     def nbytes(self) -> int:
         """Bytes held in memory by the features (what byte-bounded caches count)."""
         return sum(t.numel() * t.element_size() for t in (self.features, *self.high_res))
+
+    def at_stored_precision(self) -> Embedding:
+        """This embedding with the values ``from_bytes(to_bytes())`` would give: fp16-rounded, fp32, channels-last.
+
+        A cache that serves some readers from the bytes (another process, after a restart) and some from the
+        computed tensors hands every reader this form, so that one image gives one mask everywhere.
+        """
+        return replace(self, features=_stored(self.features), high_res=tuple(_stored(t) for t in self.high_res))
 
     def to_bytes(self) -> bytes:
         fingerprint = self.fingerprint.encode("ascii")
@@ -124,3 +132,9 @@ def _tensor(payload: bytes, shape: tuple[int, int, int], device: str | torch.dev
     array = np.frombuffer(payload, dtype=np.float16).reshape(1, *shape)
     tensor = torch.from_numpy(array.astype(np.float32)).contiguous(memory_format=torch.channels_last)
     return tensor if device is None else tensor.to(device)
+
+
+def _stored(tensor: torch.Tensor) -> torch.Tensor:
+    """A map as ``_tensor`` reads it back from the bytes: rounded to fp16, then fp32, channels-last."""
+    rounded = tensor.detach().to(torch.float16).to(torch.float32)
+    return rounded.contiguous(memory_format=torch.channels_last)

@@ -101,9 +101,10 @@ def decoded_masks(prediction: dict[str, Any]) -> list[np.ndarray]:
 
 
 def expected_masks(oracle: Any, body: dict[str, Any]) -> list[np.ndarray]:
-    """What model.Predictor gives for the prompts of an interactive body (best of 3 for a lone click)."""
+    """What model.Predictor gives for the prompts of an interactive body (best of 3 for a lone click), from
+    the embedding at the precision every cache tier serves."""
     image = draw_image(FIXTURE_IMAGES[body["tasks"][0]["data"]["image"]])
-    embedding = oracle.embed(image)
+    embedding = oracle.embed(image).at_stored_precision()
     masks = []
     for prompt in parse_prompts(body["params"]["context"]["result"], image.shape[:2]):
         out = oracle.predict(embedding, points=prompt.point_coords,
@@ -185,7 +186,7 @@ def test_batch_boxes_from_latest_annotation_else_predictions(client: Any, oracle
     for task, prediction, boxes in ((first, results[0], [[80, 60, 240, 180], [32, 24, 128, 72]]),
                                     (second, results[1], [[96, 72, 224, 168]])):
         image = draw_image(FIXTURE_IMAGES[task["data"]["image"]])
-        want = oracle.predict_boxes(oracle.embed(image), np.array(boxes, dtype=np.float32)).masks
+        want = oracle.predict_boxes(oracle.embed(image).at_stored_precision(), np.array(boxes, dtype=np.float32)).masks
         for got, expected in zip(decoded_masks(prediction), want, strict=True):
             np.testing.assert_array_equal(got, expected)
 
@@ -235,7 +236,7 @@ def test_batch_mode_points_masks_the_keypoints_of_the_latest_annotation(checkpoi
     results = response.json["results"]
     assert len(results[0]["result"]) == 1 and results[1] == []
     image = draw_image(FIXTURE_IMAGES[first["data"]["image"]])
-    want = oracle.predict(oracle.embed(image), points=np.array([[160, 120], [192, 132], [16, 12]], np.float32),
+    want = oracle.predict(oracle.embed(image).at_stored_precision(), points=np.array([[160, 120], [192, 132], [16, 12]], np.float32),
                           labels=np.array([1, 1, 0]), multimask=False).masks[0]
     np.testing.assert_array_equal(decoded_masks(results[0])[0], want)
 
@@ -288,7 +289,9 @@ def test_batch_mode_everything_gives_the_mask_generators_masks(checkpoint: Path,
     results = response.json["results"]
     assert len(results) == 2
     for task, prediction in zip(body["tasks"], results, strict=True):
-        records = MaskGenerator(oracle.sam, **options).generate(draw_image(FIXTURE_IMAGES[task["data"]["image"]]))
+        image = draw_image(FIXTURE_IMAGES[task["data"]["image"]])
+        # the whole image's embedding as every cache tier serves it (fp16-rounded)
+        records = MaskGenerator(oracle.sam, **options).generate(image, embedding=oracle.embed(image).at_stored_precision())
         masks = decoded_masks(prediction)
         assert len(masks) == len(records) >= 1
         for got, record in zip(masks, records, strict=True):
@@ -614,7 +617,8 @@ def test_everything_filters_caps_and_labels_the_generators_masks(checkpoint: Pat
     fetcher = ImageFetcher(label_studio_url=image_server.url, label_studio_token=image_server.legacy_token)
     predictions = Predictions(config, settings, segmenter, fetcher)
     task = body["tasks"][0]
-    records = MaskGenerator(oracle.sam, **options).generate(draw_image(FIXTURE_IMAGES[task["data"]["image"]]))
+    image = draw_image(FIXTURE_IMAGES[task["data"]["image"]])
+    records = MaskGenerator(oracle.sam, **options).generate(image, embedding=oracle.embed(image).at_stored_precision())
     scores = sorted((r["predicted_iou"] for r in records), reverse=True)
     assert len(scores) >= 4, "the configuration should give a few masks"
     threshold = scores[len(scores) // 2]

@@ -190,7 +190,8 @@ def _json_body() -> dict[str, Any]:
         data = request.get_data(cache=True)
     except HTTPException:
         raise
-    except (OSError, ValueError) as error:  # gunicorn's bad chunked encoding, a truncated body
+    except Exception as error:  # noqa: BLE001 - only the client's bytes can fail here: gunicorn's ParseException
+        # for bad chunked encoding (not an OSError), NoMoreData for a truncated body
         raise BadRequest(f"the request body could not be read ({type(error).__name__}: {error})") from None
     return parse_object(data, _backend().settings.request_limits.max_json_depth)
 

@@ -82,9 +82,9 @@ class RequestLimits:
             label = _first_label(region.get("value"), kind)
             if label is not None:
                 labels.add(label)
-        _at_most(points, self.max_click_points, f"keypoints in {where}", "max_click_points")
         _at_most(len(labels), self.max_click_objects, f"labels (one object each) in {where}", "max_click_objects",
                  hint="send the objects in separate requests")
+        _at_most(points, self.max_click_points, f"keypoints in {where}", "max_click_points")
 
 
 def _first_label(value: Any, kind: str) -> str | None:

@@ -34,6 +34,7 @@ from backend.json_body import parse_object
 from backend.label_config import LabelConfig, ProjectConfigs, parse_label_config
 from backend.metrics import Metrics
 from backend.predictions import Predictions
+from backend.request_limits import RequestLimits
 from backend.segmenter import Segmenter
 from backend.warmup import Warmer, WarmupJob, make_encoder
 
@@ -59,7 +60,8 @@ class Backend:
     fetcher: ImageFetcher
     metrics: Metrics
     warmer: Warmer | None = None  # None when SAM_WARMUP is off
-    projects: ProjectConfigs = field(default_factory=lambda: ProjectConfigs(256, 64 * 2**20))  # /setup's configs
+    projects: ProjectConfigs = field(default_factory=lambda: ProjectConfigs(  # the label configs /setup brought
+        RequestLimits.setup_projects, RequestLimits.setup_memory_mb * 2**20))
 
     def warm_up(self, tasks: list[dict[str, Any]], label_config: LabelConfig, source: str) -> int:
         """Queue background encodes of the tasks' images; never raises, never waits for an encode."""

@@ -97,22 +97,28 @@ class LabelConfig:
 
 
 PARSED_CONFIGS = 32  # parsed label configs kept: every click of a project re-sends the same text
+CACHED_CONFIG_CHARS = 64 * 1024  # larger configs (rare, huge taxonomies) are parsed each time, not kept
 
 
 def parse_label_config(xml: str | None) -> LabelConfig:
     """Parse a ``<View>`` label config; raises LabelConfigError saying what is wrong and what to add.
 
-    Every /predict carries its project's config, so the last ``PARSED_CONFIGS`` parses are kept (a LabelConfig
-    is immutable); a config that fails is parsed again each time, which is the rare case.
+    Every /predict carries its project's config, so the last ``PARSED_CONFIGS`` parses of configs up to
+    ``CACHED_CONFIG_CHARS`` are kept (a LabelConfig is immutable), at most 2 MiB of config text; a config that
+    fails is parsed again each time, which is the rare case.
     """
     if not isinstance(xml, str) or not xml.strip():
         raise LabelConfigError("The request carries no label config; Label Studio sends it as "
                                "'label_config' in /predict and 'schema' in /setup.")
-    return _parse_cached(xml)
+    return _parse_cached(xml) if len(xml) <= CACHED_CONFIG_CHARS else _parse(xml)
 
 
 @functools.lru_cache(maxsize=PARSED_CONFIGS)
 def _parse_cached(xml: str) -> LabelConfig:
+    return _parse(xml)
+
+
+def _parse(xml: str) -> LabelConfig:
     if _FORBIDDEN.search(xml):
         raise LabelConfigError("The label config contains a DOCTYPE or ENTITY declaration; "
                                "Label Studio configs never need one and the backend refuses to parse it.")

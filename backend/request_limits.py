@@ -39,7 +39,7 @@ class RequestLimits:
     max_click_points: int = 500  # keypoints in one click (or one batch task in SAM_BATCH_MODE=points)
     max_click_objects: int = 32  # distinct labels (= objects = masks) in one click
     setup_projects: int = 256  # label configs kept from /setup (least recently used dropped)
-    setup_memory_mb: int = 64  # and at most this many MiB of them
+    setup_memory_mb: int = 16  # and at most this many MiB of them
 
     VARIABLES: ClassVar[dict[str, str]] = {
         "max_json_depth": "SAM_MAX_JSON_DEPTH",

@@ -107,7 +107,7 @@ class Reference:
 
     def embedding(self, image: SceneImage) -> Any:
         if image.path not in self._embeddings:
-            self._embeddings[image.path] = self.predictor.embed(image.pixels)
+            self._embeddings[image.path] = self.predictor.embed(image.pixels).at_stored_precision()
         return self._embeddings[image.path]
 
     def mask(self, image: SceneImage, points: list[tuple[float, float]] | None = None,

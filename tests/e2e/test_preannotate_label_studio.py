@@ -150,7 +150,7 @@ class Reference:
         return f"{self.sam.name}-{self.sam.fingerprint[:8]}"
 
     def masks(self, plan: Planned) -> list[tuple[str, np.ndarray]]:
-        embedding = self.predictor.embed(plan.image)
+        embedding = self.predictor.embed(plan.image).at_stored_precision()  # as the cache serves it
         if plan.kind == "points":
             out = []
             for label, points in plan.points.items():

@@ -218,6 +218,8 @@ def setup() -> Response:
     backend = _backend()
     body = _json_body()
     schema = body.get("schema")
+    if schema is not None and not isinstance(schema, str):
+        raise BadRequest(f"'schema' must be the label config XML as a string, got {type(schema).__name__}")
     if schema is not None:
         parse_label_config(schema)
         backend.projects.put(str(body.get("project")), schema)
@@ -243,7 +245,10 @@ def predict() -> Response:
         raise BadRequest("'tasks' must be a non-empty list of Label Studio tasks")
     backend.settings.request_limits.check_tasks(tasks)
     _check_tasks(tasks)
-    config = parse_label_config(body.get("label_config"))
+    label_config = body.get("label_config")
+    if label_config is not None and not isinstance(label_config, str):
+        raise BadRequest(f"'label_config' must be the label config XML as a string, got {type(label_config).__name__}")
+    config = parse_label_config(label_config)
     params = body.get("params") or {}
     if not isinstance(params, dict):
         raise BadRequest("'params' must be an object")

@@ -194,6 +194,9 @@ MALFORMED = {
     "a body that is not UTF-8": ("/setup", lambda: b'{"project": "\xff"}', "UTF-8"),
     "an empty body": ("/predict", lambda: b"", "empty"),
     "a task without data": ("/predict", lambda: json.dumps(batch([{"id": 1}])).encode(), "tasks[0]"),
+    "a label config that is a number": ("/predict", lambda: json.dumps({**batch([batch_task(1)]), "label_config": 5})
+                                        .encode(), "'label_config'"),
+    "a /setup schema that is a list": ("/setup", lambda: b'{"project": "4.1", "schema": ["<View/>"]}', "'schema'"),
 }
 
 

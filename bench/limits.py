@@ -12,8 +12,10 @@ Two tables, one run:
    ``sam-backend serve`` processes with a tiny model: one with the default limits, one with every limit
    raised out of reach (what the backend did before). Status, seconds and the growth of the worker's resident
    memory (/proc) per request.
+3. Boxes in chunks. 100 boxes of one batch task on a 4000x3000 image through the decoder in one call, and
+   ``BOX_CHUNK`` at a time as ``Predictions._boxes`` does: peak resident memory (a fresh process per variant).
 
-    .venv/bin/python -m bench.limits [--images 2] [--clicks 20] [--skip-vit-b]
+    .venv/bin/python -m bench.limits [--images 2] [--clicks 20] [--skip-vit-b] [--only precision|chunks|limits]
 """
 
 from __future__ import annotations
@@ -185,6 +187,54 @@ def limits_table() -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------------------
+# 3. boxes in chunks
+def boxes_peak(checkpoint: str, boxes: int, chunk: int) -> tuple[float, float]:
+    """Peak resident MiB above the embedded state and seconds for ``boxes`` boxes on a 4000x3000 image, decoded
+    ``chunk`` at a time and each chunk's masks made regions (what ``Predictions._boxes`` does)."""
+    import resource
+
+    from backend.results import mask_regions
+    from backend.segmenter import Segmenter
+    from testsupport.checkpoints import make_image
+
+    segmenter = Segmenter(checkpoint, "cpu")
+    segmenter.load()
+    image = make_image(3000, 4000, seed=3)
+    embedding = segmenter.predictor().embed(image)
+    from backend.label_config import parse_label_config
+
+    config = parse_label_config(fixture_body("setup.json")["schema"])
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 3000, (boxes, 2))
+    xyxy = np.concatenate([corners, corners + rng.uniform(100, 1000, (boxes, 2))], 1).astype(np.float32)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    started = time.monotonic()
+    regions = []
+    for start in range(0, boxes, chunk):
+        for mask in segmenter.segment_boxes(embedding, xyxy[start:start + chunk]):
+            regions.extend(mask_regions(mask.mask, "Object", mask.score, config, "brush"))
+    seconds = time.monotonic() - started
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline, seconds
+
+
+def chunk_table(boxes: int = 100) -> list[dict[str, Any]]:
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    from backend.predictions import BOX_CHUNK
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = str(make_tiny_checkpoint(Path(tmp) / "sam_tiny.pth", seed=2))
+        for chunk in (boxes, BOX_CHUNK):
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # a fresh peak per variant
+                peak, seconds = pool.submit(boxes_peak, checkpoint, boxes, chunk).result()
+            rows.append({"boxes per decoder call": chunk, "boxes": boxes, "peak RSS above the embedding": f"{peak:.0f} MiB",
+                         "seconds": f"{seconds:.1f}"})
+    return rows
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     columns = list(rows[0])
     cells = [[f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns] for row in rows]
@@ -200,17 +250,20 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--clicks", type=int, default=20)
     parser.add_argument("--skip-vit-b", action="store_true", help="the ViT-B encoder takes seconds per image")
-    parser.add_argument("--only", choices=("precision", "limits"))
+    parser.add_argument("--only", choices=("precision", "limits", "chunks"))
     args = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}, "
           f"{os.cpu_count()} CPUs")
-    if args.only != "limits":
+    if args.only in (None, "precision"):
         with tempfile.TemporaryDirectory() as tmp:
             rows = [precision_row(name, path, args.images, args.clicks)
                     for name, path in checkpoints(Path(tmp), vit_b=not args.skip_vit_b)]
         print("\nEmbedding precision (fp32 in memory vs fp16 in Redis; CPU, fp32 model, 640x480 images)")
         print_table(rows)
-    if args.only != "precision":
+    if args.only in (None, "chunks"):
+        print("\nBoxes of one batch task through the decoder (tiny model, 4000x3000 image, brush regions)")
+        print_table(chunk_table())
+    if args.only in (None, "limits"):
         print("\nRequest limits (tiny model, 320x240 image, gunicorn 1 worker x 4 threads)")
         print_table(limits_table())
     print(f"\nload average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")

@@ -26,7 +26,7 @@ from backend.limits import IMAGE_MAX_BYTES, IMAGE_MAX_PIXELS, IMAGE_TIMEOUT_S
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")  # what each means: model.runtime.DTYPES (a test keeps the two equal)
-OUTPUTS = ("auto", "brush", "polygon")
+OUTPUTS = ("auto", "brush", "bitmask", "polygon")
 BATCH_MODES = ("boxes", "points", "everything", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
@@ -93,7 +93,7 @@ class Settings:
     sam_cache_memory_mb: int | None = None  # None: sized for the device (model.runtime.default_cache_bytes)
     sam_cache_ttl_s: int = 7 * 24 * 3600
     # -- what predictions look like
-    sam_output: str = "auto"  # auto | brush | polygon
+    sam_output: str = "auto"  # auto | brush | bitmask | polygon
     sam_label_map: tuple[tuple[str, str], ...] = field(default=())
     sam_batch_mode: str = "boxes"  # boxes | points | everything | off
     sam_batch_budget_s: float = 80.0  # a batch /predict answers by then (Label Studio waits 100 s)

@@ -33,6 +33,7 @@ from backend.errors import BackendError, BadRequest, Unauthorized
 from backend.label_config import LabelConfig, parse_label_config
 from backend.metrics import Metrics
 from backend.predictions import Predictions
+from backend.refinement import Refinements
 from backend.segmenter import Segmenter
 from backend.warmup import Warmer, WarmupJob, make_encoder
 
@@ -58,6 +59,7 @@ class Backend:
     fetcher: ImageFetcher
     metrics: Metrics
     warmer: Warmer | None = None  # None when SAM_WARMUP is off
+    refinements: Refinements | None = None  # None when SAM_REFINE is off
     projects: dict[str, str] = field(default_factory=dict)  # project id -> label config seen in /setup
 
     def warm_up(self, tasks: list[dict[str, Any]], label_config: LabelConfig, source: str) -> int:
@@ -86,7 +88,9 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     if settings.sam_warmup:
         warmer = Warmer(redis_url=settings.redis_url or None, encoder=make_encoder(segmenter, fetcher),
                         on_depth=metrics.warmup_queue_depth.set)
-    backend = Backend(settings=settings, segmenter=segmenter, fetcher=fetcher, metrics=metrics, warmer=warmer)
+    refinements = Refinements(settings.sam_refine_memory_mb * 2**20) if settings.sam_refine else None
+    backend = Backend(settings=settings, segmenter=segmenter, fetcher=fetcher, metrics=metrics, warmer=warmer,
+                      refinements=refinements)
 
     app = Flask(__name__)
     app.json = _OrderedJSON(app)
@@ -248,7 +252,7 @@ def predict() -> Response:
         # Label Studio sends this when an annotator opens a task (and for "Retrieve predictions"): start
         # encoding now, so that the first click finds the embedding ready.
         backend.warm_up(tasks, config, source="open" if len(tasks) == 1 else "batch")
-    predictions = Predictions(config, backend.settings, backend.segmenter, backend.fetcher)
+    predictions = Predictions(config, backend.settings, backend.segmenter, backend.fetcher, backend.refinements)
     results = predictions.predict(tasks, regions, deadline=deadline, project=body.get("project"))
     return jsonify({"results": results, "model_version": backend.segmenter.model_version})
 

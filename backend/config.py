@@ -99,6 +99,9 @@ class Settings:
     sam_batch_budget_s: float = 80.0  # a batch /predict answers by then (Label Studio waits 100 s)
     # -- warm-up: encode task images before the first click
     sam_warmup: bool = True
+    # -- refinement: a click that extends an earlier one starts from its mask logits (backend.refinement)
+    sam_refine: bool = True
+    sam_refine_memory_mb: int = 64
 
     @property
     def label_map(self) -> dict[str, str]:
@@ -183,6 +186,8 @@ class Settings:
             sam_batch_mode=env.choice("SAM_BATCH_MODE", cls.sam_batch_mode, BATCH_MODES),
             sam_batch_budget_s=env.number("SAM_BATCH_BUDGET_S", cls.sam_batch_budget_s, positive=True),
             sam_warmup=env.flag("SAM_WARMUP", cls.sam_warmup),
+            sam_refine=env.flag("SAM_REFINE", cls.sam_refine),
+            sam_refine_memory_mb=env.integer("SAM_REFINE_MEMORY_MB", cls.sam_refine_memory_mb, minimum=1),
         )
 
 

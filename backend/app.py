@@ -30,6 +30,7 @@ from werkzeug.exceptions import HTTPException
 
 from backend.config import Settings
 from backend.errors import BackendError, BadRequest, Unauthorized
+from backend.interactive_flow import InteractiveFlow, speaks_interactive_flow
 from backend.label_config import LabelConfig, parse_label_config
 from backend.metrics import Metrics
 from backend.predictions import Predictions
@@ -248,6 +249,11 @@ def predict() -> Response:
     if context is not None and not isinstance(context, dict):
         raise BadRequest("'params.context' must be an object or null")
     regions = (context or {}).get("result")
+    if speaks_interactive_flow(context):  # the editor's newer ml-interactive flow: events, points or a box
+        flow = InteractiveFlow(Predictions(config, backend.settings, backend.segmenter, backend.fetcher,
+                                           backend.refinements),
+                               lambda opened: backend.warm_up(opened, config, source="prewarm"), backend.refinements)
+        return jsonify({"results": flow.answer(tasks, context or {}), "model_version": backend.segmenter.model_version})
     if not regions:
         # Label Studio sends this when an annotator opens a task (and for "Retrieve predictions"): start
         # encoding now, so that the first click finds the embedding ready.

@@ -166,7 +166,9 @@ class Predictions:
                 for index, (task, outcome) in enumerate(stream):
                     # Nothing to prompt with (no rectangles, no keypoints): no prediction, so that a later
                     # batch, after a detector's boxes or an annotator's clicks arrived, still does the task.
-                    outcomes.put((index, outcome if self.needs_image(task, options) else []))
+                    # A prediction without regions is no prediction either: Label Studio would store
+                    # {"result": []} as an empty model answer in the task's list (``stored_answer``).
+                    outcomes.put((index, stored_answer(outcome) if self.needs_image(task, options) else []))
             except BaseException as error:  # noqa: BLE001 - handed to the request thread, which raises it
                 outcomes.put((-1, error))
 
@@ -363,6 +365,17 @@ def predict_tasks(predictions: Predictions, tasks: Iterable[Task], options: Batc
             for _, future in pending:
                 if future is not None:
                     future.cancel()
+
+
+def stored_answer(outcome: Prediction | BackendError) -> Prediction | list[Prediction] | BackendError:
+    """A batch entry as Label Studio should store it: ``[]`` (nothing stored) for a prediction without regions.
+
+    Label Studio 1.23.2 (``ml/models.py`` ``_get_predictions_from_ml_backend``) stores every dict entry that
+    has a ``result`` key, an empty one included, and nothing for an entry that is an empty list.
+    """
+    if isinstance(outcome, dict) and not outcome["result"]:
+        return []
+    return outcome
 
 
 def project_id_of(project: object, tasks: Sequence[Task] = ()) -> int | None:

@@ -96,7 +96,10 @@ def _warm(args: argparse.Namespace) -> int:
     except BackendError as error:
         print(f"sam-backend: {error.message}", file=sys.stderr)
         return 1
-    print(f"project {args.project}: {queued} image(s) queued for warm-up")
+    if args.no_wait and not args.local:
+        print(f"project {args.project}: {queued} image(s) queued for warm-up; the encodes run in the background")
+    else:
+        print(f"project {args.project}: {queued} image(s) queued for warm-up; the warm-up queue has drained")
     return 0
 
 

@@ -34,7 +34,9 @@ def encode(mask: np.ndarray, foreground: tuple[int, int, int] = FOREGROUND_BLACK
     mask = np.asarray(mask)
     if mask.ndim != 2 or mask.shape[0] == 0 or mask.shape[1] == 0:
         raise ValueError(f"a mask must be a non-empty (H, W) array, got shape {mask.shape}")
-    image = Image.fromarray(mask.astype(bool, copy=False).astype(np.uint8), mode="L").convert("P")
+    height, width = mask.shape
+    indices = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)  # 0 / 1: palette indices, no copy
+    image = Image.frombuffer("P", (width, height), indices.tobytes(), "raw", "P", 0, 1)
     # Index 0 = background (transparent black), index 1 = foreground (opaque).
     image.putpalette([0, 0, 0, *foreground], rawmode="RGB")
     buffer = io.BytesIO()

@@ -115,3 +115,16 @@ def test_bitmask_predictions_suggestions_and_the_interactive_flow(tmp_path: Path
                           out.masks[0])
     assert flow({"event": "release"})["data"]["result"][0]["value"]["status"] == "released"
     assert without["id"] not in {p["task"] for p in label_studio.predictions(project)}
+
+
+def test_label_studio_accepts_the_readme_config(label_studio: LabelStudio) -> None:
+    """The README's ready-to-paste config (buttons with html and hint) passes Label Studio's own validation."""
+    import re
+
+    from testsupport.paths import REPO_ROOT
+
+    config = re.search(r"```xml\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.S)
+    assert config is not None
+    project = label_studio.create_project("README config", config.group(1))
+    stored = label_studio.request("GET", f"/api/projects/{project}")["label_config"]
+    assert 'html="Object · click"' in stored and 'smart="true"' in stored

@@ -21,6 +21,7 @@ from backend.app import create_app
 from backend.config import Settings
 from backend.prompts import ObjectPrompt, parse_prompts
 from backend.refinement import Refinements
+from backend.segmenter import Segmenter
 from testsupport.backend import FIXTURE_IMAGES, draw_image, fixture_body, png_bytes, running_label_studio
 from testsupport.checkpoints import small_checkpoint
 from testsupport.parity import LOGIT_ATOL, MASK_IOU, SCORE_ATOL, iou
@@ -179,3 +180,37 @@ def test_stored_logits_are_metas_low_res_logits(weights: tuple[Path, Any], serve
     stored = store.earlier(fingerprint, sha, longer)
     assert stored is not None, "the second click's answer is kept under the image's sha256"
     np.testing.assert_allclose(stored, logits[0], atol=LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_sam2_clicks_refine_like_sam2_image_predictor(tmp_path: Path, server: Any) -> None:
+    """The same through a SAM 2.1 model (a small custom configuration) against ``SAM2ImagePredictor``."""
+    from model.sam2_checkpoint import Sam2Config, load_with_config
+    from testsupport.sam2_checkpoints import SMALL, reference_predictor
+    from testsupport.sam2_checkpoints import small_checkpoint as sam2_small_checkpoint
+
+    path, reference = sam2_small_checkpoint(tmp_path, seed=3)
+    config = Sam2Config(num_heads=SMALL["num_heads"], global_att_blocks=SMALL["global_att_blocks"],
+                        window_spec=SMALL["window_spec"], image_size=SMALL["image_size"])
+    segmenter = Segmenter(path, "cpu", loader=lambda file, device: load_with_config(file, config, device=device))
+    app = create_app(Settings(sam_checkpoint=str(path), sam_device="cpu", image_timeout_s=5.0, sam_warmup=False),
+                     segmenter)
+    setup = fixture_body("setup.json")
+    setup["hostname"] = server.url
+    assert app.test_client().post("/setup", json=setup).status_code == 200
+    client = app.test_client()
+    image = draw_image(FIXTURE_IMAGES[click_body(CLICKS[:1])["tasks"][0]["data"]["image"]])
+    meta = reference_predictor(reference)
+    meta.set_image(image)
+    mask_input = None
+    for n in range(1, len(CLICKS) + 1):
+        body = click_body(CLICKS[:n])
+        (p,) = parse_prompts(body["params"]["context"]["result"], image.shape[:2])
+        masks, scores, logits = meta.predict(point_coords=p.points, point_labels=p.point_labels,
+                                             mask_input=mask_input, multimask_output=mask_input is None)
+        best = int(np.argmax(scores))
+        mask_input = logits[best][None]
+        assert 0.01 < masks[best].mean() < 0.99, f"click {n}: a trivial reference mask proves nothing"
+        mask, score = answer(client, body)
+        assert iou(mask, masks[best].astype(bool)) >= MASK_IOU, f"click {n}"
+        assert abs(score - float(scores[best])) <= SCORE_ATOL, f"click {n}: {score} vs {scores[best]}"

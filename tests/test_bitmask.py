@@ -161,3 +161,27 @@ def test_batch_boxes_answer_bitmasks(client: Any, oracle: Any) -> None:
     image = draw_image(FIXTURE_IMAGES[body["tasks"][0]["data"]["image"]])
     expected = oracle.predict_boxes(oracle.embed(image), np.array([[64.0, 36.0, 224.0, 180.0]], np.float32))
     assert np.array_equal(bitmask.decode(region["value"]["imageDataURL"]), expected.masks[0])
+
+
+def test_preannotate_per_task_step_writes_bitmasks(checkpoint: Path, oracle: Any) -> None:
+    """``sam-backend preannotate`` runs ``Predictions.predict_task``: the same builders give it bitmasks."""
+    from backend.image_fetch import ImageFetcher
+    from backend.predictions import BatchOptions, Predictions
+    from backend.segmenter import Segmenter
+
+    body = fixture_body("predict_batch_two_tasks.json")
+    task = body["tasks"][1]
+    task["annotations"] = [{"id": 3, "result": [
+        {"id": "r2", "type": "rectanglelabels", "from_name": "rect", "to_name": "image", "original_width": 320,
+         "original_height": 240, "image_rotation": 0,
+         "value": {"x": 10.0, "y": 10.0, "width": 80.0, "height": 80.0, "rotation": 0, "rectanglelabels": ["Object"]}}]}]
+    with running_label_studio() as server:
+        fetcher = ImageFetcher(label_studio_url=server.url, label_studio_token=server.legacy_token)
+        predictions = Predictions(parse_label_config(BITMASK_CONFIG), Settings(sam_device="cpu"),
+                                  Segmenter(checkpoint, "cpu"), fetcher)
+        result = predictions.predict_task(task, BatchOptions(mode="boxes"))
+    (region,) = result["result"]
+    assert region["type"] == "bitmasklabels" and region["from_name"] == "mask"
+    image = draw_image(FIXTURE_IMAGES[task["data"]["image"]])
+    expected = oracle.predict_boxes(oracle.embed(image), np.array([[32.0, 24.0, 288.0, 216.0]], np.float32))
+    assert np.array_equal(bitmask.decode(region["value"]["imageDataURL"]), expected.masks[0])

@@ -30,10 +30,12 @@ from werkzeug.exceptions import HTTPException
 
 from backend.config import Settings
 from backend.errors import BackendError, BadRequest, Unauthorized
+from backend.interactive_flow import InteractiveFlow, speaks_interactive_flow
 from backend.json_body import parse_object
 from backend.label_config import LabelConfig, ProjectConfigs, parse_label_config
 from backend.metrics import Metrics
 from backend.predictions import Predictions
+from backend.refinement import Refinements
 from backend.request_limits import RequestLimits
 from backend.segmenter import Segmenter
 from backend.warmup import Warmer, WarmupJob, make_encoder
@@ -60,6 +62,7 @@ class Backend:
     fetcher: ImageFetcher
     metrics: Metrics
     warmer: Warmer | None = None  # None when SAM_WARMUP is off
+    refinements: Refinements | None = None  # None when SAM_REFINE is off
     projects: ProjectConfigs = field(default_factory=lambda: ProjectConfigs(  # the label configs /setup brought
         RequestLimits.setup_projects, RequestLimits.setup_memory_mb * 2**20))
 
@@ -90,7 +93,9 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
         warmer = Warmer(redis_url=settings.redis_url or None, encoder=make_encoder(segmenter, fetcher),
                         on_depth=metrics.warmup_queue_depth.set)
     limits = settings.request_limits
+    refinements = Refinements(settings.sam_refine_memory_mb * 2**20) if settings.sam_refine else None
     backend = Backend(settings=settings, segmenter=segmenter, fetcher=fetcher, metrics=metrics, warmer=warmer,
+                      refinements=refinements,
                       projects=ProjectConfigs(limits.setup_projects, limits.setup_memory_mb * 2**20))
 
     app = Flask(__name__)
@@ -256,8 +261,12 @@ def predict() -> Response:
     if context is not None and not isinstance(context, dict):
         raise BadRequest("'params.context' must be an object or null")
     regions = (context or {}).get("result")
-    predictions = Predictions(config, backend.settings, backend.segmenter, backend.fetcher)
+    predictions = Predictions(config, backend.settings, backend.segmenter, backend.fetcher, backend.refinements)
     predictions.check_limits(tasks, regions)
+    if speaks_interactive_flow(context):  # the editor's newer ml-interactive flow: events, points or a box
+        flow = InteractiveFlow(predictions, lambda opened: backend.warm_up(opened, config, source="prewarm"),
+                               backend.refinements)
+        return jsonify({"results": flow.answer(tasks, context or {}), "model_version": backend.segmenter.model_version})
     if not regions:
         # Label Studio sends this when an annotator opens a task (and for "Retrieve predictions"): start
         # encoding now, so that the first click finds the embedding ready.

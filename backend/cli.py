@@ -56,12 +56,16 @@ def _fetch_checkpoint(name: str, directory: Path) -> Path | None:
     """Download an official checkpoint (or a URL) into ``directory``; None after printing why it failed."""
     import requests
 
-    from model.download import DownloadError, fetch
+    from model.download import DownloadError, fetch, manual_download_hint
 
     try:
         return fetch(name, directory)
-    except (DownloadError, ValueError, OSError, requests.RequestException) as error:
+    except ValueError as error:  # not a name or URL we know: nothing to download by hand either
         print(f"sam-backend: could not download {name}: {error}", file=sys.stderr)
+        return None
+    except (DownloadError, OSError, requests.RequestException) as error:
+        print(f"sam-backend: could not download {name}: {error}\n{manual_download_hint(name, directory)}",
+              file=sys.stderr)
         return None
 
 
@@ -96,7 +100,10 @@ def _warm(args: argparse.Namespace) -> int:
     except BackendError as error:
         print(f"sam-backend: {error.message}", file=sys.stderr)
         return 1
-    print(f"project {args.project}: {queued} image(s) queued for warm-up")
+    if args.no_wait and not args.local:
+        print(f"project {args.project}: {queued} image(s) queued for warm-up; the encodes run in the background")
+    else:
+        print(f"project {args.project}: {queued} image(s) queued for warm-up; the warm-up queue has drained")
     return 0
 
 

@@ -27,7 +27,7 @@ from backend.request_limits import RequestLimits
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")  # what each means: model.runtime.DTYPES (a test keeps the two equal)
-OUTPUTS = ("auto", "brush", "polygon")
+OUTPUTS = ("auto", "brush", "bitmask", "polygon")
 BATCH_MODES = ("boxes", "points", "everything", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
@@ -94,7 +94,7 @@ class Settings:
     sam_cache_memory_mb: int | None = None  # None: sized for the device (model.runtime.default_cache_bytes)
     sam_cache_ttl_s: int = 7 * 24 * 3600
     # -- what predictions look like
-    sam_output: str = "auto"  # auto | brush | polygon
+    sam_output: str = "auto"  # auto | brush | bitmask | polygon
     sam_label_map: tuple[tuple[str, str], ...] = field(default=())
     sam_batch_mode: str = "boxes"  # boxes | points | everything | off
     sam_batch_budget_s: float = 80.0  # a batch /predict answers by then (Label Studio waits 100 s)
@@ -119,6 +119,9 @@ class Settings:
             max_click_points=self.sam_max_click_points, max_click_objects=self.sam_max_click_objects,
             setup_projects=self.sam_setup_projects, setup_memory_mb=self.sam_setup_memory_mb,
         )
+    # -- refinement: a click that extends an earlier one starts from its mask logits (backend.refinement)
+    sam_refine: bool = True
+    sam_refine_memory_mb: int = 64
 
     @property
     def label_map(self) -> dict[str, str]:
@@ -211,6 +214,8 @@ class Settings:
             sam_max_click_objects=env.integer("SAM_MAX_CLICK_OBJECTS", cls.sam_max_click_objects, minimum=1),
             sam_setup_projects=env.integer("SAM_SETUP_PROJECTS", cls.sam_setup_projects, minimum=1),
             sam_setup_memory_mb=env.integer("SAM_SETUP_MEMORY_MB", cls.sam_setup_memory_mb, minimum=1),
+            sam_refine=env.flag("SAM_REFINE", cls.sam_refine),
+            sam_refine_memory_mb=env.integer("SAM_REFINE_MEMORY_MB", cls.sam_refine_memory_mb, minimum=1),
         )
 
 

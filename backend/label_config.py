@@ -1,7 +1,8 @@
 """The project's label config (the ``<View>`` XML) reduced to what the backend needs.
 
 Label Studio sends the config with every /setup and /predict. From it we need: the Image tag (its name and
-the task field holding the URL), the tag our masks go to (BrushLabels, else PolygonLabels) with its labels,
+the task field holding the URL), the tag our masks go to (BrushLabels, else BitmaskLabels, else PolygonLabels)
+with its labels,
 and the smart KeyPointLabels / RectangleLabels whose clicks we turn into prompts.
 
 Why so strict about the XML: the config comes over the network, so a DOCTYPE or entity declaration (the
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 from backend.errors import LabelConfigError
 
-OUTPUT_KINDS = ("BrushLabels", "PolygonLabels")
+OUTPUT_KINDS = ("BrushLabels", "BitmaskLabels", "PolygonLabels")
 SMART_KINDS = ("KeyPointLabels", "RectangleLabels")
 _KNOWN = {kind.lower(): kind for kind in (*OUTPUT_KINDS, *SMART_KINDS, "Image", "Label")}
 _FORBIDDEN = re.compile(r"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
@@ -42,7 +43,7 @@ class ImageTag:
 
 @dataclass(frozen=True)
 class ControlTag:
-    """A labels tag: BrushLabels, PolygonLabels, KeyPointLabels or RectangleLabels."""
+    """A labels tag: BrushLabels, BitmaskLabels, PolygonLabels, KeyPointLabels or RectangleLabels."""
 
     kind: str  # the tag name as Label Studio spells it, e.g. "BrushLabels"
     name: str
@@ -62,6 +63,7 @@ class LabelConfig:
     brush: ControlTag | None
     polygon: ControlTag | None
     smart_tools: tuple[ControlTag, ...]  # KeyPointLabels / RectangleLabels with smart="true"
+    bitmask: ControlTag | None = None  # BitmaskLabels: masks as PNG data URLs (backend.bitmask)
 
     @property
     def image(self) -> ImageTag:
@@ -70,21 +72,25 @@ class LabelConfig:
         return next((image for image in self.images if image.name == target), self.images[0])
 
     def output_tag(self, mode: str = "auto") -> ControlTag:
-        """The tag masks are written to, following SAM_OUTPUT (auto | brush | polygon).
+        """The tag masks are written to, following SAM_OUTPUT (auto | brush | bitmask | polygon).
 
-        auto prefers BrushLabels (a mask is exact; a polygon is an approximation of it) and falls back to
-        PolygonLabels. An explicit mode whose tag is missing is a LabelConfigError, not a silent switch.
+        auto prefers the exact masks, BrushLabels then BitmaskLabels (a polygon is an approximation of a
+        mask), and falls back to PolygonLabels. An explicit mode whose tag is missing is a LabelConfigError,
+        not a silent switch.
         """
         if mode == "auto":
-            tag = self.brush or self.polygon
+            tag = self.brush or self.bitmask or self.polygon
         elif mode == "brush":
             tag = self.brush
+        elif mode == "bitmask":
+            tag = self.bitmask
         elif mode == "polygon":
             tag = self.polygon
         else:
-            raise ValueError(f"unknown output mode {mode!r}: expected auto, brush or polygon")
+            raise ValueError(f"unknown output mode {mode!r}: expected auto, brush, bitmask or polygon")
         if tag is None:
-            wanted = {"brush": "BrushLabels", "polygon": "PolygonLabels"}.get(mode, "BrushLabels")
+            wanted = {"brush": "BrushLabels", "bitmask": "BitmaskLabels",
+                      "polygon": "PolygonLabels"}.get(mode, "BrushLabels")
             raise LabelConfigError(
                 f"SAM_OUTPUT={mode} needs a <{wanted}> tag in the label config, and there is none. "
                 f"Add one, e.g. <{wanted} name=\"{wanted.lower()[:-6]}\" toName=\"{self.images[0].name}\">"
@@ -143,11 +149,12 @@ def _parse(xml: str) -> LabelConfig:
                                "A minimal working config:\n" + EXAMPLE_CONFIG)
     brush = next((c for c in controls if c.kind == "BrushLabels"), None)
     polygon = next((c for c in controls if c.kind == "PolygonLabels"), None)
-    if brush is None and polygon is None:
-        raise LabelConfigError("The label config has no <BrushLabels> or <PolygonLabels> tag, so the masks "
-                               "have nowhere to go. Add one for the Image, e.g.:\n" + EXAMPLE_CONFIG)
+    bitmask = next((c for c in controls if c.kind == "BitmaskLabels"), None)
+    if brush is None and polygon is None and bitmask is None:
+        raise LabelConfigError("The label config has no <BrushLabels>, <BitmaskLabels> or <PolygonLabels> tag, so "
+                               "the masks have nowhere to go. Add one for the Image, e.g.:\n" + EXAMPLE_CONFIG)
     smart = tuple(c for c in controls if c.kind in SMART_KINDS and c.smart)
-    return LabelConfig(images=tuple(images), brush=brush, polygon=polygon, smart_tools=smart)
+    return LabelConfig(images=tuple(images), brush=brush, polygon=polygon, smart_tools=smart, bitmask=bitmask)
 
 
 def _attribute(element: ET.Element, name: str, strip: bool = True) -> str:

@@ -74,7 +74,8 @@ class Metrics:
             registry=self.registry,
         )
         self.warmup_queue_depth = Gauge(
-            "sam_backend_warmup_queue_depth", "Warm-up jobs waiting: the shared Redis queue plus this process's own.",
+            "sam_backend_warmup_queue_depth",
+            "Warm-up jobs not finished (waiting or running): the shared Redis queue plus this process's own.",
             registry=self.registry,
         )
         self.warmup_jobs = Counter(

@@ -37,13 +37,15 @@ import numpy as np
 from backend.config import Settings
 from backend.errors import BackendError, BadRequest, LabelConfigError
 from backend.label_config import ControlTag, LabelConfig
-from backend.prompts import KEYPOINT, RECTANGLE, parse_prompts, resolve_output_label
+from backend.prompts import KEYPOINT, RECTANGLE, ObjectPrompt, parse_prompts, resolve_output_label
 from backend.results import Prediction, Region, mask_regions, prediction
 
 if TYPE_CHECKING:
     from backend.image_decode import TaskImage
     from backend.image_fetch import ImageFetcher
-    from backend.segmenter import Segmenter
+    from backend.refinement import Refinements
+    from backend.segmenter import Mask, Segmenter
+    from model import Embedding
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +59,13 @@ BOX_CHUNK = 16
 class Predictions:
     """Predictions for one project's label config, with this process's model and image access."""
 
-    def __init__(self, config: LabelConfig, settings: Settings, segmenter: Segmenter, images: ImageFetcher) -> None:
+    def __init__(self, config: LabelConfig, settings: Settings, segmenter: Segmenter, images: ImageFetcher,
+                 refinements: Refinements | None = None) -> None:
         self.config = config
         self.settings = settings
         self.segmenter = segmenter
         self.images = images
+        self.refinements = refinements  # None: every click predicted from its prompts alone (SAM_REFINE=false)
         self.output = config.output_tag(settings.sam_output)
 
     def predict(self, tasks: Sequence[Task], regions: object, deadline: float | None = None,
@@ -114,10 +118,20 @@ class Predictions:
         embedding = self.segmenter.embed(image.decode, image.sha256)
         result: list[Region] = []
         for prompt, label in zip(prompts, labels, strict=True):
-            mask = self.segmenter.segment(embedding, prompt)
+            mask = self.segment_click(embedding, image.sha256, prompt, task.get("id"))
             result.extend(self._regions(mask.mask, label, mask.score))
         log.info("task %s: %d object(s) from %d region(s)", task.get("id"), len(prompts), len(regions))
         return prediction(result, self.version)
+
+    def segment_click(self, embedding: Embedding, image_sha256: str, prompt: ObjectPrompt, task_id: object) -> Mask:
+        """One object of a click, refined from the earlier answer its prompt extends (``backend.refinement``)."""
+        if self.refinements is None:
+            return self.segmenter.segment(embedding, prompt)
+        earlier = self.refinements.earlier(embedding.fingerprint, image_sha256, prompt)
+        mask = self.segmenter.segment(embedding, prompt, mask_input=earlier)
+        if mask.low_res_logits is not None:
+            self.refinements.remember(embedding.fingerprint, image_sha256, prompt, mask.low_res_logits, task=task_id)
+        return mask
 
     def _tool_for(self, region: dict[str, Any]) -> ControlTag:
         """The smart tool a context region came from; a region of another tag is a config mismatch."""
@@ -173,7 +187,9 @@ class Predictions:
                 for index, (task, outcome) in enumerate(stream):
                     # Nothing to prompt with (no rectangles, no keypoints): no prediction, so that a later
                     # batch, after a detector's boxes or an annotator's clicks arrived, still does the task.
-                    outcomes.put((index, outcome if self.needs_image(task, options) else []))
+                    # A prediction without regions is no prediction either: Label Studio would store
+                    # {"result": []} as an empty model answer in the task's list (``stored_answer``).
+                    outcomes.put((index, stored_answer(outcome) if self.needs_image(task, options) else []))
             except BaseException as error:  # noqa: BLE001 - handed to the request thread, which raises it
                 outcomes.put((-1, error))
 
@@ -374,6 +390,17 @@ def predict_tasks(predictions: Predictions, tasks: Iterable[Task], options: Batc
             for _, future in pending:
                 if future is not None:
                     future.cancel()
+
+
+def stored_answer(outcome: Prediction | BackendError) -> Prediction | list[Prediction] | BackendError:
+    """A batch entry as Label Studio should store it: ``[]`` (nothing stored) for a prediction without regions.
+
+    Label Studio 1.23.2 (``ml/models.py`` ``_get_predictions_from_ml_backend``) stores every dict entry that
+    has a ``result`` key, an empty one included, and nothing for an entry that is an empty list.
+    """
+    if isinstance(outcome, dict) and not outcome["result"]:
+        return []
+    return outcome
 
 
 def project_id_of(project: object, tasks: Sequence[Task] = ()) -> int | None:

@@ -8,7 +8,10 @@ job per task to where the servers will find the result:
   makes this command consume it too (it loads the model itself — useful on a GPU box next to CPU-only
   servers). The embeddings land in Redis, where every server looks first.
 - with ``--backend URL`` and no Redis: the tasks are posted to that backend's ``/webhook`` as Label
-  Studio's own ``TASKS_CREATED`` event, and that server warms its in-process cache.
+  Studio's own ``TASKS_CREATED`` event, and that server warms its in-process cache; the command then
+  follows the backend's ``sam_backend_warmup_queue_depth`` on ``/metrics`` (jobs waiting or running) until
+  it reaches 0, so it does not exit while the encodes it started still run. Without Redis each gunicorn
+  worker keeps its own queue and cache, so with WORKERS > 1 the gauge is the answering worker's.
 
 Progress bars show the listing, the queueing and (``--wait``, the default) the encoding.
 """
@@ -31,6 +34,8 @@ from backend.warmup import Warmer, WarmupJob
 log = logging.getLogger(__name__)
 
 WEBHOOK_CHUNK = 50
+BACKEND_POLL_S = 0.5
+DEPTH_METRIC = "sam_backend_warmup_queue_depth"
 
 
 class WarmError(BackendError):
@@ -55,7 +60,16 @@ def warm_project(settings: Settings, project_id: int, *, backend_url: str | None
     if settings.redis_url:
         return _warm_through_redis(settings, project, fetcher, local=local, wait=wait, progress=progress)
     assert backend_url is not None
-    return _warm_through_backend(settings, project, backend_url, progress)
+    return warm_through_backend(settings, project, backend_url, wait=wait, progress=progress)
+
+
+def warm_through_backend(settings: Settings, project: Project, backend_url: str, *, wait: bool = True,
+                         progress: bool = True) -> int:
+    """The project's tasks posted to a running backend's /webhook, then (``wait``) its warm-up followed to the end."""
+    queued = _post_to_backend(settings, project, backend_url, progress)
+    if wait:
+        _wait_for_backend(settings, backend_url, queued, progress)
+    return queued
 
 
 def _jobs(project: Project, settings: Settings) -> list[WarmupJob]:
@@ -94,9 +108,43 @@ def _wait_for_queue(warmer: Warmer, queued: int, progress: bool) -> None:
             time.sleep(0.5)
 
 
-def _warm_through_backend(settings: Settings, project: Project, backend_url: str, progress: bool) -> int:
+def _wait_for_backend(settings: Settings, backend_url: str, queued: int, progress: bool,
+                      poll_s: float = BACKEND_POLL_S) -> None:
+    """Follow the backend's unfinished warm-up jobs (``/metrics``) until none is left; WarmError if it goes away."""
+    url = backend_url.rstrip("/") + "/metrics"
+    with tqdm(total=queued, desc="encoding", unit="image", disable=not progress) as bar:
+        done = 0
+        while True:
+            left = _backend_depth(url, settings)
+            now_done = max(0, queued - left)
+            bar.update(max(0, now_done - done))
+            done = max(done, now_done)
+            if left == 0:
+                return
+            time.sleep(poll_s)
+
+
+def _backend_depth(url: str, settings: Settings) -> int:
+    try:
+        response = requests.get(url, auth=settings.basic_auth, timeout=10)
+    except requests.RequestException as error:
+        raise WarmError(f"lost the backend at {url} while its warm-up ran ({error}); the encodes it had "
+                        "queued go on there if it is still up") from None
+    if response.status_code != 200:
+        raise WarmError(f"the backend at {url} answered HTTP {response.status_code} while its warm-up ran; "
+                        "the encodes it had queued go on in the background")
+    for line in response.text.splitlines():
+        if line.startswith(DEPTH_METRIC + " "):
+            return int(float(line.split()[1]))
+    raise WarmError(f"the backend at {url} reports no {DEPTH_METRIC} (SAM_WARMUP off there?); "
+                    "cannot follow its warm-up")
+
+
+def _post_to_backend(settings: Settings, project: Project, backend_url: str, progress: bool) -> int:
+    """Post the tasks to the backend's /webhook; returns how many images it queued (its answers' ``queued``)."""
     auth = settings.basic_auth
     url = backend_url.rstrip("/") + "/webhook"
+    queued = 0
     with tqdm(total=len(project.tasks), desc="sending to backend", unit="task", disable=not progress) as bar:
         for start in range(0, len(project.tasks), WEBHOOK_CHUNK):
             chunk = project.tasks[start:start + WEBHOOK_CHUNK]
@@ -108,5 +156,8 @@ def _warm_through_backend(settings: Settings, project: Project, backend_url: str
                 raise WarmError(f"could not reach the backend at {url}: {error}") from None
             if response.status_code != 200:
                 raise WarmError(f"the backend at {url} answered HTTP {response.status_code}: {response.text[:300]}")
+            answer = response.json() if response.headers.get("Content-Type", "").startswith("application/json") else {}
+            count = answer.get("queued") if isinstance(answer, dict) else None
+            queued += count if isinstance(count, int) and not isinstance(count, bool) else len(chunk)
             bar.update(len(chunk))
-    return len(project.tasks)
+    return queued

@@ -5,8 +5,11 @@ frame (the browser decodes it into a buffer of the image's natural size), so bot
 itself, never from what the request claimed, and ``image_rotation`` is always 0: masks are computed on the
 unrotated image (see ``backend.prompts``).
 
+A bitmask region (BitmaskLabels) is a PNG data URL of the same natural size (``backend.bitmask``), black on
+transparent as Label Studio's editor writes it.
+
 Which output a project gets follows SAM_OUTPUT and its label config (``LabelConfig.output_tag``): auto
-gives BrushLabels when the config has them, else PolygonLabels.
+gives BrushLabels when the config has them, else BitmaskLabels, else PolygonLabels.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from backend import rle
+from backend import bitmask, rle
 from backend.label_config import ControlTag, LabelConfig
 
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -58,6 +61,25 @@ def brush_region(mask: np.ndarray, label: str, score: float, config: LabelConfig
     }
 
 
+def bitmask_region(mask: np.ndarray, label: str, score: float, config: LabelConfig, *,
+                   tag: ControlTag | None = None, region_id: str | None = None) -> Region:
+    """One ``bitmasklabels`` region for a (H, W) mask: the stored form of Label Studio's BitmaskLabels tag."""
+    mask = _check_mask(mask)
+    tag = tag or config.output_tag("bitmask")
+    height, width = mask.shape
+    return {
+        "id": region_id or new_region_id(),
+        "type": "bitmasklabels",
+        "from_name": tag.name,
+        "to_name": _to_name(tag, config),
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": {"imageDataURL": bitmask.encode(mask), "bitmasklabels": [label]},
+        "score": float(score),
+    }
+
+
 def polygon_regions(mask: np.ndarray, label: str, score: float, config: LabelConfig, *,
                     tag: ControlTag | None = None, **polygon_options: Any) -> list[Region]:
     """``polygonlabels`` regions for a (H, W) mask: one per connected part, points in percent, closed.
@@ -91,10 +113,12 @@ def polygon_regions(mask: np.ndarray, label: str, score: float, config: LabelCon
 
 def mask_regions(mask: np.ndarray, label: str, score: float, config: LabelConfig,
                  output: str = "auto") -> list[Region]:
-    """The regions for one mask in the form SAM_OUTPUT (auto | brush | polygon) and the config ask for."""
+    """The regions for one mask in the form SAM_OUTPUT (auto | brush | bitmask | polygon) and the config ask for."""
     tag = config.output_tag(output)
     if tag.kind == "BrushLabels":
         return [brush_region(mask, label, score, config, tag=tag)]
+    if tag.kind == "BitmaskLabels":
+        return [bitmask_region(mask, label, score, config, tag=tag)]
     return polygon_regions(mask, label, score, config, tag=tag)
 
 

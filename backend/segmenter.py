@@ -49,6 +49,7 @@ class Mask:
 
     mask: np.ndarray  # (H, W) bool
     score: float
+    low_res_logits: np.ndarray | None = None  # (h, w) float32 for a click's mask: the next click's mask_input
 
 
 class Segmenter:
@@ -203,13 +204,18 @@ class Segmenter:
 
         return self.cache.get_or_compute(predictor.sam.fingerprint, image_sha256, compute)
 
-    def segment(self, embedding: Embedding, prompt: ObjectPrompt) -> Mask:
-        """One object's mask from its prompt (original image pixels): the best of three for a lone click."""
+    def segment(self, embedding: Embedding, prompt: ObjectPrompt, mask_input: np.ndarray | None = None) -> Mask:
+        """One object's mask from its prompt (original image pixels): the best of three for a lone click.
+
+        ``mask_input``: an earlier round's low-res logits (``backend.refinement``), Meta's iterative clicks.
+        """
         predictor = self.predictor()
         with self.metrics.time_decoder():
             prediction = predictor.predict(embedding, points=prompt.point_coords, labels=prompt.point_coord_labels,
-                                           box=prompt.box, multimask=prompt.multimask, best_only=True)
-        return Mask(mask=prediction.masks[0], score=float(prediction.scores[0]))
+                                           box=prompt.box, mask_input=mask_input, multimask=prompt.multimask,
+                                           best_only=True)
+        return Mask(mask=prediction.masks[0], score=float(prediction.scores[0]),
+                    low_res_logits=prediction.low_res_logits[0])
 
     def segment_boxes(self, embedding: Embedding, boxes: np.ndarray) -> list[Mask]:
         """One mask per box (xyxy pixels, inside the image as ``backend.prompts`` made them), in one decoder call."""

@@ -211,9 +211,21 @@ class Warmer:
                 running += self._rq_queue.started_job_registry.count
         return running
 
+    def unfinished(self) -> int:
+        """Jobs queued and not finished yet (waiting or running): 0 only once the last encode is done.
+
+        This process's own jobs are counted by their pending markers, set when queued and cleared only after
+        the encode, so a job just taken off the queue is never missed."""
+        with self._lock:
+            unfinished = len(self._local_pending)
+        if self._rq_queue is not None:
+            with contextlib.suppress(Exception):
+                unfinished += self._rq_queue.count + self._rq_queue.started_job_registry.count
+        return unfinished
+
     def _report_depth(self) -> None:
         if self.on_depth is not None:
-            self.on_depth(self.depth())
+            self.on_depth(self.unfinished())
 
     # -- consuming ---------------------------------------------------------------------------------
     def start(self) -> None:

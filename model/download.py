@@ -113,6 +113,22 @@ def _verified(digest: str, expected: str | None) -> bool:
     return expected is None or digest.startswith(expected.lower())
 
 
+def manual_download_hint(name_or_url: str, dest_dir: str | os.PathLike) -> str:
+    """What to do when the download fails (no network, a proxy, a blocked host): fetch the file by hand.
+
+    Says where the file must go for the name to find it, how to check it, and that any path works with
+    ``--checkpoint PATH`` (``SAM_CHECKPOINT``)."""
+    try:
+        entry = resolve(name_or_url)
+    except ValueError:
+        return ""
+    dest = Path(dest_dir) / entry.filename
+    check = f" (its sha256 starts with {entry.sha256})" if entry.sha256 else ""
+    return (f"Download it by hand from {entry.url}{check} and put it at {dest}, where `--checkpoint "
+            f"{name_or_url}` looks for it; or keep the file anywhere and start with --checkpoint /path/to/"
+            f"{entry.filename} (SAM_CHECKPOINT=/path/to/{entry.filename}).")
+
+
 def fetch(name_or_url: str, dest_dir: str | os.PathLike, progress: bool = True, timeout: float = 30.0) -> Path:
     """The local path of a checkpoint, downloading it into ``dest_dir`` unless a verified copy is there."""
     import requests

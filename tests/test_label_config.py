@@ -76,7 +76,7 @@ def test_smart_only_counts_as_smart() -> None:
     ("<View><Image name='i' value='$i'/>", "not valid XML"),
     ("<View><BrushLabels name='b' toName='i'><Label value='A'/></BrushLabels></View>", "no <Image>"),
     ("<View><Image name='i' value='$i'/><KeyPointLabels name='k' toName='i' smart='true'/></View>",
-     "no <BrushLabels> or <PolygonLabels>"),
+     "no <BrushLabels>, <BitmaskLabels> or <PolygonLabels>"),
     ("<View><Image name='i' value='http://x/a.png'/><BrushLabels name='b' toName='i'/></View>", r"\$image"),
     ("<View><Image value='$i'/><BrushLabels name='b' toName='i'/></View>", "no name"),
     ("<View><Image name='i' value='$i'/><BrushLabels name='b'/></View>", "name or toName"),

@@ -140,7 +140,7 @@ def test_a_click_answers_a_bitmask_equal_to_the_predictors_mask(client: Any, ora
     assert (region["original_width"], region["original_height"]) == (320, 240)
     image = draw_image(FIXTURE_IMAGES[body["tasks"][0]["data"]["image"]])
     (prompt,) = parse_prompts(body["params"]["context"]["result"], image.shape[:2])
-    out = oracle.predict(oracle.embed(image), points=prompt.point_coords,
+    out = oracle.predict(oracle.embed(image).at_stored_precision(), points=prompt.point_coords,
                          labels=prompt.point_labels if len(prompt.points) else None, box=prompt.box,
                          multimask=prompt.multimask)
     expected = out.masks[int(np.argmax(out.scores))]
@@ -159,7 +159,7 @@ def test_batch_boxes_answer_bitmasks(client: Any, oracle: Any) -> None:
     assert second == [], "a task with nothing to prompt with gets no prediction"
     (region,) = first["result"]
     image = draw_image(FIXTURE_IMAGES[body["tasks"][0]["data"]["image"]])
-    expected = oracle.predict_boxes(oracle.embed(image), np.array([[64.0, 36.0, 224.0, 180.0]], np.float32))
+    expected = oracle.predict_boxes(oracle.embed(image).at_stored_precision(), np.array([[64.0, 36.0, 224.0, 180.0]], np.float32))
     assert np.array_equal(bitmask.decode(region["value"]["imageDataURL"]), expected.masks[0])
 
 
@@ -183,5 +183,5 @@ def test_preannotate_per_task_step_writes_bitmasks(checkpoint: Path, oracle: Any
     (region,) = result["result"]
     assert region["type"] == "bitmasklabels" and region["from_name"] == "mask"
     image = draw_image(FIXTURE_IMAGES[task["data"]["image"]])
-    expected = oracle.predict_boxes(oracle.embed(image), np.array([[32.0, 24.0, 288.0, 216.0]], np.float32))
+    expected = oracle.predict_boxes(oracle.embed(image).at_stored_precision(), np.array([[32.0, 24.0, 288.0, 216.0]], np.float32))
     assert np.array_equal(bitmask.decode(region["value"]["imageDataURL"]), expected.masks[0])

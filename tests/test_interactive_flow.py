@@ -113,7 +113,7 @@ def test_capabilities_as_the_editor_reads_them(client: Any) -> None:
 
 def test_points_give_the_predictors_mask_and_later_clicks_refine(client: Any, oracle: Any) -> None:
     image = the_image()
-    embedding = oracle.embed(image)
+    embedding = oracle.embed(image).at_stored_precision()
     first = first_value(client.post("/predict", json=body_with(points((160, 120, True)))))
     assert first["width"] == W and first["height"] == H
     out = oracle.predict(embedding, points=[[160, 120]], labels=[1], multimask=True, best_only=True)
@@ -127,7 +127,7 @@ def test_points_give_the_predictors_mask_and_later_clicks_refine(client: Any, or
 
 def test_a_box_gives_the_predictors_mask(client: Any, oracle: Any) -> None:
     value = first_value(client.post("/predict", json=body_with(box(60, 40, 150, 120))))
-    out = oracle.predict(oracle.embed(the_image()), box=[60, 40, 210, 160], multimask=False)
+    out = oracle.predict(oracle.embed(the_image()).at_stored_precision(), box=[60, 40, 210, 160], multimask=False)
     assert np.array_equal(bitmask.decode(value["imageDataURL"], channel="red"), out.masks[0])
 
 

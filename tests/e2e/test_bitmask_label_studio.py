@@ -82,7 +82,7 @@ def test_bitmask_predictions_suggestions_and_the_interactive_flow(tmp_path: Path
                               "rectanglelabels": ["Object"]}}]})
     ml = label_studio.add_ml_backend(project, backend.url)
     assert ml.get("state") == "CO", ml
-    embedding = predictor.embed(pixels[0])
+    embedding = predictor.embed(pixels[0]).at_stored_precision()  # as the cache serves it
 
     # Retrieve predictions: a stored BitmaskLabels region for the task with a box, nothing for the other.
     label_studio.retrieve_predictions(project)

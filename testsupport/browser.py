@@ -45,6 +45,7 @@ PROBES_JS = """
 (() => {
   if (window.__sam) return;
   const sam = window.__sam = {presses: [], drawn: {}, hooked: false};
+  performance.setResourceTimingBufferSize(100000);
   document.addEventListener('mousedown', (event) => sam.presses.push(event.timeStamp), true);
   const hook = () => {
     if (sam.hooked || !window.Konva || !window.Konva.Layer) return;
@@ -100,6 +101,13 @@ class Suggestion:
     request: dict[str, Any]   # the body of POST /api/ml/<id>/interactive-annotating
     response: dict[str, Any]  # Label Studio's answer: {"data": {"result": [...]}} or {"errors": [...]}
     click_to_drawn_ms: float  # from the mouse press to the first paint of the suggestion's mask layer
+    # The same click in parts, in ms after the press (the browser's resource timing of the request):
+    # request_start_ms (the editor's work before it asks), response_end_ms (Label Studio + backend round
+    # trip done), and the response body's size on the wire and decoded, in bytes.
+    request_start_ms: float
+    response_end_ms: float
+    response_bytes: int
+    response_decoded_bytes: int
 
 
 def launch(playwright: Any, user_data_dir: Path) -> Any:
@@ -234,7 +242,7 @@ class LabelingPage:
         new suggestion's mask to be painted."""
         with self.page.expect_response(lambda r: "/interactive-annotating" in r.url,
                                        timeout=SUGGESTION_TIMEOUT_MS) as answer:
-            presses = self.page.evaluate("() => window.__sam.presses.length")
+            presses = self.page.evaluate("() => (performance.clearResourceTimings(), window.__sam.presses.length)")
             action()
         response = answer.value
         request = json.loads(response.request.post_data or "{}")
@@ -246,8 +254,16 @@ class LabelingPage:
             " !before.includes(s.id) && s.drawn !== null);"
             " return fresh.length ? [fresh[0].drawn, window.__sam.presses[presses]] : null; }",
             arg=[sorted(before), presses], timeout=SUGGESTION_TIMEOUT_MS, polling="raf")
-        drawn, pressed = handle.json_value()
-        return Suggestion(request, body, float(drawn) - float(pressed))
+        drawn, pressed = (float(v) for v in handle.json_value())
+        entry = self.page.evaluate(
+            "() => { const e = performance.getEntriesByType('resource')"
+            ".filter((e) => e.name.includes('/interactive-annotating')).pop();"
+            " return e ? [e.startTime, e.responseEnd, e.encodedBodySize, e.decodedBodySize] : null; }")
+        if entry is None:
+            raise BrowserError("the browser kept no resource timing of the interactive-annotating request")
+        start, end, size, decoded = entry
+        return Suggestion(request, body, drawn - pressed, float(start) - pressed, float(end) - pressed,
+                          int(size), int(decoded))
 
     def suggestion_ids(self) -> set[str]:
         return {s["id"] for s in self.page.evaluate(SUGGESTIONS_JS)}

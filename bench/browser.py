@@ -73,29 +73,21 @@ def jpeg(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
-def seeded_mobile_sam(directory: Path) -> Path:
-    """A seeded MobileSAM (full vit_t architecture): smooth-mask weights where testsupport has them, else
-    plain random weights (speckled masks: responses far larger than real weights give, said in the output)."""
+def smooth_mobile_sam(directory: Path) -> Path:
+    """A seeded MobileSAM (the full vit_t architecture, so the encoder costs what MobileSAM's does) whose masks
+    are one smooth blob per click: brush RLEs of a few KB, like real weights, not random weights' speckle."""
     import torch
 
-    try:
-        from testsupport.smooth_checkpoints import make_smooth_checkpoint
-    except ImportError:
-        make_smooth_checkpoint = None
-    path = directory / ("mobile_sam_smooth.pt" if make_smooth_checkpoint else "mobile_sam_random.pt")
-    if not path.is_file():
-        log(f"making a seeded MobileSAM checkpoint at {path} ...")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            if make_smooth_checkpoint is not None:
-                make_smooth_checkpoint(path, "vit_t", seed=SEED)
-            else:
-                from testsupport.mobilesam_checkpoints import make_mobile_sam_checkpoint
+    from testsupport.smooth_checkpoints import make_smooth_checkpoint
 
-                make_mobile_sam_checkpoint(path, "vit_t", SEED)
-        finally:
-            torch.set_num_threads(threads)
+    path = directory / "mobile_sam_smooth.pt"
+    log(f"making a smooth-mask MobileSAM checkpoint at {path} ...")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        make_smooth_checkpoint(path, "vit_t", seed=SEED)
+    finally:
+        torch.set_num_threads(threads)
     return path
 
 
@@ -232,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-browser-") as tmp:
         workdir = Path(tmp)
-        checkpoint = args.checkpoint or seeded_mobile_sam(workdir)
+        checkpoint = args.checkpoint or smooth_mobile_sam(workdir)
         label_studio = LabelStudio(workdir / "label-studio")
         (workdir / "label-studio").mkdir()
         (workdir / "backend").mkdir()

@@ -32,6 +32,7 @@ LAUNCH_ARGS = (
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 )
 VIEWPORT = {"width": 1400, "height": 900}
+ACTION_TIMEOUT_MS = 60_000  # a click or a wait on the UI's state (Playwright's own default, 30 s, is tight under load)
 EDITOR_TIMEOUT_MS = 120_000  # the first editor load compiles a few MB of JavaScript on a busy 2-core machine
 SUGGESTION_TIMEOUT_MS = 120_000  # a cold click encodes the image first
 
@@ -127,6 +128,7 @@ def chromium() -> Iterator[Any]:
 
     with sync_playwright() as playwright, tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         context = launch(playwright, Path(profile))
+        context.set_default_timeout(ACTION_TIMEOUT_MS)
         try:
             yield context
         finally:

@@ -8,7 +8,9 @@ and draws it. This benchmark times that whole path where the annotator sees it, 
 mask layer (a hook on the editor's Konva ``Layer.drawScene``, see testsupport/browser.py). The browser's
 resource timing of the interactive-annotating request splits it into the editor's part before the request,
 the round trip through Label Studio and the backend, and the decode + draw after it; the backend's own
-/metrics (``sam_backend_request_seconds`` for /predict, ``sam_backend_decoder_seconds``) give its share.
+/metrics (``sam_backend_request_seconds`` for /predict, ``sam_backend_decoder_seconds``) give its share, and
+the round trip less the backend's /predict is Label Studio's (Django loading the task, relaying both ways).
+A failure keeps a screenshot, the page's HTML and its console under a folder its message names.
 
 Per image size: one task, opened in the editor (which sends the warm-up /predict), Auto-Annotation on, the
 smart keypoint tool; a first click (reported on its own: it may still wait for the image's encode), then
@@ -185,8 +187,9 @@ def stats(values: list[float | None]) -> tuple[float | None, float | None]:
 
 def table(rows: list[Row], model: str) -> str:
     header = ("| size | clicks | click→mask on screen p50 / p95 ms | editor→request p50 | request round trip p50 / p95 "
-              "| backend /predict p50 / p95 | decoder p50 | answer→drawn p50 / p95 | answer KB p50 |")
-    lines = [header, "|" + "---|" * 9]
+              "| backend /predict p50 / p95 | decoder p50 | Label Studio's share p50 | answer→drawn p50 / p95 "
+              "| answer KB p50 |")
+    lines = [header, "|" + "---|" * 10]
     for row in rows:
         for name, group in (("first", [row.first] if row.first else []), ("warm", row.warm)):
             if not group:
@@ -196,13 +199,15 @@ def table(rows: list[Row], model: str) -> str:
             trip = stats([c.response_end_ms - c.request_start_ms for c in group])
             server = stats([c.server_ms for c in group])
             decoder = stats([c.decoder_ms for c in group])
+            relay = stats([c.response_end_ms - c.request_start_ms - c.server_ms for c in group
+                           if c.server_ms is not None])
             after = stats([c.drawn_ms - c.response_end_ms for c in group])
             size_kb = stats([c.response_bytes / 1024 for c in group])
             encodes = sum(c.encodes for c in group)
             label = f"{row.size} {name}" + (f" ({encodes} encode{'s' if encodes != 1 else ''})" if encodes else "")
             lines.append(f"| {label} | {len(group)} | {fmt(drawn[0])} / {fmt(drawn[1])} | {fmt(start[0])} "
                          f"| {fmt(trip[0])} / {fmt(trip[1])} | {fmt(server[0])} / {fmt(server[1])} "
-                         f"| {fmt(decoder[0])} | {fmt(after[0])} / {fmt(after[1])} | {fmt(size_kb[0], 1)} |")
+                         f"| {fmt(decoder[0])} | {fmt(relay[0])} | {fmt(after[0])} / {fmt(after[1])} | {fmt(size_kb[0], 1)} |")
     return f"{model}\n" + "\n".join(lines)
 
 
@@ -250,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             model = f"checkpoint {checkpoint.name}"
             rows = []
             with chromium() as context:
-                ui = LabelingPage(context, label_studio.url, CONTROLS, Path.cwd() / "bench-browser-artifacts")
+                artifacts = Path(tempfile.gettempdir()) / f"bench-browser-artifacts-{os.getpid()}"  # kept: failures only
+                ui = LabelingPage(context, label_studio.url, CONTROLS, artifacts)
                 with ui.artifacts_on_failure("bench"):
                     ui.login(USERNAME, PASSWORD)
                     for size in sizes:

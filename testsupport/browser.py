@@ -267,6 +267,29 @@ class LabelingPage:
         return Suggestion(request, body, drawn - pressed, float(start) - pressed, float(end) - pressed,
                           int(size), int(decoded))
 
+    def suggestion_alpha(self, pixels: list[tuple[int, int]]) -> list[int | None]:
+        """What the screen shows of the current suggestion: the alpha of its mask layer's canvas at the centres
+        of the given image pixels (x, y), through the layer's own transform (the editor's zoom and offset);
+        None for a pixel off the canvas (the editor's zoom can leave the image's edges off screen)."""
+        return list(self.page.evaluate(
+            """(pixels) => {
+              const annotation = window.Htx.annotationStore.selected;
+              const area = Array.from(annotation.suggestions.values()).pop();
+              const image = annotation.names.get('image');
+              const layer = area.layerRef;
+              const canvas = layer.getCanvas();
+              const context = canvas.getContext()._context;
+              const ratio = canvas.getPixelRatio();
+              const transform = layer.getAbsoluteTransform();
+              return pixels.map(([x, y]) => {
+                const at = transform.point({x: (x + 0.5) / image.naturalWidth * image.stageWidth,
+                                            y: (y + 0.5) / image.naturalHeight * image.stageHeight});
+                const px = Math.floor(at.x * ratio), py = Math.floor(at.y * ratio);
+                if (px < 0 || py < 0 || px >= canvas._canvas.width || py >= canvas._canvas.height) return null;
+                return context.getImageData(px, py, 1, 1).data[3];
+              });
+            }""", [list(p) for p in pixels]))
+
     def suggestion_ids(self) -> set[str]:
         return {s["id"] for s in self.page.evaluate(SUGGESTIONS_JS)}
 

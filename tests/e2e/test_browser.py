@@ -74,6 +74,27 @@ def suggested_mask(suggestion: Suggestion, image: SceneImage) -> np.ndarray:
     return decode_brush(brushes[0], image)
 
 
+def assert_drawn(ui: LabelingPage, mask: np.ndarray, what: str, samples: int = 60) -> None:
+    """The suggestion on screen is this mask: its layer is opaque inside it and clear outside, sampled at pixels
+    a pixel away from the mask's edge (the editor scales the mask to the screen with smoothing) that are on
+    screen."""
+    padded = np.pad(mask, 1, mode="edge")
+    window = [padded[1 + dy:1 + dy + mask.shape[0], 1 + dx:1 + dx + mask.shape[1]]
+              for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    inside, outside = np.logical_and.reduce(window), ~np.logical_or.reduce(window)
+    rng = np.random.default_rng(0)
+    for region, opaque in ((inside, True), (outside, False)):
+        ys, xs = np.nonzero(region)
+        assert len(ys), f"{what}: no pixel {'inside' if opaque else 'outside'} the mask to sample"
+        pick = rng.choice(len(ys), size=min(samples, len(ys)), replace=False)
+        pixels = [(int(xs[i]), int(ys[i])) for i in pick]
+        shown = [(p, a) for p, a in zip(pixels, ui.suggestion_alpha(pixels), strict=True) if a is not None]
+        assert len(shown) >= len(pixels) // 2, f"{what}: most sampled pixels are off screen: {pixels}"
+        wrong = [p for p, a in shown if (a > 0) != opaque]
+        assert not wrong, (f"{what}: the screen shows {'no mask' if opaque else 'mask'} at image pixels {wrong[:10]} "
+                           f"({len(wrong)} of {len(shown)} sampled on screen {'inside' if opaque else 'outside'} the mask)")
+
+
 def assert_near(got: float, expected: float, tolerance: float, what: str) -> None:
     assert abs(got - expected) <= tolerance, f"{what}: {got} sent, {expected} clicked (tolerance {tolerance})"
 
@@ -124,6 +145,7 @@ def test_annotator_session_in_chromium(tmp_path: Path, label_studio: LabelStudio
             points, positive = points_of(first.request, image)
             clicked = suggested_mask(first, image)
             assert_same_mask(clicked, reference.mask(image, points=points, positive=positive), "the click")
+            assert_drawn(ui, clicked, "the click")
 
             # Alt-click: the same keypoint again plus a negative one, one refined mask.
             second = ui.click_point(0.15, 0.85, "kp", LABEL, negative=True)
@@ -133,6 +155,7 @@ def test_annotator_session_in_chromium(tmp_path: Path, label_studio: LabelStudio
             assert_near(100.0 * points[1][1] / image.height, 85.0, pixel, "Alt-click y")
             refined = reference.mask(image, points=points, positive=positive)
             assert_same_mask(suggested_mask(second, image), refined, "click + Alt-click")
+            assert_drawn(ui, refined, "click + Alt-click")
             ui.accept_suggestions()
             assert ui.regions() == ["brushregion"], ui.regions()
 
@@ -143,6 +166,7 @@ def test_annotator_session_in_chromium(tmp_path: Path, label_studio: LabelStudio
             box = box_of(third.request, image)
             boxed = reference.mask(image, box=box)
             assert_same_mask(suggested_mask(third, image), boxed, "smart rectangle")
+            assert_drawn(ui, boxed, "smart rectangle")
             ui.accept_suggestions()
             assert ui.regions() == ["brushregion", "brushregion"], ui.regions()
 

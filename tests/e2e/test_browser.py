@@ -164,6 +164,9 @@ def test_annotator_session_in_chromium(tmp_path: Path, label_studio: LabelStudio
             third = ui.drag_rectangle((0.05, 0.05), (0.3, 0.25), "rect", LABEL)
             assert [r["type"] for r in third.request["context"]["result"]] == ["rectanglelabels"], third.request
             box = box_of(third.request, image)
+            dragged = (0.05 * image.width, 0.05 * image.height, 0.3 * image.width, 0.25 * image.height)
+            for corner, (got, expected) in enumerate(zip(box, dragged, strict=True)):
+                assert_near(got, expected, 1.5, f"rectangle coordinate {corner} (px)")
             boxed = reference.mask(image, box=box)
             assert_same_mask(suggested_mask(third, image), boxed, "smart rectangle")
             assert_drawn(ui, boxed, "smart rectangle")

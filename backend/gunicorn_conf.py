@@ -38,7 +38,12 @@ wsgi_app = "backend.app:create_app()"
 bind = [f"{_settings.host}:{_settings.port}"]
 workers = _settings.workers
 threads = _settings.threads
-worker_class = "gthread"
+# gthread's process model, but requests are read whole in the event loop before a thread takes them, with a
+# deadline and a size cap (backend/http_worker.py): slow or idle clients cannot hold the request threads.
+worker_class = "backend.http_worker.BufferingWorker"
+# The hard stop on connections per worker (accepting pauses there); the worker itself keeps the ones still
+# being read to MAX_CONNECTIONS by dropping the oldest, so this only bites when as many more wait for a thread.
+worker_connections = 2 * _settings.max_connections
 timeout = _settings.timeout_s
 graceful_timeout = 30
 keepalive = 5

@@ -31,7 +31,14 @@ MAX_HEAD_BYTES = 64 * 1024
 #: A chunk-size line (hex size and extensions) longer than this is refused.
 MAX_CHUNK_LINE = 1024
 
+#: Chunked trailers (dropped: the app never sees them) longer than this are refused.
+MAX_TRAILER_BYTES = 8 * 1024
+
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+# What may precede the first space of a request line (an RFC 9110 token, the method), and a line feed that no
+# carriage return precedes: seen early, either means the rest of the head need not be waited for.
+_METHOD_PREFIX = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 @dataclass(frozen=True)
@@ -78,8 +85,8 @@ def refusal_for(error: Exception) -> Refused:
         return Refused(431, f"request headers too large ({error})")
     if isinstance(error, http_errors.UnsupportedTransferCoding):
         return Refused(501, f"unsupported transfer coding: {error}")
-    if isinstance(error, http_errors.InvalidHTTPVersion):
-        return Refused(505 if "HTTP/" in str(error) else 400, f"invalid HTTP version: {error}")
+    if isinstance(error, http_errors.InvalidHTTPVersion):  # a well-formed version (9, 9) is one not supported
+        return Refused(505 if "(" in str(error) else 400, f"invalid HTTP version: {error}")
     if isinstance(error, http_errors.ExpectationFailed):
         return Refused(417, f"expectation failed: {error}")
     if isinstance(error, http_errors.InvalidRequestMethod):
@@ -101,6 +108,7 @@ class RequestFramer:
     def reset(self, leftover: bytes) -> None:
         """Start on the next request of a kept-alive connection; ``leftover`` are bytes already received."""
         self._buf = bytearray(leftover)
+        self._scanned = self._line_end = 0  # how far the head has been scanned, where its first line ends
         self._head: bytes | None = None
         self._method = self._path = ""
         self._length: int | None = None  # Content-Length, None for a chunked body
@@ -137,15 +145,28 @@ class RequestFramer:
 
     # -- the head
     def _read_head(self) -> Outcome | None:
+        buf = self._buf
         # RFC 9112 2.2: a server SHOULD ignore at least one empty line received before the request line.
-        while self._buf.startswith(b"\r\n"):
-            del self._buf[:2]
-        end = self._buf.find(b"\r\n\r\n")
+        if buf.startswith(b"\r\n"):
+            while buf.startswith(b"\r\n"):
+                del buf[:2]
+            self._scanned = self._line_end = 0
+        # Each byte is scanned once, however the head trickles in: a slow client must not cost quadratic time.
+        scanned, self._scanned = self._scanned, len(buf)
+        start = max(0, scanned - 3)
+        if not _METHOD_PREFIX.fullmatch(bytes(buf[:64]).split(b" ", 1)[0].split(b"\r", 1)[0]):
+            hint = " (a TLS handshake on the plain HTTP port? TLS ends at a proxy)" if buf[:1] == b"\x16" else ""
+            return Refused(400, "not an HTTP/1.1 request" + hint)
+        end = buf.find(b"\r\n\r\n", start)
+        if _BARE_LF.search(buf, max(0, scanned - 1), end + 4 if end >= 0 else len(buf)):
+            return Refused(400, "bare LF as line terminator")
+        if self._line_end <= 0:
+            self._line_end = buf.find(b"\r\n", start)
         if end < 0:
             line_limit = self._cfg.limit_request_line
-            if line_limit > 0 and b"\r\n" not in self._buf and len(self._buf) > line_limit + 2:
+            if line_limit > 0 and self._line_end < 0 and len(buf) > line_limit + 2:
                 return Refused(414, f"request line over {line_limit} bytes")
-            if len(self._buf) > self._limits.max_head_bytes:
+            if len(buf) > self._limits.max_head_bytes:
                 return Refused(431, f"request head over {self._limits.max_head_bytes} bytes")
             return NeedMore()
         head = bytes(self._buf[:end + 4])
@@ -165,6 +186,11 @@ class RequestFramer:
                 return self._too_large(f"a body of {self._length} bytes")
         elif not isinstance(reader, ChunkedReader):  # requests have a length or chunks; anything else is refused
             return Refused(400, "request body without a length")
+        else:
+            codings = [v.strip(" \t").lower() for name, value in request.headers if name == "TRANSFER-ENCODING"
+                       for v in value.split(",")]
+            if codings != ["chunked"]:  # gzip / deflate would reach the app undecoded, its header gone: refuse
+                return Refused(501, f"unsupported transfer coding: {', '.join(codings)} (only chunked is)")
         self._continue_asked = any(name == "EXPECT" and value.strip().lower() == "100-continue"
                                    for name, value in request.headers)
         return None
@@ -201,7 +227,7 @@ class RequestFramer:
                         break
                     end = buf.find(b"\r\n\r\n", pos)
                     if end < 0:
-                        if len(buf) - pos > self._limits.max_head_bytes:
+                        if len(buf) - pos > MAX_TRAILER_BYTES:
                             return Refused(431, "chunked trailer too large")
                         return self._need_more()
                     pos = end + 4

@@ -77,7 +77,8 @@ def _peer(conn: Connection) -> str:
 def json_response(status: int, message: str, extra_headers: str = "") -> bytes:
     """A complete HTTP/1.1 answer with the app's error body (``{"error", "message", "status"}``); closes."""
     phrase = HTTPStatus(status).phrase
-    body = json.dumps({"error": "".join(ch for ch in phrase if ch.isalnum()), "message": message, "status": status}).encode()
+    name = "".join(ch for ch in phrase if ch.isalnum())
+    body = json.dumps({"error": name, "message": message, "status": status}).encode()
     return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"Connection: close\r\n{extra_headers}\r\n").encode("latin-1") + body
 
@@ -120,6 +121,9 @@ class BufferingWorker(ThreadWorker):
             oldest = next(iter(self.reading))
             self.evicted[_peer(oldest)] += 1
             self._forget(oldest)
+            if oldest.framer.started:
+                self._send(oldest, json_response(503, "too many connections (MAX_CONNECTIONS); retry shortly",
+                                                 "Retry-After: 5\r\n"))
             self._close(oldest)
         conn = Connection(self.cfg, sock, client, listener.getsockname(), self.limits)
         self._start_reading(conn, kept_alive=False)

@@ -9,19 +9,28 @@ and one log line for the lot.
 
 from __future__ import annotations
 
+import base64
 import socket
 import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import requests
 
-from testsupport.backend import ServerProcess, make_tiny_checkpoint, start_server
+from testsupport.backend import (
+    ServerProcess,
+    fixture_body,
+    make_tiny_checkpoint,
+    png_bytes,
+    start_server,
+)
 from testsupport.raw_http import connect, exchange, parse_responses, read_until_closed, rss_bytes, worker_pid
 
 READ_TIMEOUT_S = 2.0
 MAX_REQUEST_MB = 2
+THREADS = 2
 HEALTH_BUDGET_S = 1.0  # Label Studio's ML_TIMEOUT_HEALTH
 
 # What a slow client may have sent when it stops: part of the request line, part of the headers, part of a body.
@@ -38,8 +47,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     directory = tmp_path_factory.mktemp("slow")
     checkpoint = make_tiny_checkpoint(directory / "sam_tiny.pth", seed=5)
     try:
-        server = start_server(checkpoint, directory / "server.log", REQUEST_READ_TIMEOUT_S=str(READ_TIMEOUT_S),
-                              MAX_REQUEST_MB=str(MAX_REQUEST_MB))
+        server = start_server(checkpoint, directory / "server.log", threads=THREADS,
+                              REQUEST_READ_TIMEOUT_S=str(READ_TIMEOUT_S), MAX_REQUEST_MB=str(MAX_REQUEST_MB),
+                              SAM_BATCH_MODE="everything", SAM_WARMUP="false")
     except RuntimeError as error:
         pytest.fail(str(error))
     server.wait_loaded()
@@ -167,3 +177,36 @@ def test_an_over_cap_body_sent_anyway_does_not_grow_the_worker(server: ServerPro
     grown = rss_bytes(worker) - before
     assert grown < MAX_REQUEST_MB * 2**20 + 8 * 2**20, f"the worker grew by {grown / 2**20:.1f} MiB"
     assert server.get("/health").status_code == 200
+
+
+def _everything_body(seed: int) -> dict[str, object]:
+    """A batch /predict that keeps a request thread computing for seconds: segment everything on 1024 x 1024."""
+    image = np.full((1024, 1024, 3), 200, dtype=np.uint8)  # flat but for a square: a PNG of a few KiB
+    image[100 + seed * 50:400 + seed * 50, 300:700] = (200, 30, 30)
+    body = fixture_body("predict_batch_two_tasks.json")
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+    body["tasks"] = [dict(task, data={"image": uri}) for task in body["tasks"]]  # two tasks, the same image
+    return body
+
+
+def test_health_answers_while_every_request_thread_computes(server: ServerProcess) -> None:
+    bodies = [_everything_body(seed) for seed in range(THREADS + 1)]
+    finished: list[float] = []
+
+    def predict(body: dict[str, object]) -> None:
+        assert requests.post(server.url + "/predict", json=body, timeout=120).status_code == 200
+        finished.append(time.monotonic())
+
+    workers = [threading.Thread(target=predict, args=(body,)) for body in bodies]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.3)
+    polling = time.monotonic()
+    times = _health_times_while(server, [], 1.5)
+    for worker in workers:
+        worker.join(120)
+    assert len(finished) == len(bodies)
+    # Every request thread was computing for (at least) the first second of polling, then /health was answered
+    # on its own thread.
+    assert min(finished) > polling + 1.0, "the predictions ended too early to show anything"
+    assert max(times) < HEALTH_BUDGET_S, times

@@ -31,6 +31,7 @@ from testsupport.raw_http import connect, exchange, parse_responses, read_until_
 READ_TIMEOUT_S = 2.0
 MAX_REQUEST_MB = 2
 THREADS = 2
+MAX_CONNECTIONS = 60
 HEALTH_BUDGET_S = 1.0  # Label Studio's ML_TIMEOUT_HEALTH
 
 # What a slow client may have sent when it stops: part of the request line, part of the headers, part of a body.
@@ -49,7 +50,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     try:
         server = start_server(checkpoint, directory / "server.log", threads=THREADS,
                               REQUEST_READ_TIMEOUT_S=str(READ_TIMEOUT_S), MAX_REQUEST_MB=str(MAX_REQUEST_MB),
-                              SAM_BATCH_MODE="everything", SAM_WARMUP="false")
+                              MAX_CONNECTIONS=str(MAX_CONNECTIONS), SAM_BATCH_MODE="everything", SAM_WARMUP="false")
     except RuntimeError as error:
         pytest.fail(str(error))
     server.wait_loaded()
@@ -210,3 +211,33 @@ def test_health_answers_while_every_request_thread_computes(server: ServerProces
     # on its own thread.
     assert min(finished) > polling + 1.0, "the predictions ended too early to show anything"
     assert max(times) < HEALTH_BUDGET_S, times
+
+
+def test_connections_over_the_bound_close_the_oldest_incomplete_ones(server: ServerProcess) -> None:
+    held = []
+    for _ in range(MAX_CONNECTIONS + 5):
+        sock = connect(server.url)
+        sock.sendall(PARTIAL[1])
+        held.append(sock)
+        time.sleep(0.005)  # accepted in this order
+    assert max(_health_times_while(server, held, 0.5)) < HEALTH_BUDGET_S
+    oldest = [parse_responses(read_until_closed(sock, 3)) for sock in held[:5]]
+    assert all(len(r) == 1 and r[0].status == 503 and "MAX_CONNECTIONS" in r[0].json()["message"] for r in oldest)
+    for sock in held:
+        sock.close()
+
+
+def test_bytes_held_for_incomplete_requests_are_bounded(server: ServerProcess) -> None:
+    """Four requests of MAX_REQUEST_MB may be in memory at once; a fifth that would cross that gets 503."""
+    size = MAX_REQUEST_MB * 2**20 - 1024
+    held = []
+    for _ in range(5):
+        sock = connect(server.url)
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: b\r\nContent-Length: %d\r\n\r\n" % size + b"x" * (size - 10))
+        held.append(sock)
+        time.sleep(0.2)
+    (refused,) = parse_responses(read_until_closed(held[-1], 3))
+    assert refused.status == 503 and refused.headers["retry-after"] == "5"
+    assert server.get("/health").status_code == 200
+    for sock in held:
+        sock.close()

@@ -201,7 +201,15 @@ class BufferingWorker(ThreadWorker):
     def _refuse(self, conn: Connection, response: bytes) -> None:
         """Answer, stop writing, and read what the client still sends for DRAIN_S so that it sees the answer."""
         self._send(conn, response)
+        self._linger(conn)
+
+    def _linger(self, conn: Connection) -> None:
+        """Close after an answer without a reset (RFC 9112 9.6): half-close, drop what still comes for DRAIN_S.
+
+        gunicorn's own graceful close waits for that in the calling thread; here the loop's poller does.
+        """
         try:
+            conn.sock.setblocking(False)
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(conn)
@@ -284,7 +292,7 @@ class BufferingWorker(ThreadWorker):
         except Exception:
             keep = False
         if not keep or not self.alive:
-            self._close(conn)
+            self._linger(conn)
             return
         try:
             self._start_reading(conn, kept_alive=not conn.framer.started)

@@ -122,9 +122,10 @@ class BufferingWorker(ThreadWorker):
             self.evicted[_peer(oldest)] += 1
             self._forget(oldest)
             if oldest.framer.started:
-                self._send(oldest, json_response(503, "too many connections (MAX_CONNECTIONS); retry shortly",
-                                                 "Retry-After: 5\r\n"))
-            self._close(oldest)
+                self._refuse(oldest, json_response(503, "too many connections (MAX_CONNECTIONS); retry shortly",
+                                                   "Retry-After: 5\r\n"))
+            else:
+                self._close(oldest)
         conn = Connection(self.cfg, sock, client, listener.getsockname(), self.limits)
         self._start_reading(conn, kept_alive=False)
 

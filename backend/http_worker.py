@@ -101,8 +101,11 @@ class BufferingWorker(ThreadWorker):
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
+        # The loop frames HTTP/1.1 bytes only; TLS and HTTP/2 would hand a thread a socket to read from again.
         if cfg.is_ssl:
             raise RuntimeError("backend.http_worker serves plain HTTP: terminate TLS at a proxy in front of it")
+        if cfg.http2_cleartext != "off" or list(cfg.http_protocols) != ["h1"]:
+            raise RuntimeError("backend.http_worker serves HTTP/1.1 only: leave http2_cleartext and http_protocols")
 
     def init_process(self) -> None:
         self.light_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="health")

@@ -78,6 +78,10 @@ class Settings:
     log_level: str = "INFO"
     port: int = 9090
     host: str = "0.0.0.0"
+    # -- the HTTP server (backend/http_worker.py): what a client may hold before a thread takes its request
+    max_request_bytes: int = 20 * 2**20  # the largest request body; Label Studio's batches with drafts fit
+    request_read_timeout_s: float = 30.0  # the whole request (head and body) must arrive by then
+    max_connections: int = 1000  # per worker; the oldest still-incomplete one is dropped for a new one
     # -- the model
     sam_checkpoint: str = "vit_b"  # a path, or an official name (model.download) resolved in model_dir
     sam_device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -188,6 +192,9 @@ class Settings:
             log_level=env.choice("LOG_LEVEL", cls.log_level, LOG_LEVELS, upper=True),
             port=env.integer("PORT", cls.port, minimum=1, maximum=65535),
             host=env.text("HOST", cls.host),
+            max_request_bytes=int(env.number("MAX_REQUEST_MB", cls.max_request_bytes / 2**20, positive=True) * 2**20),
+            request_read_timeout_s=env.number("REQUEST_READ_TIMEOUT_S", cls.request_read_timeout_s, positive=True),
+            max_connections=env.integer("MAX_CONNECTIONS", cls.max_connections, minimum=10),
             sam_checkpoint=env.text("SAM_CHECKPOINT", cls.sam_checkpoint),
             sam_device=env.device("SAM_DEVICE", cls.sam_device),
             sam_dtype=env.choice("SAM_DTYPE", cls.sam_dtype, DTYPES),

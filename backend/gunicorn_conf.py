@@ -15,6 +15,11 @@ Why it looks like this:
   milliseconds while a multi-GB checkpoint is read (Label Studio gives /health 1 s and /setup 3 s,
   and marks the backend disconnected otherwise). A ``/predict`` that arrives during the load waits
   for it, bounded, then answers 503 "model is loading".
+- Requests are read whole by the worker's event loop before a thread takes them
+  (``backend.http_worker.BufferingWorker``, gthread's process model otherwise): with gthread itself, 4 clients
+  that send half a request, or 50 idle connections, held every request thread for a minute and /health
+  went unanswered. The read deadline, the body cap and the connection bound are REQUEST_READ_TIMEOUT_S,
+  MAX_REQUEST_MB and MAX_CONNECTIONS; malformed HTTP is answered as JSON there, not with gunicorn's HTML.
 - ``timeout`` is generous: on a CPU one ViT-H encode takes tens of seconds and a batch predict of many
   tasks longer. With gthread workers the timeout only fires when the worker's main loop is stuck, not
   while a request thread computes, but a small value would still kill a worker whose load is slow.
@@ -38,7 +43,12 @@ wsgi_app = "backend.app:create_app()"
 bind = [f"{_settings.host}:{_settings.port}"]
 workers = _settings.workers
 threads = _settings.threads
-worker_class = "gthread"
+# gthread's process model, but requests are read whole in the event loop before a thread takes them, with a
+# deadline and a size cap (backend/http_worker.py): slow or idle clients cannot hold the request threads.
+worker_class = "backend.http_worker.BufferingWorker"
+# The hard stop on connections per worker (accepting pauses there); the worker itself keeps the ones still
+# being read to MAX_CONNECTIONS by dropping the oldest, so this only bites when as many more wait for a thread.
+worker_connections = 2 * _settings.max_connections
 timeout = _settings.timeout_s
 graceful_timeout = 30
 keepalive = 5

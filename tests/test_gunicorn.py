@@ -83,6 +83,7 @@ def test_health_is_fast_and_the_model_loads_after_the_fork(server: ServerProcess
     assert health["model_loaded"] is True, health  # post_worker_init loaded it without any /predict
     assert health["model_version"].startswith("custom-")
     assert "backend.segmenter: model custom-" in server.log.read_text()
+    assert "Using worker: backend.http_worker.BufferingWorker" in server.log.read_text()
 
 
 @pytest.mark.parametrize("name", fixture_names("predict_interactive"))
@@ -204,8 +205,15 @@ def test_gunicorn_settings_come_from_the_backend_settings(monkeypatch: pytest.Mo
     monkeypatch.setenv("PORT", "9191")
     monkeypatch.setenv("LOG_LEVEL", "debug")
     try:
+        monkeypatch.setenv("MAX_CONNECTIONS", "50")
         conf = importlib.reload(gunicorn_conf)
         assert (conf.workers, conf.bind, conf.loglevel) == (3, ["0.0.0.0:9191"], "debug")
+        assert conf.worker_class == "backend.http_worker.BufferingWorker" and conf.worker_connections == 100
+        for name, value in (("MAX_REQUEST_MB", "0"), ("REQUEST_READ_TIMEOUT_S", "soon"), ("MAX_CONNECTIONS", "5")):
+            monkeypatch.setenv(name, value)
+            with pytest.raises(SettingsError, match=name):
+                importlib.reload(gunicorn_conf)
+            monkeypatch.delenv(name)
         monkeypatch.setenv("WORKERS", "many")
         with pytest.raises(SettingsError, match="WORKERS"):
             importlib.reload(gunicorn_conf)

@@ -162,8 +162,8 @@ def _error_response(status: int, body: dict[str, Any]) -> Response:
 
 
 def _backend_error(error: BackendError) -> Response:
-    log.warning("%s %s -> %d %s: %s", request.method, request.path, error.status, type(error).__name__,
-                error.message)
+    log.warning("%s %s -> %d %s: %s%s", request.method, request.path, error.status, type(error).__name__,
+                error.message, f" [{error.detail}]" if error.detail else "")
     return _error_response(error.status, error.to_json())
 
 

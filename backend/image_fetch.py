@@ -107,8 +107,8 @@ class ImageFetcher:
         A process that never received Label Studio's /setup (``sam-backend worker``) can fetch that way. A
         job that carries neither uses this process's client.
         """
-        if not url and not token:
-            return self.label_studio
+        if not token and (not url or url.strip().rstrip("/") == self.label_studio.url):
+            return self.label_studio  # this process's client: its token (environment or /setup) included
         return self.label_studio_clients.client(url, token)
 
     # ----------------------------------------------------------------------------------------------------

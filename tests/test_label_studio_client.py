@@ -204,14 +204,14 @@ class CachedSegmenter:
 
 
 def test_a_job_fetches_with_its_own_client_and_leaves_the_process_client_alone(ls: FakeLabelStudio) -> None:
-    """A `sam-backend worker` never gets /setup: the job's values serve that job, not the request threads."""
-    fetcher = image_fetcher()
+    """A `sam-backend worker` never gets /setup: the job names Label Studio, the token is the worker's own, and
+    the job's client serves that job, not the request threads."""
+    fetcher = image_fetcher(label_studio_token=ls.legacy_token)
     encode = make_encoder(CachedSegmenter(), fetcher)  # type: ignore[arg-type]
-    job = WarmupJob(task=task("/data/upload/4/rgb.png"), value_key="image", label_studio_url=ls.url,
-                    label_studio_token=ls.legacy_token)
+    job = WarmupJob(task=task("/data/upload/4/rgb.png"), value_key="image", label_studio_url=ls.url)
     assert encode(job) is False  # fetched (the fake cache already holds it)
     assert authorizations(ls, "/data/upload/") == [f"Token {ls.legacy_token}"]
-    assert fetcher.label_studio.url is None and fetcher.label_studio.token is None
+    assert fetcher.label_studio.url is None
     with pytest.raises(ImageError, match="set LABEL_STUDIO_URL"):
         fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
 

@@ -107,9 +107,10 @@ def run_job(payload: dict[str, Any]) -> bool:
     try:
         return _encoder(job)
     except BackendError as error:
-        # The task's image cannot be used (refused host, 404, not an image): one line, not a failed job with
-        # a traceback, since a bad import makes as many of these as it has tasks.
-        log.info("warm-up of task %s skipped: %s", job.task.get("id"), error.detail or error.message)
+        # The task's image cannot be used (refused host, 404, not an image): a debug line, not a failed job with
+        # a traceback, since a bad (or forged) import makes as many of these as it has tasks. The annotator's
+        # first click on the task reports the problem with its message.
+        log.debug("warm-up of task %s skipped: %s", job.task.get("id"), error.detail or error.message)
         return False
     finally:
         _clear_pending(job)
@@ -190,8 +191,13 @@ class Warmer:
         were queued. Never raises, and logs at most a line or two whatever the number of jobs."""
         self.start()
         jobs = [job for job in jobs if job.image_ref]
-        room = len(jobs) if self.max_queue is None else max(0, self.max_queue - self.depth())
-        queued, redis_error, failed = 0, None, 0
+        redis_error: Exception | None = None
+        if self.max_queue is None:
+            room = len(jobs)
+        else:
+            waiting, redis_error = self._depth()
+            room = max(0, self.max_queue - waiting)
+        queued, failed = 0, 0
         for job in jobs[:room]:
             try:
                 done, error = self._submit_one(job)
@@ -205,8 +211,7 @@ class Warmer:
                         redis_error, REDIS_RETRY_S)
         if len(jobs) > room:
             log.warning("warm-up queue full (%d waiting, SAM_WARMUP_MAX_QUEUE=%s): %d of %d task(s) not queued; "
-                        "they are encoded on their first click", self.max_queue - room if self.max_queue else 0,
-                        self.max_queue, len(jobs) - room, len(jobs))
+                        "they are encoded on their first click", waiting, self.max_queue, len(jobs) - room, len(jobs))
         if failed:
             log.warning("could not queue the warm-up of %d task(s)", failed)
         self._report_depth()
@@ -247,13 +252,18 @@ class Warmer:
 
     def depth(self) -> int:
         """Jobs waiting: the shared queue's length plus this process's local queue."""
+        return self._depth()[0]
+
+    def _depth(self) -> tuple[int, Exception | None]:
+        """(jobs waiting, the Redis error that left the shared queue uncounted)."""
         depth = self._local.qsize()
         if self._redis_usable() and self._rq_queue is not None:
             try:
                 depth += self._rq_queue.count
-            except Exception:
+            except Exception as error:
                 self._redis_down_until = time.monotonic() + REDIS_RETRY_S
-        return depth
+                return depth, error
+        return depth, None
 
     def running(self) -> int:
         """Jobs being encoded right now: rq's started-job registry plus this process's local consumer."""
@@ -304,7 +314,7 @@ class Warmer:
             try:
                 encoder(job)
             except BackendError as error:
-                log.info("warm-up of task %s skipped: %s", job.task.get("id"), error.detail or error.message)
+                log.debug("warm-up of task %s skipped: %s", job.task.get("id"), error.detail or error.message)
             except Exception as error:
                 log.warning("warm-up of task %s failed: %s", job.task.get("id"), error)
             finally:

@@ -128,6 +128,8 @@ class Downloader:
                         raise self._deadline_passed(display or shown) from None
                     raise request_failed(exc, shown, timeout, label_studio) from None
                 with response:
+                    if hop.fired:  # headers cut short at the deadline can look complete: never trust them
+                        raise self._deadline_passed(display or shown)
                     status = response.status_code
                     if status in (301, 302, 303, 307, 308) and "Location" in response.headers:
                         hops += 1
@@ -152,6 +154,8 @@ class Downloader:
                         if hop.fired:
                             raise self._deadline_passed(display or shown) from None
                         raise
+                    if hop.fired:  # a body without Content-Length cut at the deadline reads as a short one
+                        raise self._deadline_passed(display or shown)
                     return Downloaded(body, response.headers.get("Content-Type"))
 
     def trusts(self, url: str) -> bool:

@@ -191,6 +191,8 @@ class LabelStudioClient:
                 except requests.RequestException as exc:
                     raise request_failed(exc, url, timeout, self, hop.fired) from None
                 with response:
+                    if hop.fired:
+                        raise request_failed(requests.Timeout(), url, timeout, self, True)
                     access = self._refresh_answer(response, url)
             self._access = access
             self._access_exp = _exp(_jwt_claims(access)) or time.time() + ACCESS_TOKEN_DEFAULT_TTL_S
@@ -329,6 +331,8 @@ class LabelStudioClient:
                     content = response.content  # read inside the deadline: a dripping answer is cut
                 except requests.RequestException as exc:
                     raise request_failed(exc, url, timeout, self, hop.fired) from None
+                if hop.fired:  # an answer cut at the deadline can look complete
+                    raise request_failed(requests.Timeout(), url, timeout, self, True)
             with response:
                 status = response.status_code
                 if status == 401 and self.can_refresh() and not retried:

@@ -146,6 +146,30 @@ def test_local_root_path_traversal_is_refused(ls: FakeLabelStudio, root: Path) -
     assert ls.seen == []
 
 
+def test_local_root_symlinks_are_resolved_before_the_check(ls: FakeLabelStudio, root: Path, tmp_path: Path) -> None:
+    """A link under the root to a file (or a folder) outside it is outside; a link that stays inside is fine."""
+    import os
+
+    os.symlink(tmp_path.parent / "secret.png", root / "local" / "escape.png")
+    os.symlink(tmp_path.parent, root / "local" / "door")
+    os.symlink(root / "local" / "disk.png", root / "local" / "alias.png")
+    fetcher = legacy(ls, local_files_root=root)
+    for value in ["/data/local-files/?d=local/escape.png", "/data/local-files/?d=local/door/secret.png"]:
+        with pytest.raises(ImageError, match="outside LOCAL_FILES_ROOT"):
+            fetcher.fetch(task(value), "image")
+    assert fetcher.fetch(task("/data/local-files/?d=local/alias.png"), "image").array.shape == (8, 32, 3)
+    assert ls.seen == []
+
+
+def test_a_root_that_is_itself_a_link_still_serves_its_files(ls: FakeLabelStudio, root: Path, tmp_path: Path) -> None:
+    import os
+
+    link = tmp_path.parent / f"{tmp_path.name}-link"
+    os.symlink(root, link)
+    image = legacy(ls, local_files_root=link).fetch(task("/data/local-files/?d=local/disk.png"), "image")
+    assert image.array.shape == (8, 32, 3) and ls.seen == []
+
+
 def test_local_root_without_label_studio(root: Path) -> None:
     fetcher = image_fetcher(local_files_root=root)
     assert fetcher.fetch(task("/data/local-files/?d=local/disk.png"), "image").array.shape == (8, 32, 3)

@@ -12,10 +12,15 @@ let the client resolve it again (DNS rebinding); here the name is resolved once,
 and the socket is opened to a checked address — or to none, without a packet sent to a refused host.
 Through an HTTP(S) proxy (HTTP_PROXY / HTTPS_PROXY) the proxy resolves names: the admin's proxy is then
 trusted, and only names and IP literals are judged.
+
+Why names are resolved here, in a small pool of threads: ``getaddrinfo`` has no timeout, and a DNS server
+that does not answer would hold a request past any deadline. The lookup is waited for until the hop's
+deadline at most; a lookup that outlives it finishes in its thread and is dropped.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import heapq
 import ipaddress
@@ -35,6 +40,9 @@ import urllib3.util.connection
 from backend.urls import HostPolicy
 
 _current = threading.local()
+# Name lookups in flight at once; more wait for a free thread (within their own deadline).
+RESOLVER_THREADS = 8
+_resolver = concurrent.futures.ThreadPoolExecutor(max_workers=RESOLVER_THREADS, thread_name_prefix="resolve")
 
 
 class HostRefused(OSError):
@@ -140,16 +148,13 @@ class _GuardedConnectionMixin:
 
     def _new_conn(self) -> socket.socket:
         hop = current_hop()
-        policy = hop.policy if hop is not None else None
-        if policy is None or getattr(self, "proxy", None) is not None or self._tunnel_host:
+        if hop is None or getattr(self, "proxy", None) is not None or self._tunnel_host:
             return super()._new_conn()  # type: ignore[misc]
+        policy = hop.policy
         host = self.host.strip("[]")
-        try:
-            infos = socket.getaddrinfo(host, self.port, type=socket.SOCK_STREAM)
-        except socket.gaierror as error:
-            raise urllib3.exceptions.NameResolutionError(self.host, self, error) from error  # type: ignore[arg-type]
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        allowed = [a for a in addresses if policy.admits(ipaddress.ip_address(a.split("%")[0]), self.port)]
+        addresses = self._resolve(host, hop.deadline)
+        allowed = [a for a in addresses
+                   if policy is None or policy.admits(ipaddress.ip_address(a.split("%")[0]), self.port)]
         if not addresses or len(allowed) != len(addresses):
             # Every address must pass: a name that also points inside the network is refused as a whole.
             refused = HostRefused(host, self.port, addresses)
@@ -168,6 +173,24 @@ class _GuardedConnectionMixin:
             except OSError as error:
                 last = error
         raise urllib3.exceptions.NewConnectionError(self, f"Failed to establish a new connection: {last}")  # type: ignore[arg-type]
+
+    def _resolve(self, host: str, deadline: float) -> list[str]:
+        """The addresses of ``host``, looked up within ``deadline`` (an IP literal is its own address)."""
+        try:
+            ipaddress.ip_address(host.split("%")[0])
+            return [host]
+        except ValueError:
+            pass
+        lookup = _resolver.submit(socket.getaddrinfo, host, self.port, type=socket.SOCK_STREAM)
+        try:
+            infos = lookup.result(timeout=max(0.0, deadline - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            lookup.cancel()
+            raise urllib3.exceptions.ConnectTimeoutError(
+                self, f"Looking up {host} took longer than the download limit") from None
+        except socket.gaierror as error:
+            raise urllib3.exceptions.NameResolutionError(self.host, self, error) from error  # type: ignore[arg-type]
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 class _HTTPConnection(_GuardedConnectionMixin, urllib3.connection.HTTPConnection):

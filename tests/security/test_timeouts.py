@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -34,6 +35,22 @@ def test_a_host_dripping_its_headers_is_cut_at_the_deadline(label_studio: Any, e
     started = time.monotonic()
     with pytest.raises(ImageAccessError, match="Timed out after 1.0 s"):
         fetcher.fetch(task(f"{label_studio.cloud.url}/drip?every={every}"), "image")
+    assert time.monotonic() - started < 1.8
+
+
+def test_a_name_lookup_that_hangs_is_cut_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """getaddrinfo has no timeout of its own; a resolver that never answers is stood in for by one that sleeps."""
+    real = socket.getaddrinfo
+
+    def hanging(host: str, *args: Any, **kwargs: Any) -> Any:
+        if host == "hanging-dns.example":
+            time.sleep(5)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    started = time.monotonic()
+    with pytest.raises(ImageAccessError, match="Timed out"):
+        image_fetcher(timeout_s=1.0, image_hosts="*").fetch(task("http://hanging-dns.example/x.png"), "image")
     assert time.monotonic() - started < 1.8
 
 

@@ -103,10 +103,13 @@ def test_a_stalled_redis_leaves_task_opens_and_webhooks_answering(server: Server
         again, again_s = timed(server, "/predict", open_body("/data/upload/4/other.png", task_id=3))
     finally:
         os.kill(own_redis.process.pid, signal.SIGCONT)
-    assert opened.status_code == 200 and open_s < 2.5, (opened.status_code, open_s)
-    assert webhook.status_code == 200 and webhook_s < 2.5, (webhook.status_code, webhook_s)
-    assert again.status_code == 200 and again_s < 1.5, (again.status_code, again_s)
+    timings = f"open {open_s:.2f} s, webhook {webhook_s:.2f} s, again {again_s:.2f} s"
+    # One Redis timeout (1 s) at most per request, and none while Redis is known to be down; the rest of the
+    # allowance is for a loaded machine.
+    assert opened.status_code == 200 and open_s < 3.0, timings
+    assert webhook.status_code == 200 and webhook_s < 3.0, timings
+    assert again.status_code == 200 and again_s < 2.0, timings
     assert health.status_code == 200
     log = server.log.read_text(errors="replace")[len(log_before):]
-    assert log.count("Redis queue unavailable") == 1, log
+    assert log.count("Redis queue unavailable") == 1, f"{timings}\n{log}"
     assert "Traceback" not in log, log

@@ -70,10 +70,11 @@ class Backend:
         """Queue background encodes of the tasks' images; never raises, never waits for an encode."""
         if self.warmer is None:
             return 0
-        # The Label Studio in effect here (environment, else /setup), so a worker that never saw /setup can fetch.
-        url, token = self.fetcher.label_studio.url, self.fetcher.label_studio.token
-        jobs = [WarmupJob(task=task, value_key=label_config.image.value_key, label_studio_url=url,
-                          label_studio_token=token) for task in tasks if isinstance(task, dict)]
+        # The Label Studio in effect here (environment, else /setup), so a worker that never saw /setup can find
+        # it; never the token, which jobs do not carry (backend.warmup).
+        url = self.fetcher.label_studio.url
+        jobs = [WarmupJob(task=task, value_key=label_config.image.value_key, label_studio_url=url)
+                for task in tasks if isinstance(task, dict)]
         queued = self.warmer.submit(jobs)
         if queued:
             self.metrics.warmup_jobs.labels(source=source).inc(queued)
@@ -91,7 +92,7 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
     warmer = None
     if settings.sam_warmup:
         warmer = Warmer(redis_url=settings.redis_url or None, encoder=make_encoder(segmenter, fetcher),
-                        on_depth=metrics.warmup_queue_depth.set)
+                        on_depth=metrics.warmup_queue_depth.set, max_queue=settings.sam_warmup_max_queue)
     limits = settings.request_limits
     refinements = Refinements(settings.sam_refine_memory_mb * 2**20) if settings.sam_refine else None
     backend = Backend(settings=settings, segmenter=segmenter, fetcher=fetcher, metrics=metrics, warmer=warmer,
@@ -172,8 +173,8 @@ def _error_response(status: int, body: dict[str, Any]) -> Response:
 
 
 def _backend_error(error: BackendError) -> Response:
-    log.warning("%s %s -> %d %s: %s", request.method, request.path, error.status, type(error).__name__,
-                error.message)
+    log.warning("%s %s -> %d %s: %s%s", request.method, request.path, error.status, type(error).__name__,
+                error.message, f" [{error.detail}]" if error.detail else "")
     return _error_response(error.status, error.to_json())
 
 

@@ -93,6 +93,7 @@ class Settings:
     image_timeout_s: float = IMAGE_TIMEOUT_S
     image_max_bytes: int = IMAGE_MAX_BYTES
     image_max_pixels: int = IMAGE_MAX_PIXELS
+    sam_image_hosts: str = "public"  # hosts images may come from besides Label Studio (backend.urls.HostPolicy)
     # -- embedding cache
     redis_url: str = ""  # empty: no Redis, memory cache only
     sam_cache_memory_mb: int | None = None  # None: sized for the device (model.runtime.default_cache_bytes)
@@ -104,6 +105,7 @@ class Settings:
     sam_batch_budget_s: float = 80.0  # a batch /predict answers by then (Label Studio waits 100 s)
     # -- warm-up: encode task images before the first click
     sam_warmup: bool = True
+    sam_warmup_max_queue: int = 1000  # warm-ups waiting at most; more tasks are encoded on their first click
     # -- what one request may cost (backend.request_limits, which says why these defaults): a 413 above each
     sam_max_json_depth: int = RequestLimits.max_json_depth
     sam_max_tasks: int = RequestLimits.max_tasks
@@ -204,6 +206,7 @@ class Settings:
             image_timeout_s=env.number("IMAGE_TIMEOUT_S", cls.image_timeout_s, positive=True),
             image_max_bytes=int(env.number("IMAGE_MAX_MB", cls.image_max_bytes / 2**20, positive=True) * 2**20),
             image_max_pixels=env.integer("IMAGE_MAX_PIXELS", cls.image_max_pixels, minimum=1),
+            sam_image_hosts=env.image_hosts("SAM_IMAGE_HOSTS", cls.sam_image_hosts),
             redis_url=env.redis_url("REDIS_URL"),
             sam_cache_memory_mb=None if env.text("SAM_CACHE_MEMORY_MB").lower() in ("", "auto")
             else env.integer("SAM_CACHE_MEMORY_MB", 0, minimum=0),
@@ -213,6 +216,7 @@ class Settings:
             sam_batch_mode=env.choice("SAM_BATCH_MODE", cls.sam_batch_mode, BATCH_MODES),
             sam_batch_budget_s=env.number("SAM_BATCH_BUDGET_S", cls.sam_batch_budget_s, positive=True),
             sam_warmup=env.flag("SAM_WARMUP", cls.sam_warmup),
+            sam_warmup_max_queue=env.integer("SAM_WARMUP_MAX_QUEUE", cls.sam_warmup_max_queue, minimum=1),
             sam_max_json_depth=env.integer("SAM_MAX_JSON_DEPTH", cls.sam_max_json_depth, minimum=8),
             sam_max_tasks=env.integer("SAM_MAX_TASKS", cls.sam_max_tasks, minimum=1),
             sam_max_boxes_per_task=env.integer("SAM_MAX_BOXES_PER_TASK", cls.sam_max_boxes_per_task, minimum=1),
@@ -315,6 +319,16 @@ class _Env:
             raise SettingsError(name, raw, "expected a URL starting with http:// or https://, "
                                            "e.g. http://label-studio:8080")
         return raw.rstrip("/")
+
+    def image_hosts(self, name: str, default: str) -> str:
+        raw = self.text(name, default)
+        from backend.urls import HostPolicy  # light (stdlib and urllib3), imported where it is needed
+
+        try:
+            HostPolicy.parse(raw)
+        except ValueError as error:
+            raise SettingsError(name, raw, f"{error}; e.g. 'public, minio:9000, *.corp.example, 10.0.0.0/8'") from None
+        return raw
 
     def redis_url(self, name: str) -> str:
         raw = self.text(name)

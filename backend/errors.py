@@ -14,9 +14,11 @@ class BackendError(Exception):
 
     status: int = 500
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, *, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        # For the log line only, never the answer: what the caller must not learn (which ports are open).
+        self.detail = detail
         if status is not None:
             self.status = status
 

@@ -23,6 +23,8 @@ import requests
 import urllib3.exceptions
 
 from backend.errors import ImageAccessError, ImageError
+from backend.guarded_http import GuardedSession
+from backend.urls import DEFAULT_IMAGE_HOSTS, HostPolicy, UnsafeUrl, Url, parse_url
 
 if TYPE_CHECKING:
     from backend.label_studio import LabelStudioClient
@@ -49,17 +51,13 @@ def url_scheme(value: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
-def origin(url: str) -> tuple[str, str, int | None]:
-    """(scheme, host, port) with the default port filled in: the unit the token is scoped to."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
+def origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) with the default port filled in, as the HTTP client will connect: the unit the
+    token is scoped to. None for a URL ``backend.urls.parse_url`` refuses (it never gets the token)."""
     try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if port is None:
-        port = {"http": 80, "https": 443}.get(scheme)
-    return scheme, (parts.hostname or "").lower(), port
+        return parse_url(url).origin
+    except UnsafeUrl:
+        return None
 
 
 def redact(url: str, keep_query: bool = True) -> str:
@@ -86,15 +84,14 @@ class Downloader:
     retry (a retry would restart the clock the deadline promises).
     """
 
-    def __init__(self, timeout_s: float, max_bytes: int) -> None:
+    def __init__(self, timeout_s: float, max_bytes: int, hosts: HostPolicy | str = DEFAULT_IMAGE_HOSTS) -> None:
         self.timeout_s = float(timeout_s)
         self.max_bytes = int(max_bytes)
+        self.hosts = hosts if isinstance(hosts, HostPolicy) else HostPolicy.parse(hosts)
         self.session = requests.Session()
         self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         self.session.headers["User-Agent"] = USER_AGENT
-        adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=32, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.guard = GuardedSession(self.session)
 
     def close(self) -> None:
         self.session.close()
@@ -114,34 +111,83 @@ class Downloader:
         retried = False
         hops = 0
         while True:
-            to_label_studio = label_studio.is_label_studio(url)
+            target = parse_url(url)  # UnsafeUrl (422) at any hop: parsers that disagree never get a request
+            to_label_studio = label_studio.origin == target.origin
             shown = redact(url, keep_query=not signed)
+            policy = self._policy(target, to_label_studio, display or shown)
             headers = label_studio.headers(deadline) if to_label_studio else {}
             timeout = remaining(deadline, display or shown)
-            try:
-                response = self.session.get(url, headers=headers, stream=True, allow_redirects=False,
-                                            timeout=timeout)
-            except requests.RequestException as exc:
-                raise request_failed(exc, shown, timeout, label_studio) from None
-            with response:
-                status = response.status_code
-                if status in (301, 302, 303, 307, 308) and "Location" in response.headers:
-                    hops += 1
-                    if hops > MAX_REDIRECTS:
-                        raise ImageAccessError(f"Too many redirects downloading {display or shown}.")
-                    next_url = urljoin(url, response.headers["Location"])
-                    # A redirect from Label Studio to another host is a signed URL: keep its query out of messages.
-                    signed = signed or (to_label_studio and not label_studio.is_label_studio(next_url))
-                    url = next_url
-                    continue
-                if status == 401 and to_label_studio and label_studio.can_refresh() and not retried:
-                    label_studio.forget_access_token(headers.get("Authorization", ""))
-                    retried = True
-                    continue
-                if status != 200:
-                    raise _status_error(status, shown, label_studio, signed)
-                body = self._read_body(response, display or shown, deadline, timeout)
-                return Downloaded(body, response.headers.get("Content-Type"))
+            with self.guard.hop(deadline, policy) as hop:
+                try:
+                    response = self.session.get(url, headers=headers, stream=True, allow_redirects=False,
+                                                timeout=timeout)
+                except requests.RequestException as exc:
+                    if hop.refused is not None:
+                        raise self._refused(target, display or shown, hop.refused.addresses) from None
+                    if hop.fired:
+                        raise self._deadline_passed(display or shown) from None
+                    raise request_failed(exc, shown, timeout, label_studio) from None
+                with response:
+                    if hop.fired:  # headers cut short at the deadline can look complete: never trust them
+                        raise self._deadline_passed(display or shown)
+                    status = response.status_code
+                    if status in (301, 302, 303, 307, 308) and "Location" in response.headers:
+                        hops += 1
+                        if hops > MAX_REDIRECTS:
+                            raise ImageAccessError(f"Too many redirects downloading {display or shown}.")
+                        next_url = urljoin(url, response.headers["Location"])
+                        # A redirect from Label Studio to another host is a signed URL: keep its query out of
+                        # messages. The next hop is parsed and checked afresh: the token goes only where the
+                        # client itself will connect, and only to Label Studio's origin.
+                        signed = signed or (to_label_studio and not label_studio.is_label_studio(next_url))
+                        url = next_url
+                        continue
+                    if status == 401 and to_label_studio and label_studio.can_refresh() and not retried:
+                        label_studio.forget_access_token(headers.get("Authorization", ""))
+                        retried = True
+                        continue
+                    if status != 200:
+                        raise _status_error(status, shown, label_studio, signed)
+                    try:
+                        body = self._read_body(response, display or shown, deadline, timeout)
+                    except ImageAccessError:
+                        if hop.fired:
+                            raise self._deadline_passed(display or shown) from None
+                        raise
+                    if hop.fired:  # a body without Content-Length cut at the deadline reads as a short one
+                        raise self._deadline_passed(display or shown)
+                    return Downloaded(body, response.headers.get("Content-Type"))
+
+    def trusts(self, url: str) -> bool:
+        """Whether ``url``'s host is one the admin named in SAM_IMAGE_HOSTS (not merely admitted as public)."""
+        try:
+            return self.hosts.trusts(parse_url(url))
+        except UnsafeUrl:
+            return False
+
+    def _policy(self, target: Url, to_label_studio: bool, shown: str) -> HostPolicy | None:
+        """The allow-list the connection's addresses must pass, None when the host is trusted by name."""
+        if to_label_studio or self.hosts.trusts(target):
+            return None
+        ip = target.ip
+        if ip is not None and not self.hosts.admits(ip, target.port):
+            raise self._refused(target, shown, [str(ip)])
+        return self.hosts
+
+    def _refused(self, target: Url, shown: str, addresses: list[str]) -> ImageError:
+        where = target.host if target.ip is not None else f"{target.host} ({', '.join(addresses)})"
+        host = f"[{target.host}]" if ":" in target.host else target.host
+        return ImageError(
+            f"The image host of {shown} is not allowed: {where} is not a public address and not in "
+            f"SAM_IMAGE_HOSTS ({self.hosts.text or 'empty'}). If the backend should read images from it, add "
+            f"'{host}' (or '{host}:{target.port}') to SAM_IMAGE_HOSTS."
+        )
+
+    def _deadline_passed(self, shown: str) -> ImageAccessError:
+        return ImageAccessError(
+            f"Timed out after {self.timeout_s:.1f} s downloading {shown}: it arrives too slowly. Raise the "
+            "download limit (IMAGE_TIMEOUT_S) or serve the image closer to the backend."
+        )
 
     def _read_body(self, response: requests.Response, shown: str, deadline: float, timeout: float) -> bytes:
         """The body, streamed: refused past ``max_bytes`` or past the deadline, whatever the server claims.
@@ -206,10 +252,13 @@ def _timed_out(url: str, timeout: float, what: str) -> ImageAccessError:
 
 
 def request_failed(exc: requests.RequestException, url: str, timeout: float,
-                   label_studio: LabelStudioClient) -> ImageError:
-    """Translate a requests exception into a message about the URL, not about the code."""
+                   label_studio: LabelStudioClient, deadline_passed: bool = False) -> ImageError:
+    """Translate a requests exception into a message about the URL, not about the code.
+
+    ``deadline_passed``: the watchdog cut the connection at the deadline (whatever the exception says).
+    """
     host = urlsplit(url).hostname or ""
-    if _is_timeout(exc):
+    if deadline_passed or _is_timeout(exc):
         return _timed_out(url, timeout, "the host did not answer in time")
     if isinstance(exc, requests.exceptions.SSLError):
         return ImageAccessError(f"TLS error connecting to {url}: {exc}. Check the certificate of {host}.")

@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlsplit
 
 from backend.errors import ImageError
-from backend.http_download import Downloader, redact, too_big, url_scheme
+from backend.http_download import Downloaded, Downloader, redact, too_big, url_scheme
 from backend.image_decode import TaskImage
 from backend.label_studio import LabelStudioClient, LabelStudioClients
 from backend.limits import IMAGE_MAX_BYTES, IMAGE_MAX_PIXELS, IMAGE_TIMEOUT_S
+from backend.urls import DEFAULT_IMAGE_HOSTS, HostPolicy, UnsafeUrl
 
 if TYPE_CHECKING:
     from backend.config import Settings
@@ -59,14 +60,15 @@ class ImageFetcher:
         timeout_s: float = IMAGE_TIMEOUT_S,
         max_bytes: int = IMAGE_MAX_BYTES,
         max_pixels: int = IMAGE_MAX_PIXELS,
+        image_hosts: HostPolicy | str = DEFAULT_IMAGE_HOSTS,
     ) -> None:
         if timeout_s <= 0 or max_bytes <= 0 or max_pixels <= 0:
             raise ValueError("timeout_s, max_bytes and max_pixels must be positive")
-        self.http = Downloader(timeout_s, max_bytes)
+        self.http = Downloader(timeout_s, max_bytes, image_hosts)
         self.label_studio_clients = LabelStudioClients(label_studio_url, label_studio_token, self.http)
         self.root: Path | None = None
         if local_files_root:
-            root = Path(os.path.abspath(local_files_root))
+            root = Path(os.path.realpath(local_files_root))
             if root == Path(root.anchor):
                 raise ValueError("LOCAL_FILES_ROOT must not be the file system root: it would expose every file")
             self.root = root
@@ -85,6 +87,7 @@ class ImageFetcher:
             timeout_s=settings.image_timeout_s,
             max_bytes=settings.image_max_bytes,
             max_pixels=settings.image_max_pixels,
+            image_hosts=settings.sam_image_hosts,
         )
 
     def close(self) -> None:
@@ -104,8 +107,8 @@ class ImageFetcher:
         A process that never received Label Studio's /setup (``sam-backend worker``) can fetch that way. A
         job that carries neither uses this process's client.
         """
-        if not url and not token:
-            return self.label_studio
+        if not token and (not url or url.strip().rstrip("/") == self.label_studio.url):
+            return self.label_studio  # this process's client: its token (environment or /setup) included
         return self.label_studio_clients.client(url, token)
 
     # ----------------------------------------------------------------------------------------------------
@@ -121,6 +124,7 @@ class ImageFetcher:
         deadline = self.http.deadline()
         scheme = url_scheme(value)
         content_type = None
+        untrusted = False  # a URL the task names on a host the admin did not name: failures all read alike
         if value[:5].lower() == "data:":
             data = _decode_data_uri(value, self.max_bytes)
             source = f"{value.partition(',')[0]},... ({len(data)} bytes)"
@@ -134,7 +138,8 @@ class ImageFetcher:
             if local is not None:
                 data = self._read_file(local, source)
             else:
-                data, content_type = self.http.get(value, ls, deadline)
+                untrusted = not ls.is_label_studio(value) and not self.http.trusts(value)
+                data, content_type = self._download(value, ls, deadline, untrusted, source)
         elif scheme is not None:
             raise ImageError(
                 f"The task image '{redact(value)}' uses the scheme '{scheme}://', which the backend cannot "
@@ -160,8 +165,23 @@ class ImageFetcher:
             )
         image = TaskImage(data=data, sha256=hashlib.sha256(data).hexdigest(), source=source,
                           content_type=content_type, max_pixels=self.max_pixels)
-        image.size  # noqa: B018 - reads the header: a file that is not an image fails here, not on first use
+        try:
+            image.size  # noqa: B018 - reads the header: a file that is not an image fails here, not on first use
+        except ImageError as error:
+            raise (_unusable(source, error) if untrusted else error) from None
         return image
+
+    def _download(self, url: str, ls: LabelStudioClient, deadline: float, untrusted: bool,
+                  source: str) -> Downloaded:
+        """``Downloader.get``; for an untrusted host every failure but a malformed URL gets one message."""
+        try:
+            return self.http.get(url, ls, deadline)
+        except UnsafeUrl:
+            raise
+        except ImageError as error:
+            if untrusted:
+                raise _unusable(source, error) from None
+            raise
 
     @staticmethod
     def _image_reference(task: dict[str, Any], value_key: str) -> str:
@@ -207,7 +227,10 @@ class ImageFetcher:
         else:
             return None
         for candidate in candidates:
-            full = Path(os.path.abspath(os.path.join(self.root, candidate.lstrip("/"))))
+            if "\0" in candidate:
+                raise ImageError(f"The task image path {relative!r} is not a file name.")
+            # realpath resolves symbolic links first: a link under the root that points elsewhere is outside it.
+            full = Path(os.path.realpath(os.path.join(self.root, candidate.lstrip("/"))))
             if os.path.commonpath([full, self.root]) != str(self.root):
                 raise ImageError(f"The task image path {relative!r} points outside LOCAL_FILES_ROOT.")
             if full.is_file():
@@ -222,6 +245,17 @@ class ImageFetcher:
             return path.read_bytes()
         except OSError as exc:
             raise ImageError(f"The image {source} could not be read from {path}: {exc.strerror}.") from None
+
+
+def _unusable(source: str, error: ImageError) -> ImageError:
+    """One message for every way an untrusted host can fail, so that anonymous callers cannot tell a closed
+    port from a refused host or a page that is not an image; the reason goes to the log line only."""
+    return ImageError(
+        f"The image {source} could not be used: its host is not among the allowed image hosts (SAM_IMAGE_HOSTS), "
+        "could not be reached in time, answered with an error, or did not send an image. The backend's log "
+        "names the reason: fix the URL, or have the backend's admin allow the host in SAM_IMAGE_HOSTS.",
+        detail=error.message,
+    )
 
 
 def _decode_data_uri(value: str, max_bytes: int) -> bytes:

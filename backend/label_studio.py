@@ -127,10 +127,10 @@ class LabelStudioClient:
                 "where Label Studio is: set LABEL_STUDIO_URL (e.g. http://label-studio:8080) and LABEL_STUDIO_API_KEY "
                 "in the backend's environment."
             )
-        if url_scheme(self.url) is None or origin(self.url)[0] not in ("http", "https"):
+        if url_scheme(self.url) is None or origin(self.url) is None:
             raise ImageError(
-                f"The Label Studio URL '{self.url}' (from {self.url_source}) must start with http:// or "
-                "https://, e.g. http://label-studio:8080."
+                f"The Label Studio URL '{self.url}' (from {self.url_source}) must be a plain http:// or "
+                "https:// URL with a host and an optional port, e.g. http://label-studio:8080."
             )
         return self.url
 
@@ -184,13 +184,16 @@ class LabelStudioClient:
                 )
             url = f"{self.base_url('/api/token/refresh/')}/api/token/refresh/"
             timeout = remaining(deadline, url)
-            try:
-                response = self.http.session.post(url, json={"refresh": self.token}, timeout=timeout,
-                                                  allow_redirects=False)
-            except requests.RequestException as exc:
-                raise request_failed(exc, url, timeout, self) from None
-            with response:
-                access = self._refresh_answer(response, url)
+            with self.http.guard.hop(deadline) as hop:
+                try:
+                    response = self.http.session.post(url, json={"refresh": self.token}, timeout=timeout,
+                                                      allow_redirects=False)
+                except requests.RequestException as exc:
+                    raise request_failed(exc, url, timeout, self, hop.fired) from None
+                with response:
+                    if hop.fired:
+                        raise request_failed(requests.Timeout(), url, timeout, self, True)
+                    access = self._refresh_answer(response, url)
             self._access = access
             self._access_exp = _exp(_jwt_claims(access)) or time.time() + ACCESS_TOKEN_DEFAULT_TTL_S
             log.info("exchanged the personal access token for an access token at %s", url)
@@ -321,11 +324,15 @@ class LabelStudioClient:
         while True:
             headers = self.headers(deadline)
             timeout = remaining(deadline, url)
-            try:
-                response = self.http.session.request(method, url, json=body, headers=headers, timeout=timeout,
-                                                     allow_redirects=False)
-            except requests.RequestException as exc:
-                raise request_failed(exc, url, timeout, self) from None
+            with self.http.guard.hop(deadline) as hop:
+                try:
+                    response = self.http.session.request(method, url, json=body, headers=headers,
+                                                         timeout=timeout, allow_redirects=False)
+                    content = response.content  # read inside the deadline: a dripping answer is cut
+                except requests.RequestException as exc:
+                    raise request_failed(exc, url, timeout, self, hop.fired) from None
+                if hop.fired:  # an answer cut at the deadline can look complete
+                    raise request_failed(requests.Timeout(), url, timeout, self, True)
             with response:
                 status = response.status_code
                 if status == 401 and self.can_refresh() and not retried:
@@ -337,7 +344,7 @@ class LabelStudioClient:
                 if status >= 300:
                     raise ImageAccessError(f"Label Studio answered {method} {url} with HTTP {status}: "
                                            f"{_explanation(response)}", upstream_status=status)
-                if not response.content:
+                if not content:
                     return None
                 try:
                     return response.json()

@@ -433,7 +433,8 @@ def run_job(payload: dict[str, Any]) -> int:
     runner = _preannotator
     assert runner is not None
     connection = redis.Redis.from_url(payload["redis_url"], socket_connect_timeout=5.0)
-    client = runner.fetcher.label_studio_for(payload.get("label_studio_url"), payload.get("label_studio_token"))
+    # The token is this worker's own (LABEL_STUDIO_API_KEY): payloads never carry it (backend.warmup says why).
+    client = runner.fetcher.label_studio_for(payload.get("label_studio_url"), None)
     options = Options(**payload["options"])
     outcomes_key = OUTCOMES_PREFIX + payload["run"]
     task_ids: list[int] = [int(i) for i in payload["tasks"]]
@@ -592,8 +593,7 @@ def _run_through_redis(run: Run, client: LabelStudioClient, project: ProjectInfo
         for start in range(0, len(ids), max(1, run.chunk)):
             chunk = list(ids[start:start + max(1, run.chunk)])
             payload = {"run": run_id, "project": project.id, "tasks": chunk, "options": asdict(run.options),
-                       "redis_url": settings.redis_url, "label_studio_url": client.url,
-                       "label_studio_token": client.token}
+                       "redis_url": settings.redis_url, "label_studio_url": client.url}
             job = queue.enqueue(run_job, payload, job_timeout=JOB_TIMEOUT_S, result_ttl=600,
                                 failure_ttl=24 * 3600, description=f"pre-annotate {len(chunk)} task(s) of project "
                                                                    f"{project.id}")

@@ -73,8 +73,9 @@ def warm_through_backend(settings: Settings, project: Project, backend_url: str,
 
 
 def _jobs(project: Project, settings: Settings) -> list[WarmupJob]:
-    return [WarmupJob(task=task, value_key=project.value_key, label_studio_url=settings.label_studio_url or None,
-                      label_studio_token=settings.label_studio_api_key or None) for task in project.tasks]
+    # No token in the jobs: each consumer uses its own LABEL_STUDIO_API_KEY (backend.warmup).
+    return [WarmupJob(task=task, value_key=project.value_key, label_studio_url=settings.label_studio_url or None)
+            for task in project.tasks]
 
 
 def _warm_through_redis(settings: Settings, project: Project, fetcher: ImageFetcher, *, local: bool, wait: bool,

@@ -16,6 +16,13 @@ Where the work runs:
 Each image is queued once at a time (a pending marker per image reference), so a project import that
 Label Studio also reports task by task does not encode twice; the cache itself makes a repeated job a
 cheap no-op.
+
+What a job does not carry: the Label Studio token. A job sits in Redis, readable by anything that reaches
+Redis, for as long as the queue is long; the consumer fetches with its own token (its environment, or
+what Label Studio sent it with /setup). What the producer waits for is bounded: Redis calls time out
+after ``REDIS_TIMEOUT_S``, a failed call sends the next ``REDIS_RETRY_S`` seconds of warm-ups to the
+in-process queue without trying Redis again, and at most ``max_queue`` jobs wait, so an import of
+thousands of tasks (or a forged webhook) cannot grow the queue or the log without bound.
 """
 
 from __future__ import annotations
@@ -25,9 +32,12 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from backend.errors import BackendError
 
 if TYPE_CHECKING:  # annotations only: the queue itself needs neither the model side nor image access
     from backend.image_fetch import ImageFetcher
@@ -39,16 +49,23 @@ QUEUE_NAME = "sam-backend-warmup"
 PENDING_PREFIX = "sam-backend:warmup-pending:"
 PENDING_TTL_S = 3600
 JOB_TIMEOUT_S = 900
+# A task open waits this long at most for Redis (each call), and a failed call keeps warm-ups off Redis
+# for REDIS_RETRY_S: a stalled Redis costs one timeout per that period, not one per task.
+REDIS_TIMEOUT_S = 1.0
+REDIS_RETRY_S = 10.0
 
 
 @dataclass(frozen=True)
 class WarmupJob:
-    """One image to encode: the task (its id and data) and where its image URL is in the data."""
+    """One image to encode: the task (its id and data) and where its image URL is in the data.
+
+    ``label_studio_url`` is the Label Studio the producer knew (not a secret); the token is never part of a
+    job (see the module's docstring).
+    """
 
     task: dict[str, Any]
     value_key: str
     label_studio_url: str | None = None
-    label_studio_token: str | None = None
 
     @property
     def image_ref(self) -> str:
@@ -56,14 +73,13 @@ class WarmupJob:
 
     def to_payload(self) -> dict[str, Any]:
         return {"task": {"id": self.task.get("id"), "data": self.task.get("data", {})},
-                "value_key": self.value_key, "label_studio_url": self.label_studio_url,
-                "label_studio_token": self.label_studio_token}
+                "value_key": self.value_key, "label_studio_url": self.label_studio_url}
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> WarmupJob:
+        # A token in a job queued by an older version is ignored: the consumer uses its own.
         return cls(task=payload["task"], value_key=payload["value_key"],
-                   label_studio_url=payload.get("label_studio_url"),
-                   label_studio_token=payload.get("label_studio_token"))
+                   label_studio_url=payload.get("label_studio_url"))
 
 
 # What encodes one job: fetch the image, embed it through the cache. Returns True when the encoder ran,
@@ -90,6 +106,12 @@ def run_job(payload: dict[str, Any]) -> bool:
     assert _encoder is not None
     try:
         return _encoder(job)
+    except BackendError as error:
+        # The task's image cannot be used (refused host, 404, not an image): a debug line, not a failed job with
+        # a traceback, since a bad (or forged) import makes as many of these as it has tasks. The annotator's
+        # first click on the task reports the problem with its message.
+        log.debug("warm-up of task %s skipped: %s", job.task.get("id"), error.detail or error.message)
+        return False
     finally:
         _clear_pending(job)
 
@@ -97,14 +119,15 @@ def run_job(payload: dict[str, Any]) -> bool:
 def make_encoder(segmenter: Segmenter, fetcher: ImageFetcher) -> Encoder:
     """The warm-up encoder of a process: fetch the task image, embed it through the segmenter's cache.
 
-    A job carries the Label Studio URL and token the producer knew, so a process that never received Label
-    Studio's /setup can still fetch images; the environment of this process wins over them, as it does for
-    /setup. The job fetches with a client for those values (``ImageFetcher.label_studio_for``) and leaves
-    the client that this process's request threads use as it is.
+    A job carries the Label Studio URL the producer knew, so a process that never received Label Studio's
+    /setup can still find it; the token is this process's own (``LABEL_STUDIO_API_KEY``, or /setup's for
+    the same URL). The environment of this process wins, as it does for /setup. The job fetches with a
+    client for those values (``ImageFetcher.label_studio_for``) and leaves the client that this process's
+    request threads use as it is.
     """
 
     def encode(job: WarmupJob) -> bool:
-        label_studio = fetcher.label_studio_for(job.label_studio_url, job.label_studio_token)
+        label_studio = fetcher.label_studio_for(job.label_studio_url, None)
         image = fetcher.fetch(job.task, job.value_key, label_studio=label_studio)
         if segmenter.cache.contains(segmenter.fingerprint, image.sha256):
             return False
@@ -129,15 +152,20 @@ def _clear_pending(job: WarmupJob) -> None:
 
 
 class Warmer:
-    """Accepts warm-up jobs without blocking and runs them in the background."""
+    """Accepts warm-up jobs without blocking and runs them in the background.
+
+    ``max_queue``: jobs that may wait at once (SAM_WARMUP_MAX_QUEUE); None: no limit but the local queue's.
+    """
 
     def __init__(self, redis_url: str | None = None, encoder: Encoder | None = None, consume: bool = True,
-                 on_depth: Callable[[int], None] | None = None) -> None:
+                 on_depth: Callable[[int], None] | None = None, max_queue: int | None = None) -> None:
         self.redis_url = redis_url
         self.encoder = encoder
         self.consume = consume and encoder is not None
         self.on_depth = on_depth
-        self._local: queue.Queue[WarmupJob] = queue.Queue(maxsize=10_000)
+        self.max_queue = max_queue
+        self._redis_down_until = 0.0
+        self._local: queue.Queue[WarmupJob] = queue.Queue(maxsize=min(10_000, max_queue or 10_000))
         self._local_pending: set[str] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -150,38 +178,65 @@ class Warmer:
             from rq import Queue
 
             global _redis_for_pending
-            # No socket timeout on this connection: rq's worker blocks on BLPOP for longer than any short one.
-            self._redis = redis.Redis.from_url(redis_url, socket_connect_timeout=1.0)
+            # Short timeouts: a task open waits on this connection. rq's worker (the consumer thread) makes its
+            # own copy with a timeout longer than its blocking pops.
+            self._redis = redis.Redis.from_url(redis_url, socket_connect_timeout=REDIS_TIMEOUT_S,
+                                               socket_timeout=REDIS_TIMEOUT_S)
             _redis_for_pending = self._redis
             self._rq_queue = Queue(QUEUE_NAME, connection=self._redis, default_timeout=JOB_TIMEOUT_S)
 
     # -- producing ---------------------------------------------------------------------------------
     def submit(self, jobs: list[WarmupJob]) -> int:
-        """Queue each job whose image is not already queued; return how many were queued. Never raises."""
+        """Queue each job whose image is not already queued, up to ``max_queue`` waiting; return how many
+        were queued. Never raises, and logs at most a line or two whatever the number of jobs."""
         self.start()
-        queued = 0
-        for job in jobs:
-            if not job.image_ref:
-                continue
+        jobs = [job for job in jobs if job.image_ref]
+        redis_error: Exception | None = None
+        if self.max_queue is None:
+            room = len(jobs)
+        else:
+            waiting, redis_error = self._depth()
+            room = max(0, self.max_queue - waiting)
+        queued, failed = 0, 0
+        for job in jobs[:room]:
             try:
-                queued += self._submit_one(job)
-            except Exception as error:
-                log.warning("could not queue warm-up of task %s: %s", job.task.get("id"), error)
+                done, error = self._submit_one(job)
+            except Exception as unexpected:  # the local queue is all that is left: never fail the request
+                done, error, failed = False, None, failed + 1
+                log.debug("could not queue warm-up of task %s: %s", job.task.get("id"), unexpected)
+            queued += done
+            redis_error = redis_error or error
+        if redis_error is not None:
+            log.warning("Redis queue unavailable (%s): warm-ups go to this process for the next %.0f s",
+                        redis_error, REDIS_RETRY_S)
+        if len(jobs) > room:
+            log.warning("warm-up queue full (%d waiting, SAM_WARMUP_MAX_QUEUE=%s): %d of %d task(s) not queued; "
+                        "they are encoded on their first click", waiting, self.max_queue, len(jobs) - room, len(jobs))
+        if failed:
+            log.warning("could not queue the warm-up of %d task(s)", failed)
         self._report_depth()
         return queued
 
-    def _submit_one(self, job: WarmupJob) -> bool:
-        if self._rq_queue is not None and self._redis is not None:
+    def _redis_usable(self) -> bool:
+        return self._rq_queue is not None and time.monotonic() >= self._redis_down_until
+
+    def _submit_one(self, job: WarmupJob) -> tuple[bool, Exception | None]:
+        """(queued, the Redis error that sent it to the local queue)."""
+        redis_error = None
+        if self._redis_usable() and self._rq_queue is not None and self._redis is not None:
             try:
                 if not self._redis.set(_pending_key(job), b"1", nx=True, ex=PENDING_TTL_S):
-                    return False
+                    return False, None
                 self._rq_queue.enqueue(run_job, job.to_payload(), job_timeout=JOB_TIMEOUT_S,
                                        result_ttl=60, failure_ttl=24 * 3600,
                                        description=f"warm-up of task {job.task.get('id')}")
-                return True
+                return True, None
             except Exception as error:
-                log.warning("Redis queue unavailable (%s); warming up task %s in this process",
-                            error, job.task.get("id"))
+                self._redis_down_until = time.monotonic() + REDIS_RETRY_S
+                redis_error = error
+        return self._submit_local(job), redis_error
+
+    def _submit_local(self, job: WarmupJob) -> bool:
         with self._lock:
             if job.image_ref in self._local_pending:
                 return False
@@ -191,22 +246,29 @@ class Warmer:
         except queue.Full:
             with self._lock:
                 self._local_pending.discard(job.image_ref)
-            log.warning("warm-up queue is full; task %s will be encoded on its first click", job.task.get("id"))
+            log.debug("warm-up queue is full; task %s will be encoded on its first click", job.task.get("id"))
             return False
         return True
 
     def depth(self) -> int:
         """Jobs waiting: the shared queue's length plus this process's local queue."""
+        return self._depth()[0]
+
+    def _depth(self) -> tuple[int, Exception | None]:
+        """(jobs waiting, the Redis error that left the shared queue uncounted)."""
         depth = self._local.qsize()
-        if self._rq_queue is not None:
-            with contextlib.suppress(Exception):
+        if self._redis_usable() and self._rq_queue is not None:
+            try:
                 depth += self._rq_queue.count
-        return depth
+            except Exception as error:
+                self._redis_down_until = time.monotonic() + REDIS_RETRY_S
+                return depth, error
+        return depth, None
 
     def running(self) -> int:
         """Jobs being encoded right now: rq's started-job registry plus this process's local consumer."""
         running = self._local_running
-        if self._rq_queue is not None:
+        if self._redis_usable() and self._rq_queue is not None:
             with contextlib.suppress(Exception):
                 running += self._rq_queue.started_job_registry.count
         return running
@@ -263,6 +325,8 @@ class Warmer:
             self._local_running = 1
             try:
                 encoder(job)
+            except BackendError as error:
+                log.debug("warm-up of task %s skipped: %s", job.task.get("id"), error.detail or error.message)
             except Exception as error:
                 log.warning("warm-up of task %s failed: %s", job.task.get("id"), error)
             finally:

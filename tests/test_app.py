@@ -397,7 +397,7 @@ BAD_REQUESTS = {
     "zero-size box": (zero_box_body, 400, "size"),
     "image that is not an image": (lambda: body_with_image("/data/upload/4/not-an-image.png"), 422, "image"),
     "missing image file": (lambda: body_with_image("/data/upload/4/nothing-here.png"), 502, "404"),
-    "image server down": (lambda: body_with_image(f"http://127.0.0.1:{closed_port()}/x.png"), 502, "127.0.0.1"),
+    "image server down": (lambda: body_with_image(f"http://127.0.0.1:{closed_port()}/x.png"), 422, "127.0.0.1"),
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 from backend.errors import BackendError, ImageAccessError, ImageError
 from backend.image_decode import TaskImage
 from backend.image_fetch import ImageFetcher
-from testsupport.image_access import authorizations, file_bytes, legacy, task
+from testsupport.image_access import authorizations, file_bytes, image_fetcher, legacy, task
 from testsupport.image_server import CloudStorage, FakeLabelStudio, rgb_array
 
 # ------------------------------------------------------------------------------------------------------
@@ -70,7 +70,7 @@ def test_cloud_uri_is_presigned_and_the_signed_host_gets_no_token(
 
 
 def test_presign_with_personal_access_token(ls: FakeLabelStudio, cloud: CloudStorage) -> None:
-    fetcher = ImageFetcher(label_studio_url=ls.url, label_studio_token=ls.personal_token)
+    fetcher = image_fetcher(label_studio_url=ls.url, label_studio_token=ls.personal_token)
     fetcher.fetch(task("s3://bucket/exif.jpg"), "image")
     assert authorizations(ls, "/tasks/")[0].startswith("Bearer ")
 
@@ -95,14 +95,14 @@ def test_presign_unknown_file_and_task_without_id(ls: FakeLabelStudio) -> None:
 
 def test_data_uri() -> None:
     data = file_bytes("rgb.png")
-    image = ImageFetcher().fetch(task("data:image/png;base64," + base64.b64encode(data).decode()), "image")
+    image = image_fetcher().fetch(task("data:image/png;base64," + base64.b64encode(data).decode()), "image")
     np.testing.assert_array_equal(image.array, rgb_array())
     assert image.sha256 == hashlib.sha256(data).hexdigest()
     assert image.source == f"data:image/png;base64,... ({len(data)} bytes)"
     with pytest.raises(ImageError, match="base64 data is invalid"):
-        ImageFetcher().fetch(task("data:image/png;base64,@@@not-base64@@@"), "image")
+        image_fetcher().fetch(task("data:image/png;base64,@@@not-base64@@@"), "image")
     with pytest.raises(ImageError, match="larger than the limit"):
-        ImageFetcher(max_bytes=100).fetch(task("data:image/png;base64," + base64.b64encode(data).decode()), "image")
+        image_fetcher(max_bytes=100).fetch(task("data:image/png;base64," + base64.b64encode(data).decode()), "image")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -146,8 +146,32 @@ def test_local_root_path_traversal_is_refused(ls: FakeLabelStudio, root: Path) -
     assert ls.seen == []
 
 
+def test_local_root_symlinks_are_resolved_before_the_check(ls: FakeLabelStudio, root: Path, tmp_path: Path) -> None:
+    """A link under the root to a file (or a folder) outside it is outside; a link that stays inside is fine."""
+    import os
+
+    os.symlink(tmp_path.parent / "secret.png", root / "local" / "escape.png")
+    os.symlink(tmp_path.parent, root / "local" / "door")
+    os.symlink(root / "local" / "disk.png", root / "local" / "alias.png")
+    fetcher = legacy(ls, local_files_root=root)
+    for value in ["/data/local-files/?d=local/escape.png", "/data/local-files/?d=local/door/secret.png"]:
+        with pytest.raises(ImageError, match="outside LOCAL_FILES_ROOT"):
+            fetcher.fetch(task(value), "image")
+    assert fetcher.fetch(task("/data/local-files/?d=local/alias.png"), "image").array.shape == (8, 32, 3)
+    assert ls.seen == []
+
+
+def test_a_root_that_is_itself_a_link_still_serves_its_files(ls: FakeLabelStudio, root: Path, tmp_path: Path) -> None:
+    import os
+
+    link = tmp_path.parent / f"{tmp_path.name}-link"
+    os.symlink(root, link)
+    image = legacy(ls, local_files_root=link).fetch(task("/data/local-files/?d=local/disk.png"), "image")
+    assert image.array.shape == (8, 32, 3) and ls.seen == []
+
+
 def test_local_root_without_label_studio(root: Path) -> None:
-    fetcher = ImageFetcher(local_files_root=root)
+    fetcher = image_fetcher(local_files_root=root)
     assert fetcher.fetch(task("/data/local-files/?d=local/disk.png"), "image").array.shape == (8, 32, 3)
     with pytest.raises(ImageError, match="does not know where Label Studio is: set LABEL_STUDIO_URL"):
         fetcher.fetch(task("/data/local-files/?d=local/elsewhere.png"), "image")
@@ -155,7 +179,7 @@ def test_local_root_without_label_studio(root: Path) -> None:
 
 def test_filesystem_root_is_refused() -> None:
     with pytest.raises(ValueError, match="file system root"):
-        ImageFetcher(local_files_root="/")
+        image_fetcher(local_files_root="/")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -165,7 +189,7 @@ def test_filesystem_root_is_refused() -> None:
 def test_from_settings(ls: FakeLabelStudio, tmp_path: Path) -> None:
     settings = SimpleNamespace(label_studio_url=ls.url, label_studio_api_key=ls.legacy_token,
                                local_files_root=str(tmp_path), image_timeout_s=4.0, image_max_bytes=100_000,
-                               image_max_pixels=3000)
+                               image_max_pixels=3000, sam_image_hosts="public")
     fetcher = ImageFetcher.from_settings(settings)
     assert (fetcher.timeout_s, fetcher.max_bytes, fetcher.max_pixels, fetcher.root) == (4.0, 100_000, 3000, tmp_path)
     assert fetcher.fetch(task("/data/upload/4/gray.png"), "image").array.shape == (8, 32, 3)
@@ -178,7 +202,7 @@ def test_from_the_real_settings(ls: FakeLabelStudio, root: Path) -> None:
 
     settings = Settings.from_env({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": ls.personal_token,
                                   "LOCAL_FILES_ROOT": str(root), "IMAGE_TIMEOUT_S": "7", "IMAGE_MAX_MB": "2",
-                                  "IMAGE_MAX_PIXELS": "5000000"})
+                                  "IMAGE_MAX_PIXELS": "5000000", "SAM_IMAGE_HOSTS": "127.0.0.1"})
     fetcher = ImageFetcher.from_settings(settings)
     assert (fetcher.timeout_s, fetcher.max_bytes, fetcher.max_pixels, fetcher.root) == (7.0, 2 * 2**20, 5_000_000, root)
     assert fetcher.fetch(task("/data/local-files/?d=local/disk.png"), "image").array.shape == (8, 32, 3)
@@ -201,15 +225,15 @@ def test_from_the_real_settings(ls: FakeLabelStudio, root: Path) -> None:
 ])
 def test_bad_image_references(value: object, pattern: str) -> None:
     with pytest.raises(ImageError, match=pattern) as caught:
-        ImageFetcher().fetch(task(value), "image")
+        image_fetcher().fetch(task(value), "image")
     assert caught.value.status == 422
 
 
 def test_missing_data_key_lists_the_keys() -> None:
     with pytest.raises(ImageError, match="no data field 'image'.*Its data fields are: photo, text"):
-        ImageFetcher().fetch({"id": 3, "data": {"photo": "x", "text": "y"}}, "image")
+        image_fetcher().fetch({"id": 3, "data": {"photo": "x", "text": "y"}}, "image")
     with pytest.raises(ImageError, match="no 'data' object"):
-        ImageFetcher().fetch({"id": 3}, "image")
+        image_fetcher().fetch({"id": 3}, "image")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -219,19 +243,19 @@ def test_missing_data_key_lists_the_keys() -> None:
 def test_timeout_on_a_silent_host(cloud: CloudStorage) -> None:
     start = time.monotonic()
     with pytest.raises(ImageAccessError, match="Timed out after 0.5 s"):
-        ImageFetcher(timeout_s=0.5).fetch(task(f"{cloud.url}/slow?s=3"), "image")
+        image_fetcher(timeout_s=0.5).fetch(task(f"{cloud.url}/slow?s=3"), "image")
     assert time.monotonic() - start < 2.5
 
 
 def test_timeout_on_a_trickling_host(cloud: CloudStorage) -> None:
     start = time.monotonic()
     with pytest.raises(ImageAccessError, match="Timed out.*arrives too slowly"):
-        ImageFetcher(timeout_s=0.5).fetch(task(f"{cloud.url}/trickle"), "image")
+        image_fetcher(timeout_s=0.5).fetch(task(f"{cloud.url}/trickle"), "image")
     assert time.monotonic() - start < 2.5
 
 
 def test_size_limit_by_content_length_and_by_streaming(cloud: CloudStorage) -> None:
-    fetcher = ImageFetcher(max_bytes=50_000)
+    fetcher = image_fetcher(max_bytes=50_000)
     with pytest.raises(ImageError, match="larger than the limit of 50000 bytes") as caught:
         fetcher.fetch(task(f"{cloud.url}/trickle"), "image")  # Content-Length 100000: refused at once
     assert caught.value.status == 422
@@ -241,11 +265,11 @@ def test_size_limit_by_content_length_and_by_streaming(cloud: CloudStorage) -> N
 
 def test_size_limit_on_disk(root: Path) -> None:
     with pytest.raises(ImageError, match="larger than the limit of 10 bytes"):
-        ImageFetcher(local_files_root=root, max_bytes=10).fetch(task("/data/local-files/?d=local/disk.png"), "image")
+        image_fetcher(local_files_root=root, max_bytes=10).fetch(task("/data/local-files/?d=local/disk.png"), "image")
 
 
 def test_every_failure_is_a_backend_error(cloud: CloudStorage) -> None:
     """A foreign host's refusal is an upstream failure (502) with the status in the message."""
     with pytest.raises(BackendError) as caught:
-        ImageFetcher().fetch(task(f"{cloud.url}/bucket/rgb.png?X-Amz-Signature=forged"), "image")
+        image_fetcher().fetch(task(f"{cloud.url}/bucket/rgb.png?X-Amz-Signature=forged"), "image")
     assert caught.value.status == 502 and "HTTP 403" in caught.value.message

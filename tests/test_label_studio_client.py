@@ -16,10 +16,9 @@ import pytest
 
 from backend.errors import ImageAccessError, ImageError
 from backend.image_decode import TaskImage
-from backend.image_fetch import ImageFetcher
 from backend.label_studio import MAX_CLIENTS
 from backend.warmup import WarmupJob, make_encoder
-from testsupport.image_access import authorizations, file_bytes, legacy, task
+from testsupport.image_access import authorizations, file_bytes, image_fetcher, legacy, task
 from testsupport.image_server import CloudStorage, FakeLabelStudio, personal_access_token, rgb_array
 from testsupport.processes import free_port
 
@@ -39,9 +38,9 @@ def test_legacy_tokens_disabled_says_how_to_enable_them(ls: FakeLabelStudio) -> 
 
 def test_wrong_and_missing_token(ls: FakeLabelStudio) -> None:
     with pytest.raises(ImageAccessError, match="legacy token"):
-        ImageFetcher(label_studio_url=ls.url, label_studio_token="wrong").fetch(task("/data/upload/4/rgb.png"), "image")
+        image_fetcher(label_studio_url=ls.url, label_studio_token="wrong").fetch(task("/data/upload/4/rgb.png"), "image")
     with pytest.raises(ImageAccessError, match="has no Label Studio token. Set LABEL_STUDIO_API_KEY"):
-        ImageFetcher(label_studio_url=ls.url).fetch(task("/data/upload/4/rgb.png"), "image")
+        image_fetcher(label_studio_url=ls.url).fetch(task("/data/upload/4/rgb.png"), "image")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -49,7 +48,7 @@ def test_wrong_and_missing_token(ls: FakeLabelStudio) -> None:
 
 
 def test_personal_access_token_is_exchanged_once_and_sent_as_bearer(ls: FakeLabelStudio) -> None:
-    fetcher = ImageFetcher(label_studio_url=ls.url, label_studio_token=ls.personal_token)
+    fetcher = image_fetcher(label_studio_url=ls.url, label_studio_token=ls.personal_token)
     for _ in range(3):
         fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
     assert ls.refreshes == 1
@@ -59,7 +58,7 @@ def test_personal_access_token_is_exchanged_once_and_sent_as_bearer(ls: FakeLabe
 
 
 def test_access_token_refreshed_after_401(ls: FakeLabelStudio) -> None:
-    fetcher = ImageFetcher(label_studio_url=ls.url, label_studio_token=ls.personal_token)
+    fetcher = image_fetcher(label_studio_url=ls.url, label_studio_token=ls.personal_token)
     fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
     ls.revoke_access_tokens()
     fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
@@ -70,7 +69,7 @@ def test_access_token_refreshed_after_401(ls: FakeLabelStudio) -> None:
 
 def test_access_token_refreshed_before_its_exp(ls: FakeLabelStudio) -> None:
     ls.access_ttl_s = 5  # inside the refresh margin: every use needs a new one
-    fetcher = ImageFetcher(label_studio_url=ls.url, label_studio_token=ls.personal_token)
+    fetcher = image_fetcher(label_studio_url=ls.url, label_studio_token=ls.personal_token)
     fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
     fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
     assert ls.refreshes == 2
@@ -79,21 +78,21 @@ def test_access_token_refreshed_before_its_exp(ls: FakeLabelStudio) -> None:
 
 
 def test_expired_personal_access_token_fails_before_any_request(ls: FakeLabelStudio) -> None:
-    fetcher = ImageFetcher(label_studio_url=ls.url, label_studio_token=personal_access_token(exp_in_s=-60))
+    fetcher = image_fetcher(label_studio_url=ls.url, label_studio_token=personal_access_token(exp_in_s=-60))
     with pytest.raises(ImageAccessError, match="personal access token in LABEL_STUDIO_API_KEY expired on"):
         fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
     assert ls.seen == []
 
 
 def test_revoked_personal_access_token(ls: FakeLabelStudio) -> None:
-    fetcher = ImageFetcher(label_studio_url=ls.url, label_studio_token=personal_access_token())
+    fetcher = image_fetcher(label_studio_url=ls.url, label_studio_token=personal_access_token())
     with pytest.raises(ImageAccessError, match="refused the personal access token.*expired, revoked"):
         fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
     assert [seen.path for seen in ls.seen] == ["/api/token/refresh/"]
 
 
 def test_threads_share_one_refresh(ls: FakeLabelStudio) -> None:
-    fetcher = ImageFetcher(label_studio_url=ls.url, label_studio_token=ls.personal_token)
+    fetcher = image_fetcher(label_studio_url=ls.url, label_studio_token=ls.personal_token)
     results: list[TaskImage] = []
     errors: list[BaseException] = []
 
@@ -141,7 +140,7 @@ def test_redirects_carry_the_token_only_to_label_studio(ls: FakeLabelStudio, clo
 
 
 def test_same_host_other_port_is_another_origin(ls: FakeLabelStudio, cloud: CloudStorage) -> None:
-    fetcher = ImageFetcher(label_studio_url=f"http://127.0.0.1:{ls.port}/", label_studio_token="secret")
+    fetcher = image_fetcher(label_studio_url=f"http://127.0.0.1:{ls.port}/", label_studio_token="secret")
     fetcher.fetch(task(f"http://127.0.0.1:{cloud.port}/public/gray.png"), "image")  # would 400 on a leak
 
 
@@ -150,7 +149,7 @@ def test_same_host_other_port_is_another_origin(ls: FakeLabelStudio, cloud: Clou
 
 
 def test_setup_supplies_what_the_environment_lacks(ls: FakeLabelStudio) -> None:
-    fetcher = ImageFetcher()
+    fetcher = image_fetcher()
     with pytest.raises(ImageError, match="set LABEL_STUDIO_URL"):
         fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
     fetcher.set_label_studio(ls.url, ls.legacy_token)
@@ -161,7 +160,7 @@ def test_setup_supplies_what_the_environment_lacks(ls: FakeLabelStudio) -> None:
 
 
 def test_environment_wins_over_setup(ls: FakeLabelStudio) -> None:
-    fetcher = ImageFetcher(label_studio_url=ls.url, label_studio_token=ls.personal_token)
+    fetcher = image_fetcher(label_studio_url=ls.url, label_studio_token=ls.personal_token)
     fetcher.set_label_studio("http://localhost:8080", "setup-legacy-token")
     fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
     fetcher.set_label_studio("http://localhost:8080", "setup-legacy-token")  # every /health + /setup
@@ -174,8 +173,8 @@ def test_environment_wins_over_setup(ls: FakeLabelStudio) -> None:
 
 def test_bad_label_studio_urls() -> None:
     with pytest.raises(ValueError, match="must start with http:// or https://"):
-        ImageFetcher(label_studio_url="label-studio:8080")
-    fetcher = ImageFetcher(label_studio_token="x")
+        image_fetcher(label_studio_url="label-studio:8080")
+    fetcher = image_fetcher(label_studio_token="x")
     fetcher.set_label_studio("localhost:8080", "x")
     with pytest.raises(ImageError, match="'localhost:8080' \\(from the hostname Label Studio sent to /setup\\) must"):
         fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
@@ -183,14 +182,14 @@ def test_bad_label_studio_urls() -> None:
 
 def test_connection_refused_names_the_url_and_the_docker_hint() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    fetcher = ImageFetcher(label_studio_url=url, label_studio_token="x", timeout_s=5)
+    fetcher = image_fetcher(label_studio_url=url, label_studio_token="x", timeout_s=5)
     with pytest.raises(ImageAccessError) as caught:
         fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
     message = caught.value.message
     assert f"Could not connect to Label Studio at {url} (from LABEL_STUDIO_URL)" in message
     assert "Docker" in message and "Set LABEL_STUDIO_URL" in message
     with pytest.raises(ImageAccessError, match=f"Could not connect to {url}/public/x.png"):
-        ImageFetcher().fetch(task(f"{url}/public/x.png"), "image")
+        image_fetcher().fetch(task(f"{url}/public/x.png"), "image")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -205,28 +204,28 @@ class CachedSegmenter:
 
 
 def test_a_job_fetches_with_its_own_client_and_leaves_the_process_client_alone(ls: FakeLabelStudio) -> None:
-    """A `sam-backend worker` never gets /setup: the job's values serve that job, not the request threads."""
-    fetcher = ImageFetcher()
+    """A `sam-backend worker` never gets /setup: the job names Label Studio, the token is the worker's own, and
+    the job's client serves that job, not the request threads."""
+    fetcher = image_fetcher(label_studio_token=ls.legacy_token)
     encode = make_encoder(CachedSegmenter(), fetcher)  # type: ignore[arg-type]
-    job = WarmupJob(task=task("/data/upload/4/rgb.png"), value_key="image", label_studio_url=ls.url,
-                    label_studio_token=ls.legacy_token)
+    job = WarmupJob(task=task("/data/upload/4/rgb.png"), value_key="image", label_studio_url=ls.url)
     assert encode(job) is False  # fetched (the fake cache already holds it)
     assert authorizations(ls, "/data/upload/") == [f"Token {ls.legacy_token}"]
-    assert fetcher.label_studio.url is None and fetcher.label_studio.token is None
+    assert fetcher.label_studio.url is None
     with pytest.raises(ImageError, match="set LABEL_STUDIO_URL"):
         fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
 
 
 def test_job_clients_keep_their_access_token_and_the_environment_wins(ls: FakeLabelStudio) -> None:
-    fetcher = ImageFetcher()
+    fetcher = image_fetcher()
     for _ in range(3):
         client = fetcher.label_studio_for(ls.url, ls.personal_token)
         fetcher.fetch(task("/data/upload/4/rgb.png"), "image", label_studio=client)
     assert ls.refreshes == 1
     assert fetcher.label_studio_for(None, None) is fetcher.label_studio
-    configured = ImageFetcher(label_studio_url=ls.url, label_studio_token=ls.legacy_token)
+    configured = image_fetcher(label_studio_url=ls.url, label_studio_token=ls.legacy_token)
     assert configured.label_studio_for("http://localhost:8080", "setup-token") is configured.label_studio
-    partial = ImageFetcher(label_studio_url=ls.url).label_studio_for("http://localhost:8080", ls.legacy_token)
+    partial = image_fetcher(label_studio_url=ls.url).label_studio_for("http://localhost:8080", ls.legacy_token)
     assert (partial.url, partial.url_source) == (ls.url, "LABEL_STUDIO_URL")
     assert partial.token_source == "the access_token Label Studio sent to /setup"
 
@@ -234,7 +233,7 @@ def test_job_clients_keep_their_access_token_and_the_environment_wins(ls: FakeLa
 
 def test_clients_from_request_values_are_bounded() -> None:
     """/setup bodies name the URL and token: a stream of new ones must not grow the process without limit."""
-    clients = ImageFetcher().label_studio_clients
+    clients = image_fetcher().label_studio_clients
     first = clients.client("http://ls-0:8080", "token")
     assert clients.client("http://ls-0:8080/", " token ") is first  # the same values in effect
     for i in range(1, MAX_CLIENTS + 1):
@@ -250,7 +249,7 @@ def test_api_errors_carry_the_upstream_status(ls: FakeLabelStudio) -> None:
         legacy(ls).label_studio.get_json("/api/nothing-here")
     assert missing.value.upstream_status == 404 and missing.value.status == 502
     with pytest.raises(ImageAccessError) as refused:
-        ImageFetcher(label_studio_url=ls.url, label_studio_token="wrong-token").label_studio.get_json(
+        image_fetcher(label_studio_url=ls.url, label_studio_token="wrong-token").label_studio.get_json(
             "/api/tasks")
     assert refused.value.upstream_status == 401
 

@@ -18,8 +18,19 @@ def file_bytes(name: str) -> bytes:
     return sample_files()[name][0]
 
 
+# The test servers all listen on 127.0.0.1, which the default SAM_IMAGE_HOSTS ("public") refuses: the fetchers
+# of the image-access tests name it, as an admin names an internal image server.
+LOOPBACK = "127.0.0.1"
+
+
+def image_fetcher(**kwargs: object) -> ImageFetcher:
+    """An ``ImageFetcher`` that may read from the test servers on 127.0.0.1."""
+    kwargs.setdefault("image_hosts", LOOPBACK)
+    return ImageFetcher(**kwargs)  # type: ignore[arg-type]
+
+
 def legacy(ls: FakeLabelStudio, **kwargs: object) -> ImageFetcher:
-    return ImageFetcher(label_studio_url=ls.url, label_studio_token=ls.legacy_token, **kwargs)
+    return image_fetcher(label_studio_url=ls.url, label_studio_token=ls.legacy_token, **kwargs)
 
 
 def authorizations(ls: FakeLabelStudio, prefix: str) -> list[str | None]:

@@ -12,8 +12,8 @@
 
 ``CloudStorage`` is any other host: it serves signed object URLs and plain public URLs, and answers 400
 (and records a leak) whenever a request carries an ``Authorization`` header, because the Label Studio
-token must never reach it. It also has a slow endpoint, a trickling one, one without Content-Length and
-redirects, for timeouts, size limits and redirect handling.
+token must never reach it. It also has a slow endpoint, a trickling one, one that drips its headers a byte
+at a time, one without Content-Length and redirects, for timeouts, size limits and redirect handling.
 
 The sample images are made with Pillow here, so tests know exactly what pixels to expect.
 """
@@ -192,6 +192,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so the fetcher's connection pool is exercised
+    # Headers and body are two writes: without TCP_NODELAY each answer on a kept-alive connection waits
+    # ~40 ms for the client's delayed ACK, which would hide any timing the tests or benchmarks look at.
+    disable_nagle_algorithm = True
     owner: FakeServer
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's name
@@ -286,6 +289,8 @@ class CloudStorage(FakeServer):
             self.send_file(request, "rgb.png")
         elif segments[0] == "trickle":
             self._trickle(request)
+        elif segments[0] == "drip":
+            self._drip(request, float(query.get("every", ["0.5"])[0]))
         elif segments[0] == "unsized":
             self._unsized(request, int(query["n"][0]))
         elif segments[0] == "redirect":
@@ -307,6 +312,23 @@ class CloudStorage(FakeServer):
                 request.wfile.write(b"\0" * 100)
                 request.wfile.flush()
                 time.sleep(0.05)
+        except OSError:
+            pass  # the client gave up, as it should
+
+    @staticmethod
+    def _drip(request: _Handler, every_s: float) -> None:
+        """The status line and headers one byte every ``every_s``, then an image: no read ever waits long,
+        and the headers alone take minutes. Only a deadline on the whole download cuts it."""
+        body = sample_files()["rgb.png"][0]
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nX-Padding: {'p' * 400}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        request.close_connection = True
+        try:
+            for byte in head:
+                request.wfile.write(bytes([byte]))
+                request.wfile.flush()
+                time.sleep(every_s)
+            request.wfile.write(body)
         except OSError:
             pass  # the client gave up, as it should
 

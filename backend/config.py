@@ -88,6 +88,8 @@ class Settings:
     image_timeout_s: float = IMAGE_TIMEOUT_S
     image_max_bytes: int = IMAGE_MAX_BYTES
     image_max_pixels: int = IMAGE_MAX_PIXELS
+    image_identities: int = 10_000  # task images whose identity is remembered (backend.image_identity); 0: off
+    image_uploads_immutable: bool = True  # Label Studio /data/upload/ files are never rewritten in place
     # -- embedding cache
     redis_url: str = ""  # empty: no Redis, memory cache only
     sam_cache_memory_mb: int | None = None  # None: sized for the device (model.runtime.default_cache_bytes)
@@ -174,6 +176,8 @@ class Settings:
             image_timeout_s=env.number("IMAGE_TIMEOUT_S", cls.image_timeout_s, positive=True),
             image_max_bytes=int(env.number("IMAGE_MAX_MB", cls.image_max_bytes / 2**20, positive=True) * 2**20),
             image_max_pixels=env.integer("IMAGE_MAX_PIXELS", cls.image_max_pixels, minimum=1),
+            image_identities=env.integer("IMAGE_IDENTITIES", cls.image_identities, minimum=0, maximum=10_000_000),
+            image_uploads_immutable=env.flag("IMAGE_UPLOADS_IMMUTABLE", cls.image_uploads_immutable),
             redis_url=env.redis_url("REDIS_URL"),
             sam_cache_memory_mb=None if env.text("SAM_CACHE_MEMORY_MB").lower() in ("", "auto")
             else env.integer("SAM_CACHE_MEMORY_MB", 0, minimum=0),

@@ -25,6 +25,7 @@ import urllib3.exceptions
 from backend.errors import ImageAccessError, ImageError
 
 if TYPE_CHECKING:
+    from backend.image_identity import Revalidation
     from backend.label_studio import LabelStudioClient
 
 MAX_REDIRECTS = 5
@@ -104,11 +105,13 @@ class Downloader:
         return time.monotonic() + self.timeout_s
 
     def get(self, url: str, label_studio: LabelStudioClient, deadline: float,
-            display: str | None = None) -> Downloaded:
+            display: str | None = None, revalidation: Revalidation | None = None) -> Downloaded:
         """GET with redirects followed by hand, the token attached only on hops to Label Studio.
 
         ``display`` names the download in messages instead of the URL (a cloud URI instead of its presign
         URL). A 401 from Label Studio on a refreshable token drops the cached access token and tries once more.
+        ``revalidation`` (``backend.image_identity``): its conditional headers go on every hop, and the final
+        answer's validators are recorded in it; a 304 then returns no bytes with ``not_modified`` set.
         """
         signed = False
         retried = False
@@ -117,6 +120,8 @@ class Downloader:
             to_label_studio = label_studio.is_label_studio(url)
             shown = redact(url, keep_query=not signed)
             headers = label_studio.headers(deadline) if to_label_studio else {}
+            if revalidation is not None:
+                headers = {**headers, **revalidation.request}
             timeout = remaining(deadline, display or shown)
             try:
                 response = self.session.get(url, headers=headers, stream=True, allow_redirects=False,
@@ -138,6 +143,11 @@ class Downloader:
                     label_studio.forget_access_token(headers.get("Authorization", ""))
                     retried = True
                     continue
+                if revalidation is not None:
+                    revalidation.record(response.headers)
+                    if status == 304 and revalidation.request:
+                        revalidation.not_modified = True
+                        return Downloaded(b"", response.headers.get("Content-Type"))
                 if status != 200:
                     raise _status_error(status, shown, label_studio, signed)
                 body = self._read_body(response, display or shown, deadline, timeout)

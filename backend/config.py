@@ -83,6 +83,7 @@ class Settings:
     sam_dtype: str = "auto"  # auto | fp32 | bf16 | fp16
     sam_compile: bool = False
     sam_torch_threads: int = 0  # 0 = PyTorch's default
+    sam_decode_slots: int = 0  # decodes at once on a CPU, one intra-op thread each; 0 = one per core
     # -- task images
     local_files_root: Path | None = None
     image_timeout_s: float = IMAGE_TIMEOUT_S
@@ -172,6 +173,7 @@ class Settings:
             sam_dtype=env.choice("SAM_DTYPE", cls.sam_dtype, DTYPES),
             sam_compile=env.flag("SAM_COMPILE", cls.sam_compile),
             sam_torch_threads=env.integer("SAM_TORCH_THREADS", cls.sam_torch_threads, minimum=0),
+            sam_decode_slots=env.integer("SAM_DECODE_SLOTS", cls.sam_decode_slots, minimum=0, maximum=1024),
             local_files_root=Path(local_root).expanduser() if local_root else None,
             image_timeout_s=env.number("IMAGE_TIMEOUT_S", cls.image_timeout_s, positive=True),
             image_max_bytes=int(env.number("IMAGE_MAX_MB", cls.image_max_bytes / 2**20, positive=True) * 2**20),

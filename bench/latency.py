@@ -644,8 +644,8 @@ def run_model(model: str, checkpoint: Path, args: argparse.Namespace, bodies: Bo
                             title=title)
                 cell_rows = cell.run()
                 if count == annotator_counts(model, args)[0] and args.meta:
-                    cell_rows.append(meta_predict_row(model, checkpoint, title, size_name, images[size_name],
-                                                      cell.tasks[0], args))
+                    cell_rows.extend(meta_predict_rows(model, checkpoint, title, size_name, images[size_name],
+                                                       cell.tasks[0], args))
                 for row in cell_rows:
                     log("  " + format_row(row))
                 log(f"  ({time.perf_counter() - started:.0f} s, load average {_load()})")
@@ -672,28 +672,40 @@ def reference_predictor(model: str, checkpoint: Path) -> Any:
     return _REFERENCES[checkpoint]
 
 
-def meta_predict_row(model: str, checkpoint: Path, title: str, size_name: str, images: Images,
-                     task: tuple[int, str], args: argparse.Namespace) -> Row:
-    """Meta's bare ``predict`` on the image and points the warm clicks used (``set_image`` untimed)."""
+def meta_predict_rows(model: str, checkpoint: Path, title: str, size_name: str, images: Images,
+                      task: tuple[int, str], args: argparse.Namespace) -> list[Row]:
+    """Meta's bare ``predict`` on the image and points the warm clicks used (``set_image`` untimed).
+
+    Two rows: "meta predict" with PyTorch's default intra-op threads (the cores), as Meta's predictor runs
+    out of the box, the yardstick of the goals; "meta 1 thr" with one thread, as our decodes run. On a
+    machine that other processes load, the default's OpenMP threads wait for each other, and the one-thread
+    row is the steadier reference. The two alternate click by click, so both see the same load.
+    """
     import torch
     from PIL import Image
 
-    row = Row(title, size_name, 1, "meta predict")
+    rows = {0: Row(title, size_name, 1, "meta predict"), 1: Row(title, size_name, 1, "meta 1 thr")}
     name = task[1].rsplit("/", 1)[-1]
     index = int(name.rsplit("-", 1)[-1].split(".")[0])
     image = np.asarray(Image.open(io.BytesIO(images.jpeg(index))).convert("RGB"))
     predictor = reference_predictor(model, checkpoint)
-    with torch.inference_mode():
-        predictor.set_image(image)
-        height, width = image.shape[:2]
-        for _ in range(META_ROUNDS):
-            for k in range(1, args.clicks + 1):
-                x, y = click_point(k)
-                point = np.array([[x / 100 * width, y / 100 * height]])
-                started = time.perf_counter()
-                predictor.predict(point_coords=point, point_labels=np.array([1]), multimask_output=True)
-                row.client_s.append(time.perf_counter() - started)
-    return row
+    default_threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            predictor.set_image(image)
+            height, width = image.shape[:2]
+            for _ in range(META_ROUNDS):
+                for k in range(1, args.clicks + 1):
+                    x, y = click_point(k)
+                    point = np.array([[x / 100 * width, y / 100 * height]])
+                    for threads, row in rows.items():
+                        torch.set_num_threads(threads or default_threads)
+                        started = time.perf_counter()
+                        predictor.predict(point_coords=point, point_labels=np.array([1]), multimask_output=True)
+                        row.client_s.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(default_threads)
+    return list(rows.values())
 
 
 def annotator_counts(model: str, args: argparse.Namespace) -> list[int]:

@@ -28,6 +28,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
+from backend import fast_json
 from backend.config import Settings
 from backend.errors import BackendError, BadRequest, Unauthorized
 from backend.interactive_flow import InteractiveFlow, speaks_interactive_flow
@@ -113,9 +114,13 @@ def create_app(settings: Settings | None = None, segmenter: Segmenter | None = N
 
 
 class _OrderedJSON(DefaultJSONProvider):
-    """JSON with keys in the order the backend builds them (Label Studio's own order), not sorted."""
+    """JSON with keys in the order the backend builds them (Label Studio's own order), not sorted; brush
+    RLEs written from their arrays (``backend.fast_json``), the rest by the stdlib as before."""
 
     sort_keys = False
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return fast_json.dumps(obj, lambda value: super(_OrderedJSON, self).dumps(value, **kwargs))
 
 
 def start_model_loading(app: Flask, slot: int = 0) -> None:

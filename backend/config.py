@@ -88,12 +88,15 @@ class Settings:
     sam_dtype: str = "auto"  # auto | fp32 | bf16 | fp16
     sam_compile: bool = False
     sam_torch_threads: int = 0  # 0 = PyTorch's default
+    sam_decode_slots: int = 0  # decodes at once on a CPU, one intra-op thread each; 0 = one per core
     # -- task images
     local_files_root: Path | None = None
     image_timeout_s: float = IMAGE_TIMEOUT_S
     image_max_bytes: int = IMAGE_MAX_BYTES
     image_max_pixels: int = IMAGE_MAX_PIXELS
     sam_image_hosts: str = "public"  # hosts images may come from besides Label Studio (backend.urls.HostPolicy)
+    image_identities: int = 10_000  # task images whose identity is remembered (backend.image_identity); 0: off
+    image_uploads_immutable: bool = True  # Label Studio /data/upload/ files are never rewritten in place
     # -- embedding cache
     redis_url: str = ""  # empty: no Redis, memory cache only
     sam_cache_memory_mb: int | None = None  # None: sized for the device (model.runtime.default_cache_bytes)
@@ -202,11 +205,14 @@ class Settings:
             sam_dtype=env.choice("SAM_DTYPE", cls.sam_dtype, DTYPES),
             sam_compile=env.flag("SAM_COMPILE", cls.sam_compile),
             sam_torch_threads=env.integer("SAM_TORCH_THREADS", cls.sam_torch_threads, minimum=0),
+            sam_decode_slots=env.integer("SAM_DECODE_SLOTS", cls.sam_decode_slots, minimum=0, maximum=1024),
             local_files_root=Path(local_root).expanduser() if local_root else None,
             image_timeout_s=env.number("IMAGE_TIMEOUT_S", cls.image_timeout_s, positive=True),
             image_max_bytes=int(env.number("IMAGE_MAX_MB", cls.image_max_bytes / 2**20, positive=True) * 2**20),
             image_max_pixels=env.integer("IMAGE_MAX_PIXELS", cls.image_max_pixels, minimum=1),
             sam_image_hosts=env.image_hosts("SAM_IMAGE_HOSTS", cls.sam_image_hosts),
+            image_identities=env.integer("IMAGE_IDENTITIES", cls.image_identities, minimum=0, maximum=10_000_000),
+            image_uploads_immutable=env.flag("IMAGE_UPLOADS_IMMUTABLE", cls.image_uploads_immutable),
             redis_url=env.redis_url("REDIS_URL"),
             sam_cache_memory_mb=None if env.text("SAM_CACHE_MEMORY_MB").lower() in ("", "auto")
             else env.integer("SAM_CACHE_MEMORY_MB", 0, minimum=0),

@@ -27,6 +27,7 @@ from backend.guarded_http import GuardedSession
 from backend.urls import DEFAULT_IMAGE_HOSTS, HostPolicy, UnsafeUrl, Url, parse_url
 
 if TYPE_CHECKING:
+    from backend.image_identity import Revalidation
     from backend.label_studio import LabelStudioClient
 
 MAX_REDIRECTS = 5
@@ -101,11 +102,13 @@ class Downloader:
         return time.monotonic() + self.timeout_s
 
     def get(self, url: str, label_studio: LabelStudioClient, deadline: float,
-            display: str | None = None) -> Downloaded:
+            display: str | None = None, revalidation: Revalidation | None = None) -> Downloaded:
         """GET with redirects followed by hand, the token attached only on hops to Label Studio.
 
         ``display`` names the download in messages instead of the URL (a cloud URI instead of its presign
         URL). A 401 from Label Studio on a refreshable token drops the cached access token and tries once more.
+        ``revalidation`` (``backend.image_identity``): its conditional headers go on every hop, and the final
+        answer's validators are recorded in it; a 304 then returns no bytes with ``not_modified`` set.
         """
         signed = False
         retried = False
@@ -116,6 +119,8 @@ class Downloader:
             shown = redact(url, keep_query=not signed)
             policy = self._policy(target, to_label_studio, display or shown)
             headers = label_studio.headers(deadline) if to_label_studio else {}
+            if revalidation is not None:
+                headers = {**headers, **revalidation.request}
             timeout = remaining(deadline, display or shown)
             with self.guard.hop(deadline, policy) as hop:
                 try:
@@ -146,6 +151,11 @@ class Downloader:
                         label_studio.forget_access_token(headers.get("Authorization", ""))
                         retried = True
                         continue
+                    if revalidation is not None:
+                        revalidation.record(response.headers)
+                        if status == 304 and revalidation.request:
+                            revalidation.not_modified = True
+                            return Downloaded(b"", response.headers.get("Content-Type"))
                     if status != 200:
                         raise _status_error(status, shown, label_studio, signed)
                     try:

@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, unquote, unquote_to_bytes, urlsplit
 from backend.errors import ImageError
 from backend.http_download import Downloaded, Downloader, redact, too_big, url_scheme
 from backend.image_decode import TaskImage
+from backend.image_identity import ImageIdentities, Revalidation, file_stamp, is_upload, remembered
 from backend.label_studio import LabelStudioClient, LabelStudioClients
 from backend.limits import IMAGE_MAX_BYTES, IMAGE_MAX_PIXELS, IMAGE_TIMEOUT_S
 from backend.urls import DEFAULT_IMAGE_HOSTS, HostPolicy, UnsafeUrl
@@ -61,6 +62,7 @@ class ImageFetcher:
         max_bytes: int = IMAGE_MAX_BYTES,
         max_pixels: int = IMAGE_MAX_PIXELS,
         image_hosts: HostPolicy | str = DEFAULT_IMAGE_HOSTS,
+        identities: ImageIdentities | None = None,
     ) -> None:
         if timeout_s <= 0 or max_bytes <= 0 or max_pixels <= 0:
             raise ValueError("timeout_s, max_bytes and max_pixels must be positive")
@@ -76,6 +78,7 @@ class ImageFetcher:
         self.max_bytes = int(max_bytes)
         self.max_pixels = int(max_pixels)
         self.label_studio: LabelStudioClient = self.label_studio_clients.client()
+        self.identities = identities if identities is not None else ImageIdentities(0)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageFetcher:
@@ -88,6 +91,7 @@ class ImageFetcher:
             max_bytes=settings.image_max_bytes,
             max_pixels=settings.image_max_pixels,
             image_hosts=settings.sam_image_hosts,
+            identities=ImageIdentities(settings.image_identities, settings.image_uploads_immutable),
         )
 
     def close(self) -> None:
@@ -117,10 +121,41 @@ class ImageFetcher:
               label_studio: LabelStudioClient | None = None) -> TaskImage:
         """The image of ``task["data"][value_key]`` (the ``$image`` variable of the label config).
 
-        ``label_studio`` is the client to fetch Label Studio's images with; None: this process's.
+        ``label_studio`` is the client to fetch Label Studio's images with; None: this process's. An image
+        whose identity is remembered and still current (``backend.image_identity``) comes back without its
+        bytes, as a ``RememberedImage``.
         """
         value = self._image_reference(task, value_key)
         ls = label_studio if label_studio is not None else self.label_studio
+        if value[:5].lower() == "data:" or len(value) > _MAX_REMEMBERED_REFERENCE:
+            image = self._fetch(task, value, ls, Revalidation())
+            assert image is not None
+            return image
+        scope = ls.url or ""
+        known = self.identities.recall(value, scope)
+
+        def load() -> bytes:
+            image = self._fetch(task, value, ls, Revalidation())
+            assert image is not None
+            return image.data
+
+        def forget() -> None:
+            self.identities.forget(value, scope)
+
+        if known is not None and known.immutable:
+            return remembered(known, self.max_pixels, load, forget)
+        revalidation = Revalidation(request=dict(known.validators) if known else {},
+                                    stamp=known.stamp if known else None)
+        image = self._fetch(task, value, ls, revalidation)
+        if image is None:
+            assert known is not None
+            return remembered(known, self.max_pixels, load, forget)
+        self.identities.remember(value, scope, image, revalidation, is_upload(value, ls.is_label_studio(value)))
+        return image
+
+    def _fetch(self, task: dict[str, Any], value: str, ls: LabelStudioClient,
+               revalidation: Revalidation) -> TaskImage | None:
+        """The image's bytes by the route its reference takes; None when ``revalidation`` says unchanged."""
         deadline = self.http.deadline()
         scheme = url_scheme(value)
         content_type = None
@@ -131,15 +166,15 @@ class ImageFetcher:
         elif scheme in CLOUD_SCHEMES:
             source = value
             presign = ls.presign_url(task.get("id"), value)
-            data, content_type = self.http.get(presign, ls, deadline, display=value)
+            data, content_type = self.http.get(presign, ls, deadline, display=value, revalidation=revalidation)
         elif scheme in ("http", "https"):
             source = redact(value)
             local = self._local_file(value) if ls.is_label_studio(value) else None
             if local is not None:
-                data = self._read_file(local, source)
+                data = self._read_local(local, source, revalidation)
             else:
                 untrusted = not ls.is_label_studio(value) and not self.http.trusts(value)
-                data, content_type = self._download(value, ls, deadline, untrusted, source)
+                data, content_type = self._download(value, ls, deadline, untrusted, source, revalidation)
         elif scheme is not None:
             raise ImageError(
                 f"The task image '{redact(value)}' uses the scheme '{scheme}://', which the backend cannot "
@@ -154,15 +189,17 @@ class ImageFetcher:
             source = value
             local = self._local_file(value)
             if local is not None:
-                data = self._read_file(local, source)
+                data = self._read_local(local, source, revalidation)
             else:
-                data, content_type = self.http.get(ls.base_url(value) + value, ls, deadline)
+                data, content_type = self.http.get(ls.base_url(value) + value, ls, deadline, revalidation=revalidation)
         else:
             guess = f" Did you mean http://{value}?" if re.match(r"^[\w.-]+\.\w+(:\d+)?/", value) else ""
             raise ImageError(
                 f"The task image '{value}' is not a URL: it has no scheme. Use http(s)://host/path, a Label "
                 f"Studio path (/data/upload/..., /data/local-files/?d=...), s3://... or a data: URI.{guess}"
             )
+        if revalidation.not_modified:
+            return None
         image = TaskImage(data=data, sha256=hashlib.sha256(data).hexdigest(), source=source,
                           content_type=content_type, max_pixels=self.max_pixels)
         try:
@@ -172,10 +209,10 @@ class ImageFetcher:
         return image
 
     def _download(self, url: str, ls: LabelStudioClient, deadline: float, untrusted: bool,
-                  source: str) -> Downloaded:
+                  source: str, revalidation: Revalidation | None = None) -> Downloaded:
         """``Downloader.get``; for an untrusted host every failure but a malformed URL gets one message."""
         try:
-            return self.http.get(url, ls, deadline)
+            return self.http.get(url, ls, deadline, revalidation=revalidation)
         except UnsafeUrl:
             raise
         except ImageError as error:
@@ -237,6 +274,19 @@ class ImageFetcher:
                 return full
         return None
 
+    def _read_local(self, path: Path, source: str, revalidation: Revalidation) -> bytes:
+        """A file under the local root; nothing read when its stamp is the one remembered."""
+        try:
+            stamp = file_stamp(path)
+        except OSError:
+            stamp = None
+        if stamp is not None and stamp == revalidation.stamp:
+            revalidation.not_modified = True
+            return b""
+        data = self._read_file(path, source)
+        revalidation.stamp = stamp if stamp is not None and stamp == _stamp_or_none(path) else None
+        return data
+
     def _read_file(self, path: Path, source: str) -> bytes:
         try:
             size = path.stat().st_size
@@ -256,6 +306,18 @@ def _unusable(source: str, error: ImageError) -> ImageError:
         "names the reason: fix the URL, or have the backend's admin allow the host in SAM_IMAGE_HOSTS.",
         detail=error.message,
     )
+
+
+# References longer than this (long signed URLs are ~2 KB) are not remembered: the key would cost more than it saves.
+_MAX_REMEMBERED_REFERENCE = 4096
+
+
+def _stamp_or_none(path: Path) -> tuple[int, ...] | None:
+    """The file's stamp after reading it: a file that changed while being read is not remembered."""
+    try:
+        return file_stamp(path)
+    except OSError:
+        return None
 
 
 def _decode_data_uri(value: str, max_bytes: int) -> bytes:

@@ -22,6 +22,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from backend import bitmask, rle
+from backend.fast_json import RleList
 from backend.label_config import ControlTag, LabelConfig
 
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -56,7 +57,7 @@ def brush_region(mask: np.ndarray, label: str, score: float, config: LabelConfig
         "original_width": int(width),
         "original_height": int(height),
         "image_rotation": 0,
-        "value": {"format": "rle", "rle": rle.encode(mask), "brushlabels": [label]},
+        "value": {"format": "rle", "rle": RleList(rle.encode_array(mask)), "brushlabels": [label]},
         "score": float(score),
     }
 

@@ -17,6 +17,7 @@ passes the settings through and imports nothing of torch until the model loads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -35,6 +36,7 @@ from backend.prompts import ObjectPrompt
 if TYPE_CHECKING:  # these import model and so torch: only when the segmenter is built or loads
     from backend.cache import EmbeddingCache
     from model import Embedding, Predictor, Sam
+    from model.runtime import DecodeSlots
     from model.sam2 import Sam2
 
 log = logging.getLogger(__name__)
@@ -64,12 +66,15 @@ class Segmenter:
                  cache: EmbeddingCache | None = None, metrics: Metrics | None = None,
                  ready_wait_s: float = DEFAULT_READY_WAIT_S, dtype: str = "auto", compile: bool = False,
                  torch_threads: int = 0, loader: Callable[[str, str | None], Sam | Sam2] | None = None,
-                 everything_options: dict[str, Any] | None = None) -> None:
+                 everything_options: dict[str, Any] | None = None, decode_slots: int = 0) -> None:
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.device = device
         self.dtype = dtype
         self.compile = compile
         self.torch_threads = torch_threads
+        self.decode_slots = decode_slots  # model.runtime.DecodeSlots: 0 = one per CPU core
+        self._decode_gate: DecodeSlots | None = None
+        self._encoder_threads = torch_threads
         self.everything_options = dict(everything_options or {})  # MaskGenerator arguments (grid, thresholds)
         self.metrics = metrics if metrics is not None else Metrics()
         if cache is None:
@@ -98,7 +103,8 @@ class Segmenter:
         cache = EmbeddingCache(default_cache_bytes(settings.device) if memory is None else memory,
                                settings.redis_url or None, ttl_s=settings.sam_cache_ttl_s, metrics=metrics)
         return cls(settings.checkpoint_path, settings.device, cache=cache, metrics=metrics,
-                   dtype=settings.sam_dtype, compile=settings.sam_compile, torch_threads=settings.sam_torch_threads)
+                   dtype=settings.sam_dtype, compile=settings.sam_compile, torch_threads=settings.sam_torch_threads,
+                   decode_slots=settings.sam_decode_slots)
 
     # ----------------------------------------------------------------------------------------------------
     # lifecycle
@@ -153,8 +159,11 @@ class Segmenter:
                 raise ModelError(missing_checkpoint_message(self.checkpoint))
             sam = self._loader(str(self.checkpoint), self.device) if self._loader else self._default_load()
             from model import Predictor
+            from model.runtime import DecodeSlots, cpu_cores
 
             predictor = Predictor(sam)
+            self._decode_gate = DecodeSlots(sam.device, self.decode_slots)
+            self._encoder_threads = self.torch_threads or cpu_cores()
             self.cache.device = sam.device
             self._predictor = predictor
             self.load_seconds = time.perf_counter() - start
@@ -199,10 +208,22 @@ class Segmenter:
 
         def compute() -> Embedding:
             pixels = image() if callable(image) else image
+            self._encoder_threads_in_this_thread()
             with self.metrics.time_encoder():
                 return predictor.embed(pixels)
 
         return self.cache.get_or_compute(predictor.sam.fingerprint, image_sha256, compute)
+
+    def _decode_slot(self) -> contextlib.AbstractContextManager[None]:
+        """A decode's share of the CPU (``model.runtime.DecodeSlots``): waits for a free core."""
+        return self._decode_gate() if self._decode_gate is not None else contextlib.nullcontext()
+
+    def _encoder_threads_in_this_thread(self) -> None:
+        """Encodes use every core (or SAM_TORCH_THREADS): this thread may have decoded on one before."""
+        if self._decode_gate is not None and self._decode_gate.cpu:
+            from model.runtime import use_threads
+
+            use_threads(self._encoder_threads)
 
     def segment(self, embedding: Embedding, prompt: ObjectPrompt, mask_input: np.ndarray | None = None) -> Mask:
         """One object's mask from its prompt (original image pixels): the best of three for a lone click.
@@ -210,7 +231,7 @@ class Segmenter:
         ``mask_input``: an earlier round's low-res logits (``backend.refinement``), Meta's iterative clicks.
         """
         predictor = self.predictor()
-        with self.metrics.time_decoder():
+        with self._decode_slot(), self.metrics.time_decoder():
             prediction = predictor.predict(embedding, points=prompt.point_coords, labels=prompt.point_coord_labels,
                                            box=prompt.box, mask_input=mask_input, multimask=prompt.multimask,
                                            best_only=True)
@@ -223,7 +244,7 @@ class Segmenter:
         boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         if len(boxes) == 0:
             return []
-        with self.metrics.time_decoder():
+        with self._decode_slot(), self.metrics.time_decoder():
             prediction = predictor.predict_boxes(embedding, boxes)
         return [Mask(mask=m, score=float(s)) for m, s in zip(prediction.masks, prediction.scores, strict=True)]
 
@@ -240,6 +261,7 @@ class Segmenter:
 
         sam = self.predictor().sam
         generator = MaskGenerator(sam, **{**self.everything_options, **options})
+        self._encoder_threads_in_this_thread()  # a long whole-image job: all cores, like an encode
         with self.metrics.time_decoder():
             records = generator.generate(image, embedding=embedding)
         return [Mask(mask=np.asarray(r["segmentation"], dtype=bool), score=float(r["predicted_iou"]))

@@ -30,6 +30,15 @@ and 4 annotators; MobileSAM makes at least 3 per cell and runs 1, 4 and 8. ``--c
 time of a click is dominated by the decoder, with a MobileSAM click <= 100 ms p50 at 1024x768 (1 annotator,
 2-core CPU); after the warm-up the first click costs no more than a warm click (judged with 25 % room for
 timing noise). Weights are random: masks are meaningless, only times are.
+
+``--masks smooth,speckled`` (default both) picks the weights: speckled are the plain random ones (masks of
+salt-and-pepper, brush RLEs of 0.3-1.4 MB), smooth are ``testsupport.smooth_checkpoints`` (one blob per click,
+RLEs of a few KB, as real weights give). For each model, masks and size the run also times Meta's bare
+``SamPredictor.predict`` (``segment_anything`` / ``mobile_sam``, the same weights, image and clicks, in this
+process while the server is idle): the in-run yardstick. With several annotators every warm click's mask is
+checked against the same request sent alone afterwards. Goals on the last lines: the warm click's p50 at
+1024x768 <= 0.6 x Meta's predict, at 4000x3000 <= 1.0 x; with 8 annotators the warm p95 <= 3 x one annotator's,
+every mask identical to the one sent alone.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import copy
+import hashlib
 import io
 import json
 import math
@@ -81,6 +91,10 @@ CLICK_TIMEOUT_S = 600.0  # a cold ViT-B click behind 7 others on a busy CPU take
 GOAL_WARM_CLICK_S = 0.100  # MobileSAM warm click p50 at 1024x768
 GOAL_FIRST_CLICK_RATIO = 1.25  # "no more than a warm click", with room for timing noise
 SCENARIOS = ("cold", "warm", "warm-up+click")
+MASKS = ("smooth", "speckled")
+GOAL_META_RATIO = {"1024x768": 0.6, "4000x3000": 1.0}  # warm click p50 / Meta's bare predict p50
+GOAL_CONCURRENT_P95_RATIO = 3.0  # 8 annotators' warm p95 / one annotator's
+META_ROUNDS = 3  # Meta's predict: each warm click's point this many times
 
 
 def log(message: str) -> None:
@@ -341,12 +355,16 @@ def _free_port() -> int:
 
 # ------------------------------------------------------------------------------------------------------------
 # checkpoints
-def make_checkpoint(name: str, directory: Path) -> Path:
-    """A seeded random checkpoint of an official architecture in its official file format (reused if there)."""
+def make_checkpoint(name: str, directory: Path, masks: str = "speckled") -> Path:
+    """A seeded random checkpoint of an official architecture in its official file format (reused if there).
+
+    ``masks`` "smooth": ``testsupport.smooth_checkpoints`` (one blob per click) instead of plain random weights.
+    """
     import torch
 
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / ("mobile_sam_random.pt" if name == "vit_t" else f"sam_{name}_random.pth")
+    suffix = "_smooth" if masks == "smooth" else "_random"
+    path = directory / (f"mobile_sam{suffix}.pt" if name == "vit_t" else f"sam_{name}{suffix}.pth")
     if path.is_file():
         return path
     log(f"making a random {MODEL_TITLES.get(name, name)} checkpoint at {path} ...")
@@ -354,7 +372,11 @@ def make_checkpoint(name: str, directory: Path) -> Path:
     torch.set_num_threads(1)
     partial = path.with_suffix(".partial")
     try:
-        if name == "vit_t":
+        if masks == "smooth" and name in ("vit_t", "vit_b"):
+            from testsupport.smooth_checkpoints import make_smooth_checkpoint
+
+            make_smooth_checkpoint(partial, name, SEED)
+        elif name == "vit_t":
             from testsupport.mobilesam_checkpoints import make_mobile_sam_checkpoint
 
             make_mobile_sam_checkpoint(partial, "vit_t", SEED)
@@ -377,6 +399,8 @@ class Sample:
     seconds: float
     status: int
     error: str | None = None
+    mask: str | None = None  # a digest of the first region's RLE: "the same mask" across requests
+    nbytes: int = 0  # the response body
 
 
 @dataclass
@@ -392,6 +416,8 @@ class Row:
     server: dict[str, Any] = field(default_factory=dict)  # request / decoder / encoder histogram deltas
     waits: list[dict[str, Any]] = field(default_factory=list)  # warm-up: how they waited before the first click
     open_s: list[float] = field(default_factory=list)  # warm-up: the no-context /predict of opening the task
+    identical: list[int] = field(default_factory=lambda: [0, 0])  # concurrent masks equal to alone: [same, checked]
+    nbytes: list[int] = field(default_factory=list)  # response sizes
 
     def p(self, q: float) -> float | None:
         return percentile(self.client_s, q)
@@ -426,7 +452,11 @@ class Annotator:
                                                          f"/predict: {response.text[:200]!r}")
         if path == "/predict" and body["params"].get("context") and not (results and results[0].get("result")):
             return Sample(seconds, response.status_code, "a click got no region back")
-        return Sample(seconds, response.status_code)
+        mask = None
+        if results and results[0].get("result"):
+            rle = results[0]["result"][0].get("value", {}).get("rle")
+            mask = hashlib.sha256(json.dumps(rle).encode()).hexdigest()[:16] if rle is not None else None
+        return Sample(seconds, response.status_code, mask=mask, nbytes=len(response.content))
 
 
 def _error_text(response: requests.Response) -> str:
@@ -452,8 +482,11 @@ class Cell:
     """The three scenarios for one model x size x number of annotators on one running server."""
 
     def __init__(self, model: str, size_name: str, count: int, server: Server, bodies: Bodies, images: Images,
-                 fake_ls: FakeLabelStudio, next_image: Iterator[int], args: argparse.Namespace) -> None:
+                 fake_ls: FakeLabelStudio, next_image: Iterator[int], args: argparse.Namespace,
+                 title: str | None = None) -> None:
         self.model, self.size_name, self.count = model, size_name, count
+        self.title = title or MODEL_TITLES.get(model, model)
+        self.tasks: list[tuple[int, str]] = []
         self.server, self.bodies, self.images, self.fake_ls = server, bodies, images, fake_ls
         self.next_image, self.args = next_image, args
         self.size = (images.width, images.height)
@@ -492,13 +525,14 @@ class Cell:
         row.server = {key: histogram_delta(windows, key) for key in HISTOGRAMS}
 
     def row(self, scenario: str) -> Row:
-        return Row(MODEL_TITLES.get(self.model, self.model), self.size_name, self.count, scenario)
+        return Row(self.title, self.size_name, self.count, scenario)
 
     @staticmethod
     def add(row: Row, samples: list[Sample]) -> None:
         for sample in samples:
             if sample.error is None:
                 row.client_s.append(sample.seconds)
+                row.nbytes.append(sample.nbytes)
             else:
                 row.errors.append(sample.error)
 
@@ -516,9 +550,17 @@ class Cell:
             return [self.click(i, tasks[i], k) for k in range(1, self.args.clicks + 1)]
 
         with self.measured(warm, []):
-            for samples in together(self.count, warm_clicks):
+            concurrent = together(self.count, warm_clicks)
+            for samples in concurrent:
                 self.add(warm, samples)
         self.server.check_alive()
+        self.tasks = tasks
+        if self.count > 1:  # the same clicks again, one at a time: the masks must not depend on the company
+            for i, samples in enumerate(concurrent):
+                for k, sample in enumerate(samples, start=1):
+                    alone = self.click(i, tasks[i], k)
+                    warm.identical[1] += 1
+                    warm.identical[0] += int(sample.mask is not None and alone.mask == sample.mask)
         rows = [cold, warm]
         if self.args.warmup:
             rows.append(self.warmup_then_click())
@@ -577,10 +619,11 @@ class Cell:
 # ------------------------------------------------------------------------------------------------------------
 # the run
 def run_model(model: str, checkpoint: Path, args: argparse.Namespace, bodies: Bodies,
-              images: dict[str, Images], workdir: Path) -> list[Row]:
+              images: dict[str, Images], workdir: Path, masks: str = "speckled") -> list[Row]:
+    title = f"{MODEL_TITLES.get(model, model)}/{masks}"
     fake_ls = FakeLabelStudio(CloudStorage(), legacy_token=TOKEN)
     threads = max(4, max(annotator_counts(model, args)))
-    server = Server(checkpoint, threads, args.device, args.torch_threads, workdir / f"server-{model}.log",
+    server = Server(checkpoint, threads, args.device, args.torch_threads, workdir / f"server-{model}-{masks}.log",
                     args.redis_url)
     rows: list[Row] = []
     try:
@@ -597,8 +640,12 @@ def run_model(model: str, checkpoint: Path, args: argparse.Namespace, bodies: Bo
         for size_name in args.sizes:
             for count in annotator_counts(model, args):
                 started = time.perf_counter()
-                cell = Cell(model, size_name, count, server, bodies, images[size_name], fake_ls, counter, args)
+                cell = Cell(model, size_name, count, server, bodies, images[size_name], fake_ls, counter, args,
+                            title=title)
                 cell_rows = cell.run()
+                if count == annotator_counts(model, args)[0] and args.meta:
+                    cell_rows.extend(meta_predict_rows(model, checkpoint, title, size_name, images[size_name],
+                                                       cell.tasks[0], args))
                 for row in cell_rows:
                     log("  " + format_row(row))
                 log(f"  ({time.perf_counter() - started:.0f} s, load average {_load()})")
@@ -608,6 +655,57 @@ def run_model(model: str, checkpoint: Path, args: argparse.Namespace, bodies: Bo
         fake_ls.close()
         fake_ls.cloud.close()
     return rows
+
+
+_REFERENCES: dict[Path, Any] = {}
+
+
+def reference_predictor(model: str, checkpoint: Path) -> Any:
+    """Meta's ``SamPredictor`` (MobileSAM's for vit_t) holding the checkpoint's weights, built once per file."""
+    if checkpoint not in _REFERENCES:
+        if model == "vit_t":
+            from mobile_sam import SamPredictor, sam_model_registry
+        else:
+            from segment_anything import SamPredictor, sam_model_registry  # type: ignore[no-redef]
+        _REFERENCES.clear()  # one at a time: a ViT-B reference is 375 MB
+        _REFERENCES[checkpoint] = SamPredictor(sam_model_registry[model](checkpoint=str(checkpoint)).eval())
+    return _REFERENCES[checkpoint]
+
+
+def meta_predict_rows(model: str, checkpoint: Path, title: str, size_name: str, images: Images,
+                      task: tuple[int, str], args: argparse.Namespace) -> list[Row]:
+    """Meta's bare ``predict`` on the image and points the warm clicks used (``set_image`` untimed).
+
+    Two rows: "meta predict" with PyTorch's default intra-op threads (the cores), as Meta's predictor runs
+    out of the box, the yardstick of the goals; "meta 1 thr" with one thread, as our decodes run. On a
+    machine that other processes load, the default's OpenMP threads wait for each other, and the one-thread
+    row is the steadier reference. The two alternate click by click, so both see the same load.
+    """
+    import torch
+    from PIL import Image
+
+    rows = {0: Row(title, size_name, 1, "meta predict"), 1: Row(title, size_name, 1, "meta 1 thr")}
+    name = task[1].rsplit("/", 1)[-1]
+    index = int(name.rsplit("-", 1)[-1].split(".")[0])
+    image = np.asarray(Image.open(io.BytesIO(images.jpeg(index))).convert("RGB"))
+    predictor = reference_predictor(model, checkpoint)
+    default_threads = torch.get_num_threads()
+    try:
+        with torch.inference_mode():
+            predictor.set_image(image)
+            height, width = image.shape[:2]
+            for _ in range(META_ROUNDS):
+                for k in range(1, args.clicks + 1):
+                    x, y = click_point(k)
+                    point = np.array([[x / 100 * width, y / 100 * height]])
+                    for threads, row in rows.items():
+                        torch.set_num_threads(threads or default_threads)
+                        started = time.perf_counter()
+                        predictor.predict(point_coords=point, point_labels=np.array([1]), multimask_output=True)
+                        row.client_s.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(default_threads)
+    return list(rows.values())
 
 
 def annotator_counts(model: str, args: argparse.Namespace) -> list[int]:
@@ -648,6 +746,10 @@ def format_row(row: Row) -> str:
                      f"{_ms(percentile(row.open_s, 0.5))} ms")
     if len(row.client_s) == 1:
         notes.append("1 sample")
+    if row.nbytes:
+        notes.append(f"response p50 {np.median(row.nbytes) / 1024:.0f} KiB")
+    if row.identical[1]:
+        notes.append(f"masks identical to alone {row.identical[0]}/{row.identical[1]}")
     if row.errors:
         notes.append(f"{len(row.errors)} errors: {row.errors[0]}")
     return (f"{row.model:<9} {row.size:<9} {row.annotators:>3} {row.scenario:<13} {len(row.client_s):>3} "
@@ -661,7 +763,7 @@ def goals(rows: list[Row]) -> list[str]:
     """The click-latency goals (warm click time, first click after warm-up), judged on the rows that measure them."""
     lines = []
     for row in rows:
-        if (row.model, row.size, row.annotators, row.scenario) == ("MobileSAM", "1024x768", 1, "warm"):
+        if (row.model.split("/")[0], row.size, row.annotators, row.scenario) == ("MobileSAM", "1024x768", 1, "warm"):
             request, decoder = row.server["request"], row.server["decoder"]
             share = (decoder["mean_s"] / request["mean_s"]) if request["mean_s"] and decoder["mean_s"] else None
             p50 = row.p(0.5)
@@ -672,6 +774,25 @@ def goals(rows: list[Row]) -> list[str]:
                          f"{'MET' if met else 'NOT MET'}" if share is not None else
                          f"goal: MobileSAM warm click at 1024x768: client p50 {_ms(p50)} ms, no server times")
     warm = {(r.model, r.size, r.annotators): r for r in rows if r.scenario == "warm"}
+    meta = {(r.model, r.size): r for r in rows if r.scenario == "meta predict"}
+    for (model, size), reference in meta.items():
+        ours, theirs = warm.get((model, size, 1)), reference.p(0.5)
+        if ours is None or ours.p(0.5) is None or not theirs or size not in GOAL_META_RATIO:
+            continue
+        ratio = ours.p(0.5) / theirs
+        verdict = "MET" if ratio <= GOAL_META_RATIO[size] else "NOT MET"
+        lines.append(f"goal: {model} {size} warm click over HTTP p50 {_ms(ours.p(0.5))} ms vs Meta's bare predict "
+                     f"p50 {_ms(theirs)} ms = x{ratio:.2f} (<= x{GOAL_META_RATIO[size]}) {verdict}")
+    for (model, size, count), row in warm.items():
+        single = warm.get((model, size, 1))
+        if count != 8 or single is None or not single.p(0.95) or row.p(0.95) is None:
+            continue
+        ratio = row.p(0.95) / single.p(0.95)
+        same = row.identical[0] == row.identical[1] and not row.errors
+        lines.append(f"goal: {model} {size} 8 annotators warm p95 {_ms(row.p(0.95))} ms vs 1 annotator "
+                     f"{_ms(single.p(0.95))} ms = x{ratio:.2f} (<= x{GOAL_CONCURRENT_P95_RATIO}) "
+                     f"{'MET' if ratio <= GOAL_CONCURRENT_P95_RATIO else 'NOT MET'}; masks identical to alone "
+                     f"{row.identical[0]}/{row.identical[1]} {'MET' if same else 'NOT MET'}")
     for row in rows:
         if row.scenario != "warm-up+click":
             continue
@@ -716,9 +837,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--redis-url", default=None, help="REDIS_URL of the server (default: none, memory cache)")
     parser.add_argument("--load-timeout", type=float, default=300.0, help="seconds to wait for the model to load")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write every number here")
+    parser.add_argument("--masks", default=",".join(MASKS),
+                        help="comma-separated random weights: smooth (one blob per click, RLEs of a few KB, "
+                             "testsupport.smooth_checkpoints), speckled (plain random, RLEs of 0.3-1.4 MB)")
+    parser.add_argument("--no-meta", dest="meta", action="store_false",
+                        help="skip timing Meta's bare SamPredictor.predict (the yardstick)")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    args.masks = [m.strip() for m in args.masks.split(",") if m.strip()]
+    if not args.masks or set(args.masks) - set(MASKS):
+        parser.error(f"--masks: choose from {', '.join(MASKS)}")
     for size in args.sizes:
         try:
             width, height = (int(v) for v in size.lower().split("x"))
@@ -784,8 +913,9 @@ def main(argv: list[str] | None = None) -> int:
             workdir = Path(tmp)
             checkpoint_dir = args.checkpoint_dir or workdir
             for model in args.models:
-                checkpoint = args.checkpoints.get(model) or make_checkpoint(model, checkpoint_dir)
-                rows.extend(run_model(model, checkpoint, args, bodies, images, workdir))
+                for masks in (["given"] if model in args.checkpoints else args.masks):
+                    checkpoint = args.checkpoints.get(model) or make_checkpoint(model, checkpoint_dir, masks)
+                    rows.extend(run_model(model, checkpoint, args, bodies, images, workdir, masks))
     except BenchError as error:
         log(f"latency: {error}")
         return 1

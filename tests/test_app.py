@@ -245,7 +245,8 @@ def test_batch_answers_within_its_budget_and_names_what_was_left(checkpoint: Pat
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """A batch bigger than SAM_BATCH_BUDGET_S answers in time, one entry per task: a prediction for each task
     done, ``[]`` (nothing stored by Label Studio) for each task left; the log names them and the command."""
-    settings = make_settings(checkpoint, sam_batch_budget_s=2.0, sam_warmup=False)
+    # Every task names the same upload: with remembered identities only the first would be downloaded.
+    settings = make_settings(checkpoint, sam_batch_budget_s=2.0, sam_warmup=False, image_identities=0)
     segmenter = Segmenter.from_settings(settings)
     segmenter.load()  # the budget is for the tasks: a model still loading would take it all on a busy machine
     client = create_app(settings, segmenter).test_client()

@@ -226,11 +226,20 @@ class _Handler(BaseHTTPRequestHandler):
         self.owner.handle_post(self, self.rfile.read(length))
 
 
+def strong_etag(data: bytes) -> str:
+    return '"' + hashlib.md5(data).hexdigest() + '"'  # S3's ETag of a single-part upload
+
+
+def weak_etag(data: bytes) -> str:
+    return 'W/"' + hashlib.sha256(data).hexdigest()[:16] + '"'
+
+
 class FakeServer:
     """A threaded HTTP server on a free 127.0.0.1 port; ``seen`` lists the requests it got."""
 
     def __init__(self) -> None:
         self.seen: list[Seen] = []
+        self.bodies: list[str] = []
         self.files = dict(sample_files())
         self.delay_s = 0.0  # each file is sent this late: a slow image host
         handler = type("Handler", (_Handler,), {"owner": self})
@@ -250,14 +259,23 @@ class FakeServer:
     def handle_post(self, request: _Handler, body: bytes) -> None:
         request.send_json(405, {"detail": "Method not allowed."})
 
-    def send_file(self, request: _Handler, name: str) -> None:
+    def send_file(self, request: _Handler, name: str, etag: str | None = None) -> None:
+        """The file, or 304 when ``etag`` (``weak_etag`` / ``strong_etag``) matches the request's If-None-Match.
+
+        ``bodies`` lists the paths answered with the file's bytes (a 304 is not one).
+        """
         if name not in self.files:
             request.send_json(404, {"detail": "Not found."})
             return
         data, content_type = self.files[name]
+        tag = etag and (weak_etag(data) if etag == "weak" else strong_etag(data))
+        if tag and tag in (request.headers.get("If-None-Match") or ""):
+            request.send(304, b"", content_type, {"ETag": tag})
+            return
         if self.delay_s:
             time.sleep(self.delay_s)
-        request.send(200, data, content_type)
+        self.bodies.append(request.path)
+        request.send(200, data, content_type, {"ETag": tag} if tag else None)
 
 
 class CloudStorage(FakeServer):
@@ -296,7 +314,7 @@ class CloudStorage(FakeServer):
         elif segments[0] == "redirect":
             request.send(302, headers={"Location": unquote(query["to"][0])})
         elif len(segments) == 2 and query.get("X-Amz-Signature") == [self.signature("/".join(segments))]:
-            self.send_file(request, segments[1])
+            self.send_file(request, segments[1], etag="strong")  # S3 / GCS / Azure send one and answer 304
         else:
             request.send_json(403, {"detail": "Signature does not match."})
 
@@ -396,7 +414,8 @@ class FakeLabelStudio(FakeServer):
             self.send_file(request, path.rsplit("/", 1)[-1])
         elif path.rstrip("/") == "/data/local-files":
             d = parse_qs(parts.query).get("d", [""])[-1]
-            self.send_file(request, self.local_files.get(d, ""))
+            # Label Studio 1.23 sends W/"<mtime>-<size>" for local files and answers If-None-Match with 304.
+            self.send_file(request, self.local_files.get(d, ""), etag="weak")
         elif path.startswith("/tasks/") and path.endswith("/presign/"):
             self._presign(request, parse_qs(parts.query).get("fileuri", [""])[0])
         else:

@@ -29,7 +29,7 @@ UPLOAD = "/data/upload/4/0a1b2c3d-rgb.png"
 
 def fetcher(ls: FakeLabelStudio, **kwargs: Any) -> ImageFetcher:
     identities = ImageIdentities(100, immutable_uploads=kwargs.pop("immutable_uploads", True))
-    return ImageFetcher(label_studio_url=ls.url, label_studio_token=ls.legacy_token, identities=identities,
+    return ImageFetcher(label_studio_url=ls.url, label_studio_token=ls.legacy_token, identities=identities, image_hosts="127.0.0.1",
                         **kwargs)
 
 
@@ -135,7 +135,7 @@ def test_data_uris_and_disabled_identities_are_never_remembered(ls: FakeLabelStu
     images = fetcher(ls)
     assert not isinstance(images.fetch(task(uri), "image"), RememberedImage)
     assert len(images.identities) == 0
-    off = ImageFetcher(label_studio_url=ls.url, label_studio_token=ls.legacy_token)
+    off = ImageFetcher(label_studio_url=ls.url, label_studio_token=ls.legacy_token, image_hosts="127.0.0.1")
     for _ in range(2):
         assert not isinstance(off.fetch(task("/data/local-files/?d=local/rgb.png"), "image"), RememberedImage)
 

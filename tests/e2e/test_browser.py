@@ -145,6 +145,7 @@ def test_annotator_session_in_chromium(tmp_path: Path, label_studio: LabelStudio
             points, positive = points_of(first.request, image)
             clicked = suggested_mask(first, image)
             assert_same_mask(clicked, reference.mask(image, points=points, positive=positive), "the click")
+            earlier = reference.logits(image, points=points, positive=positive)  # the Alt-click refines from it
             assert_drawn(ui, clicked, "the click")
 
             # Alt-click: the same keypoint again plus a negative one, one refined mask.
@@ -153,7 +154,7 @@ def test_annotator_session_in_chromium(tmp_path: Path, label_studio: LabelStudio
             assert positive == [True, False], second.request
             assert_near(100.0 * points[1][0] / image.width, 15.0, pixel, "Alt-click x")
             assert_near(100.0 * points[1][1] / image.height, 85.0, pixel, "Alt-click y")
-            refined = reference.mask(image, points=points, positive=positive)
+            refined = reference.mask(image, points=points, positive=positive, refined_from=earlier)
             assert_same_mask(suggested_mask(second, image), refined, "click + Alt-click")
             assert_drawn(ui, refined, "click + Alt-click")
             ui.accept_suggestions()

@@ -8,8 +8,8 @@ Supported files: Meta's ``sam_vit_{b,l,h}_*.pth`` (a plain state dict), Ultralyt
 ``sam_l.pt`` / ``mobile_sam.pt`` (also a plain state dict in Meta's key layout: Ultralytics' own
 builder calls ``load_state_dict(torch.load(f))``), MobileSAM's ``mobile_sam.pt``, and training
 checkpoints that wrap the state dict as ``{"model": sd}`` or ``{"state_dict": sd}``. SAM 2 / SAM 2.1
-files (``sam2.1_hiera_*.pt``, ``{"model": sd}`` with a Hiera trunk) are recognised and built by
-``model.sam2_checkpoint``.
+files (Meta's ``sam2.1_hiera_*.pt``, ``{"model": sd}`` with a Hiera trunk, and Ultralytics' ``sam2.1_t.pt``
+etc., the same state dict plain or under ``"model"``) are recognised and built by ``model.sam2_checkpoint``.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.fast_paths import FAST, FastPaths
 from model.hiera import Hiera
 from model.sam2 import Sam2
 from model.sam2_image_encoder import FpnNeck, ImageEncoder
@@ -164,7 +165,7 @@ def build(sd: dict[str, torch.Tensor], path: str | os.PathLike,
 
 
 def load_with_config(path: str | os.PathLike, config: Sam2Config, device: str | torch.device | None = None,
-                     dtype: torch.dtype | None = None, compile: bool = False) -> Sam2:
+                     dtype: torch.dtype | None = None, compile: bool = False, fast_paths: FastPaths = FAST) -> Sam2:
     """``model.load`` for a SAM 2 checkpoint of a custom architecture, described by ``config``."""
     from model import checkpoint
 
@@ -172,4 +173,4 @@ def load_with_config(path: str | os.PathLike, config: Sam2Config, device: str | 
     if not is_sam2(state_dict):
         raise _error(path, "not a SAM 2 checkpoint: no image_encoder.trunk.* / sam_mask_decoder.* weights")
     sam, state_dict = build(state_dict, path, config)
-    return checkpoint.finish(sam, state_dict, fingerprint, path, device, dtype, compile)
+    return checkpoint.finish(sam, state_dict, fingerprint, path, device, dtype, compile, fast_paths)

@@ -120,15 +120,16 @@ def ultralytics_outputs(predictor, prompt: dict) -> tuple[np.ndarray, np.ndarray
     return logits.float().numpy(), scores.float().numpy()
 
 
-def test_ours_match_ultralytics_predictor(ultralytics, tmp_path):
+@pytest.mark.parametrize("size", ["t", pytest.param("s", marks=pytest.mark.slow)])
+def test_ours_match_ultralytics_predictor(ultralytics, tmp_path, size):
     """Our masks, scores and low-res logits on an Ultralytics-format file equal Ultralytics' SAM2 predictor's."""
     import cv2
     from ultralytics.models.sam import SAM
     from ultralytics.models.sam.predict import SAM2Predictor
 
-    path = save(ultralytics_model("t", "sam2.1", seed=7).state_dict(), tmp_path / file_name("t"))
+    path = save(ultralytics_model(size, "sam2.1", seed=7).state_dict(), tmp_path / file_name(size))
     ours = model.Predictor(model.load(path, device="cpu"))
-    assert ours.sam.name == "sam2.1_hiera_tiny"
+    assert ours.sam.name == {"t": "sam2.1_hiera_tiny", "s": "sam2.1_hiera_small"}[size]
     image = make_image(SIDE, SIDE, seed=9)
     bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     embedding = ours.embed(image)

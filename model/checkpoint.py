@@ -8,8 +8,8 @@ Supported files: Meta's ``sam_vit_{b,l,h}_*.pth`` (a plain state dict), Ultralyt
 ``sam_l.pt`` / ``mobile_sam.pt`` (also a plain state dict in Meta's key layout: Ultralytics' own
 builder calls ``load_state_dict(torch.load(f))``), MobileSAM's ``mobile_sam.pt``, and training
 checkpoints that wrap the state dict as ``{"model": sd}`` or ``{"state_dict": sd}``. SAM 2 / SAM 2.1
-files (``sam2.1_hiera_*.pt``, ``{"model": sd}`` with a Hiera trunk) are recognised and built by
-``model.sam2_checkpoint``.
+files (Meta's ``sam2.1_hiera_*.pt``, ``{"model": sd}`` with a Hiera trunk, and Ultralytics' ``sam2.1_t.pt``
+etc., the same state dict plain or under ``"model"``) are recognised and built by ``model.sam2_checkpoint``.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, dtyp
          compile: bool = False, fast_paths: FastPaths = FAST) -> Sam | Sam2:
     """Build a ready-to-use ``Sam`` (or ``Sam2``; eval mode, on ``device``) from a checkpoint file.
 
-    ``fast_paths``: which speed tricks a SAM 1 model uses (``model.fast_paths``); ``REFERENCE`` runs Meta's
-    order of operations everywhere. ``Sam.set_fast_paths`` changes it later. SAM 2 models have their own.
+    ``fast_paths``: which speed tricks the model uses (``model.fast_paths``, SAM 2's included); ``REFERENCE``
+    runs Meta's order of operations everywhere. ``Sam.set_fast_paths`` / ``Sam2.set_fast_paths`` change it later.
     """
     runtime.resolve_dtype(runtime.resolve_device(device), dtype)  # a bad device fails before the file is read
     state_dict, fingerprint = read_state_dict(path)
@@ -87,8 +87,7 @@ def finish(sam: _SamT, state_dict: dict[str, torch.Tensor], fingerprint: str, pa
                                     f"{' '.join(str(exc).split())}") from None
     sam.fingerprint = fingerprint
     sam.dtype = autocast_dtype
-    if isinstance(sam, Sam):
-        sam.set_fast_paths(fast_paths)
+    sam.set_fast_paths(fast_paths)
     sam.eval().requires_grad_(False).to(target)
     sam.__dict__["encode"] = runtime.maybe_compile(sam.image_encoder, compile)
     return sam

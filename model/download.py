@@ -10,7 +10,7 @@ module imports neither torch nor, until a download starts, the HTTP client: read
 
 Meta's file names carry the first 6 hex digits of the file's sha256 (``sam_vit_b_01ec64.pth``), the
 torch-hub convention: that prefix is what we check. For files whose hash we do not know (MobileSAM,
-the Ultralytics assets) no hash is invented; they are checked for a complete transfer only.
+the Ultralytics assets, SAM 2 / 2.1 from Meta or Ultralytics) no hash is invented; they are checked for a complete transfer only.
 
 SAM 2 / SAM 2.1 (``sam2.1_hiera_{tiny,small,base_plus,large}``, ``sam2_hiera_*``): Meta publishes no
 checksum for them (neither in the file names nor beside them in its download script), so none is
@@ -31,6 +31,8 @@ from urllib.parse import unquote, urlparse
 
 META = "https://dl.fbaipublicfiles.com/segment_anything/"
 ULTRALYTICS = "https://github.com/ultralytics/assets/releases/download/v8.3.0/"
+# Ultralytics' SAM 2 / 2.1 files: the release ultralytics 8.4 downloads them from (attempt_download_asset).
+ULTRALYTICS_SAM2 = "https://github.com/ultralytics/assets/releases/download/v8.4.0/"
 META_SAM2 = "https://dl.fbaipublicfiles.com/segment_anything_2/072824/"
 META_SAM2_1 = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
 _SAM2_SIZES = ("tiny", "small", "base_plus", "large")
@@ -61,6 +63,10 @@ CHECKPOINTS.update({f"sam2.1_hiera_{size}": Checkpoint(f"{META_SAM2_1}sam2.1_hie
                                                        f"sam2.1_hiera_{size}.pt", None) for size in _SAM2_SIZES})
 CHECKPOINTS.update({f"sam2_hiera_{size}": Checkpoint(f"{META_SAM2}sam2_hiera_{size}.pt", f"sam2_hiera_{size}.pt", None)
                     for size in _SAM2_SIZES})
+# Ultralytics' SAM 2.1 and SAM 2 files (Meta's weights in Meta's key layout, see model.sam2_checkpoint): t(iny),
+# s(mall), b(ase+), l(arge). Ultralytics publishes no checksum for them either.
+CHECKPOINTS.update({f"{version}_{size}": Checkpoint(f"{ULTRALYTICS_SAM2}{version}_{size}.pt", f"{version}_{size}.pt", None)
+                    for version in ("sam2.1", "sam2") for size in "tsbl"})
 # Other spellings users type for an official name (matched like names: trimmed, any case).
 ALIASES: dict[str, str] = {
     "mobile_sam": "vit_t", "mobilesam": "vit_t", "sam_vit_b": "vit_b", "sam_vit_l": "vit_l", "sam_vit_h": "vit_h",

@@ -11,7 +11,8 @@ run Meta's reference against each preset.
 
 A policy is device independent; ``FastPaths.for_device`` says what it means on one device, and
 ``Sam.set_fast_paths`` (and every move of the model to another device) hands that resolved policy to the
-modules, once. The CPU-only tricks are the ones about caches and page faults, which a GPU does not have.
+modules, once. The CPU-only tricks are the ones about caches and page faults, which a GPU does not have
+(SAM 2's too: ``hiera_mlp_chunk_elements``).
 
 Why each trick pays (measured on a 2-core Xeon with glibc's malloc; ``bench/engine.py`` times the whole):
 
@@ -61,6 +62,38 @@ most a few percent, but cost nothing either, so they stay on (``bench/allocator.
   applied to the low-res logits: nothing of encoder-input size is made (``model.transforms``).
 * ``cropped_upsample``: otherwise Meta's two resizes, bit for bit, but the first computes only the rows
   and columns that survive the crop (a quarter of the 1024 x 1024 intermediate for a landscape photo).
+
+SAM 2 / SAM 2.1 (``model.hiera``, ``model.sam2_image_encoder``, ``model.sam2_mask_decoder``, ``model.sam2``)
+read the same policy (``Sam2.set_fast_paths``, ``model.load(..., fast_paths=)``). Their mask decoder is
+SAM's transformer, so ``folded_decoder_attention`` applies as above; ``pixel_block_upscaling`` runs SAM 2's
+upscaling (with its high-resolution features added through block-order views) as matmuls, and
+``in_place_activations`` covers Hiera's GELU and the decoder's. Meta's Hiera itself already calls
+``F.scaled_dot_product_attention``, so that is no trick there. Hiera's own tricks (``model.hiera``):
+
+* ``fused_linear`` (CPU, fp32, outside autocast and ``torch.compile``): oneDNN's linear with the bias (and
+  the GELU) fused into the product. Hiera's early stages are products with a short inner dimension (96
+  or 192 channels) and a long output, where PyTorch's addmm spends as long writing the bias into the
+  output and reading it back as on the arithmetic: 1.3-1.6x faster, the same numbers up to rounding.
+* ``hiera_residual_writes``: a block writes shortcut + attention into one fresh tensor, reading the
+  attention windows through a 6-d view (Meta merges them back into a grid first, one more copy of the
+  activations), and adds the MLP's output to it in place.
+* ``hiera_mlp_chunk_elements`` (CPU, with ``hiera_residual_writes``): the most hidden activations of a
+  Hiera MLP at once (fp32: 32 MiB), the residual added chunk by chunk. Larger than the ViT's chunks on
+  purpose: smaller chunks save ~5% of CPU time on an idle machine, but each is a parallel region whose
+  threads must all get a core, and on a loaded 2-core machine (load 5) the encoder then ran 1.3x slower.
+* ``strided_max_pool``: a 2x2 max pool as two ``maximum`` passes over strided channels-last views;
+  Meta permutes to channels-first and back around ``nn.MaxPool2d``, 4-7x slower. The same maxima.
+* ``contiguous_attention_heads``: for 1024 keys or more (the global blocks), q, k and v are copied to
+  contiguous heads before SDPA, whose CPU kernel then runs 8-15% faster, more than the copy costs.
+* ``cached_position_embedding``: the position embedding (a bicubic resize of the background table plus
+  the tiled window table) is computed once per grid size and added in place; Meta recomputes it per image.
+* ``channels_last_patch_embed``: the 7x7 patch convolution reads a channels-last input, so it writes
+  the channels-last tokens directly instead of a channels-first map that is then permuted.
+* ``folded_neck_projections``: the image predictor's ``conv_s0`` / ``conv_s1`` (and the ``no_mem_embed``
+  bias) are 1x1 maps after the neck's 1x1 lateral convolutions, so each pair is folded into one: the
+  256 x 256 level goes from the trunk's 96 channels straight to 32 (``model.sam2_image_encoder``).
+* ``per_mask_resize``: the low-res logits are resized to the image one mask at a time: PyTorch's CPU
+  kernel takes a path for one channel that is 3x faster than its path for three (equal within 1e-6).
 """
 
 from __future__ import annotations
@@ -88,9 +121,19 @@ class FastPaths:
     pixel_block_upscaling: bool = True
     composed_thumbnail_resize: bool = True
     cropped_upsample: bool = True
+    # SAM 2 / 2.1 (see the module docstring)
+    fused_linear: bool = True
+    hiera_residual_writes: bool = True
+    hiera_mlp_chunk_elements: int = 1 << 23
+    strided_max_pool: bool = True
+    contiguous_attention_heads: bool = True
+    cached_position_embedding: bool = True
+    channels_last_patch_embed: bool = True
+    folded_neck_projections: bool = True
+    per_mask_resize: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("attention_bias_elements", "mlp_chunk_elements"):
+        for name in ("attention_bias_elements", "mlp_chunk_elements", "hiera_mlp_chunk_elements"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or more, not {getattr(self, name)}")
 
@@ -104,7 +147,8 @@ class FastPaths:
         if device_type.split(":")[0] == "cpu":
             return self
         budget = self.attention_bias_elements and max(self.attention_bias_elements, GPU_ATTENTION_BIAS_ELEMENTS)
-        return replace(self, window_bands=False, mlp_chunk_elements=0, attention_bias_elements=budget)
+        return replace(self, window_bands=False, mlp_chunk_elements=0, attention_bias_elements=budget,
+                       hiera_mlp_chunk_elements=0)
 
 
 # Every trick on: what the backend serves.
@@ -112,7 +156,10 @@ FAST = FastPaths()
 # Every trick off: Meta's order of operations everywhere, the plainest code.
 REFERENCE = FastPaths(fused_attention=False, attention_bias_elements=0, window_bands=False, mlp_chunk_elements=0,
                       in_place_activations=False, folded_decoder_attention=False, pixel_block_upscaling=False,
-                      composed_thumbnail_resize=False, cropped_upsample=False)
+                      composed_thumbnail_resize=False, cropped_upsample=False, fused_linear=False,
+                      hiera_residual_writes=False, hiera_mlp_chunk_elements=0, strided_max_pool=False,
+                      contiguous_attention_heads=False, cached_position_embedding=False,
+                      channels_last_patch_embed=False, folded_neck_projections=False, per_mask_resize=False)
 
 
 class UsesFastPaths:

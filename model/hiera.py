@@ -9,17 +9,25 @@ self-attention without relative positions. The first block of stages 2-4 halves 
 the queries 2x2 (inside each window) and the shortcut, and widens the channels. The trunk returns the last
 block of every stage: four feature maps at strides 4, 8, 16 and 32.
 
-The computation is Meta's, rearranged where that is faster on CPU and equal up to float rounding:
+Every module runs Meta's order of operations (``sam2.modeling.backbones.hieradet``, channels-last as
+Meta's is, attention through ``F.scaled_dot_product_attention`` as Meta's is) unless a switch of
+``model.fast_paths`` says otherwise; each trick is equal to Meta's up to float rounding or exactly:
 
-* everything runs channels-last, (B, H, W, C); the position embedding (a bicubic resize of a small
-  background table plus a tiled window table) is cached per grid size, keyed on the tables' versions so
-  loading new weights invalidates it;
-* windows are cut once from the normalised input, and merged back inside the residual add; a 2x2 max
-  pool is two ``maximum`` passes over strided views (no permute to channels-first and back);
-* attention is ``F.scaled_dot_product_attention`` on views of the fused q/k/v projection (copied to
-  contiguous heads for the long sequences of the global blocks);
-* on CPU at fp32 the linear layers are oneDNN's, with the bias and GELU fused into the product (``linear``);
-* MLPs run on chunks of rows, their residual added chunk by chunk (``MultiScaleBlock._mlp_residual_``).
+* ``cached_position_embedding``: the position embedding (a bicubic resize of a small background table
+  plus a tiled window table) is cached per grid size, keyed on the tables' versions so loading new weights
+  invalidates it, and added in place to the patch embedding's fresh output;
+* ``channels_last_patch_embed``: the 7x7 convolution reads a channels-last input, so it writes the
+  channels-last tokens directly (the permute after it is a view);
+* ``hiera_residual_writes``: windows are merged back inside the residual add (no separate unpartition),
+  which writes one fresh tensor that the MLP's residual is then added to in place;
+* ``hiera_mlp_chunk_elements`` (CPU, with ``hiera_residual_writes``): MLPs run on chunks of rows, their
+  residual added chunk by chunk (``MultiScaleBlock._mlp_residual_``);
+* ``strided_max_pool``: a 2x2 max pool is two ``maximum`` passes over strided views (no permute to
+  channels-first and back): the same maxima;
+* ``contiguous_attention_heads``: q, k and v are copied to contiguous heads for the long sequences of
+  the global blocks;
+* ``fused_linear`` (CPU at fp32): the linear layers are oneDNN's, with the bias and GELU fused into the
+  product (``linear``); ``in_place_activations``: otherwise the GELU overwrites its input.
 
 Padding follows Meta: a grid that is not a multiple of the window is zero-padded after ``norm1``, and the
 padded tokens take part in the attention of their window (their keys and values are the projections'
@@ -35,19 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.common import gelu_
+from model.common import gelu as exact_gelu
+from model.fast_paths import FastPaths, UsesFastPaths
 
-# Upper bound on the elements of the MLP hidden activations held at once on CPU (fp32: 32 MiB). Larger
-# than our ViT's chunks on purpose: smaller chunks (and bands of window rows, tried as in the ViT) save
-# ~5% of CPU time on an idle machine, but each extra operation is a parallel region whose threads must all
-# get a core, and on a loaded or CPU-quota-limited machine (measured: load 5 on 2 cores) the encoder then
-# ran 1.3x slower in wall time instead.
-_MLP_CHUNK_ELEMENTS = 1 << 23
 # Attention over at least this many keys gets contiguous q / k / v (see MultiScaleAttention.forward).
 _CONTIGUOUS_ATTENTION_TOKENS = 1024
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(UsesFastPaths, nn.Module):
     """Image to tokens: a 7x7 convolution of stride 4, output channels-last (B, H/4, W/4, C)."""
 
     def __init__(self, in_chans: int = 3, embed_dim: int = 96, kernel_size: int = 7, stride: int = 4,
@@ -56,8 +59,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A channels-last input makes the convolution write channels-last: the permute is then a view.
-        x = x.contiguous(memory_format=torch.channels_last)
+        if self.fast_paths.channels_last_patch_embed:
+            # A channels-last input makes the convolution write channels-last: the permute is then a view.
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.proj(x).permute(0, 2, 3, 1)
 
 
@@ -87,18 +91,18 @@ def _compiling() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
-    """``layer(x)``, followed by the exact GELU when ``gelu``: fused on CPU where oneDNN offers it (not under
-    ``torch.compile``, which fuses on its own and lowers this op only for frozen weights)."""
-    if (_FUSED_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 and not _autocast_on("cpu")
-            and not _compiling()):
+def linear(x: torch.Tensor, layer: nn.Linear, policy: FastPaths, gelu: bool = False) -> torch.Tensor:
+    """``layer(x)``, followed by the exact GELU when ``gelu``: with ``fused_linear``, fused on CPU where oneDNN
+    offers it (not under ``torch.compile``, which fuses on its own and lowers this op only for frozen weights)."""
+    if (policy.fused_linear and _FUSED_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
+            and not _autocast_on("cpu") and not _compiling()):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), layer.weight, layer.bias,
                                                   "gelu" if gelu else "none", [], "none" if gelu else "")
     y = layer(x)
-    return gelu_(y) if gelu else y
+    return exact_gelu(y, policy.in_place_activations) if gelu else y
 
 
-class HieraMLP(nn.Module):
+class HieraMLP(UsesFastPaths, nn.Module):
     """Linear, GELU, linear (keys ``layers.0`` / ``layers.1``, Meta's ``MLP`` with two layers)."""
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
@@ -108,7 +112,17 @@ class HieraMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lin1, lin2 = cast("Iterable[nn.Linear]", self.layers)
-        return linear(linear(x, lin1, gelu=True), lin2)
+        return linear(linear(x, lin1, self.fast_paths, gelu=True), lin2, self.fast_paths)
+
+
+def max_pool_2x2_reference(x: torch.Tensor) -> torch.Tensor:
+    """Meta's ``do_pool``: ``nn.MaxPool2d(2, 2)`` on the channels-first permute of (B, H, W, C), permuted back."""
+    return F.max_pool2d(x.permute(0, 3, 1, 2), kernel_size=2, stride=2).permute(0, 2, 3, 1)
+
+
+def pool(x: torch.Tensor, policy: FastPaths) -> torch.Tensor:
+    """2x2 max pooling of (B, H, W, C), by ``strided_max_pool`` or Meta's way: the same maxima."""
+    return max_pool_2x2(x) if policy.strided_max_pool else max_pool_2x2_reference(x)
 
 
 def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +133,16 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     x = x[:, : h - h % 2, : w - w % 2]
     rows = torch.maximum(x[:, 0::2], x[:, 1::2])
     return torch.maximum(rows[:, :, 0::2], rows[:, :, 1::2])
+
+
+def window_unpartition(windows: torch.Tensor, window_size: int, pad_hw: tuple[int, int],
+                       hw: tuple[int, int]) -> torch.Tensor:
+    """Meta's inverse of ``window_partition``: (B * windows, ws, ws, C) -> (B, H, W, C), padding cropped."""
+    (hp, wp), (h, w) = pad_hw, hw
+    b = windows.shape[0] // (hp * wp // window_size // window_size)
+    x = windows.reshape(b, hp // window_size, wp // window_size, window_size, window_size, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+    return x[:, :h, :w, :] if hp > h or wp > w else x
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -132,7 +156,7 @@ def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, t
     return x.transpose(2, 3).reshape(-1, window_size, window_size, c), (hp, wp)
 
 
-class MultiScaleAttention(nn.Module):
+class MultiScaleAttention(UsesFastPaths, nn.Module):
     """Self-attention whose queries may be max-pooled 2x2 (the first block of a stage). Keys ``qkv``, ``proj``."""
 
     def __init__(self, dim: int, dim_out: int, num_heads: int, q_pool: bool = False) -> None:
@@ -145,25 +169,25 @@ class MultiScaleAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, W, dim) -> (B, H', W', dim_out); H' = H // 2 when queries are pooled."""
         b, h, w, _ = x.shape
-        heads = self.num_heads
-        qkv = linear(x, self.qkv)  # (B, H, W, 3 * dim_out)
+        heads, policy = self.num_heads, self.fast_paths
+        qkv = linear(x, self.qkv, policy)  # (B, H, W, 3 * dim_out)
         q, k, v = qkv.view(b, h * w, 3, heads, -1).unbind(2)  # (B, N, heads, hd) strided views
         if self.q_pool:
-            q = max_pool_2x2(qkv[..., : self.dim_out])
+            q = pool(qkv[..., : self.dim_out], policy)  # q of every head: Meta's q.reshape(B, H, W, -1)
             h, w = q.shape[1:3]
-            q = q.view(b, h * w, heads, -1)
+            q = q.reshape(b, h * w, heads, -1)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if k.shape[2] >= _CONTIGUOUS_ATTENTION_TOKENS:
+        if policy.contiguous_attention_heads and k.shape[2] >= _CONTIGUOUS_ATTENTION_TOKENS:
             # Long sequences (the global blocks): SDPA's CPU kernel reads contiguous heads 8-15% faster,
             # more than the copy costs; for the windows' 16-196 tokens the copy costs more than it saves.
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         out = F.scaled_dot_product_attention(q, k, v)
         # (B, heads, N', hd) -> (B, N', heads * hd): a view for one head, a copy otherwise.
         out = out.transpose(1, 2).reshape(b, h, w, self.dim_out)
-        return linear(out, self.proj)
+        return linear(out, self.proj, policy)
 
 
-class MultiScaleBlock(nn.Module):
+class MultiScaleBlock(UsesFastPaths, nn.Module):
     """Pre-norm block: (windowed) attention with optional query pooling, then an MLP.
 
     Keys ``norm1``, ``attn``, ``norm2``, ``mlp``, and ``proj`` (the shortcut's projection) when the width
@@ -185,8 +209,34 @@ class MultiScaleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, W, dim) -> (B, H', W', dim_out). Returns a new tensor; x is left untouched."""
+        if not self.fast_paths.hiera_residual_writes:
+            return self.forward_reference(x)
         x = self._attention_residual(x)
         return self._mlp_residual_(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Meta's ``MultiScaleBlock.forward``: unpartitioned windows, then two out-of-place residual adds."""
+        policy = self.fast_paths
+        shortcut = x
+        x = self.norm1(x)
+        if self.dim != self.dim_out:
+            shortcut = linear(x, self.proj, policy)
+            if self.q_stride:
+                shortcut = pool(shortcut, policy)
+        window_size = self.window_size
+        h, w = x.shape[1:3]
+        pad_hw = (h, w)
+        if window_size > 0:
+            x, pad_hw = window_partition(x, window_size)
+        x = self.attn(x)
+        if self.q_stride:
+            window_size //= 2
+            h, w = shortcut.shape[1:3]
+            pad_hw = (h + -h % window_size, w + -w % window_size) if window_size else (h, w)
+        if self.window_size > 0:
+            x = window_unpartition(x, window_size, pad_hw, (h, w))
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
 
     def _attention_residual(self, x: torch.Tensor) -> torch.Tensor:
         """shortcut + attention, as a new tensor (B, H', W', dim_out)."""
@@ -204,8 +254,8 @@ class MultiScaleBlock(nn.Module):
     def _shortcut(self, x: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
         if self.dim == self.dim_out:
             return x
-        shortcut = linear(xn, self.proj)
-        return max_pool_2x2(shortcut) if self.q_stride else shortcut
+        shortcut = linear(xn, self.proj, self.fast_paths)
+        return pool(shortcut, self.fast_paths) if self.q_stride else shortcut
 
     def _windowed(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """Windowed attention plus shortcut of x (B, H, W, dim), written into ``out`` (B, H', W', dim_out)."""
@@ -233,9 +283,10 @@ class MultiScaleBlock(nn.Module):
         changes, and the hidden activations stay in memory the allocator reuses; the residual add happens
         chunk by chunk, so no full-size MLP output is ever concatenated.
         """
-        rows = max(1, _MLP_CHUNK_ELEMENTS // self.mlp.hidden_dim)
+        budget = self.fast_paths.hiera_mlp_chunk_elements
+        rows = max(1, budget // self.mlp.hidden_dim)
         flat = x.view(-1, x.shape[-1])
-        if x.device.type != "cpu" or flat.shape[0] <= rows:
+        if not budget or flat.shape[0] <= rows:
             return x.add_(self.mlp(self.norm2(x)))
         for start in range(0, flat.shape[0], rows):
             part = flat[start:start + rows]
@@ -243,7 +294,7 @@ class MultiScaleBlock(nn.Module):
         return x
 
 
-class Hiera(nn.Module):
+class Hiera(UsesFastPaths, nn.Module):
     """The trunk: (B, 3, S, S) normalised image -> the last block's output of every stage, channels-last
     (B, S/4 * 2^-i, S/4 * 2^-i, C * 2^i) for stages i = 0..3 (highest resolution first)."""
 
@@ -298,9 +349,19 @@ class Hiera(nn.Module):
         self._pos_cache = (key, pos)
         return pos
 
+    def position_embedding_reference(self, h: int, w: int) -> torch.Tensor:
+        """Meta's ``_get_pos_embed``: (1, h, w, C), computed anew."""
+        window = self.pos_embed_window
+        pos = F.interpolate(self.pos_embed, size=(h, w), mode="bicubic")
+        pos = pos + window.tile([a // b for a, b in zip(pos.shape, window.shape, strict=True)])
+        return pos.permute(0, 2, 3, 1)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(x)
-        x = x.add_(self.position_embedding(x.shape[1], x.shape[2], x))  # the convolution's fresh output
+        if self.fast_paths.cached_position_embedding:
+            x = x.add_(self.position_embedding(x.shape[1], x.shape[2], x))  # the convolution's fresh output
+        else:
+            x = x + self.position_embedding_reference(x.shape[1], x.shape[2])
         outputs = []
         for i, block in enumerate(self.blocks):
             x = block(x)

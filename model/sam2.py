@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.fast_paths import FAST, FastPaths
+from model.fast_paths import apply as apply_fast_paths
 from model.sam2_image_encoder import ImageEncoder
 from model.sam2_mask_decoder import Sam2MaskDecoder
 from model.sam2_prompt_encoder import Sam2PromptEncoder
@@ -62,6 +64,24 @@ class Sam2(nn.Module):
         self.dtype: torch.dtype | None = None
         # What embed() calls: the image encoder, or its torch.compile wrapper (kept outside the module tree).
         self.__dict__["encode"] = image_encoder
+        self._policy = FAST
+        self._fast_paths = apply_fast_paths(self, FAST, self.device)
+
+    @property
+    def fast_paths(self) -> FastPaths:
+        """The speed tricks in force: the policy last set, as it applies on this model's device."""
+        return self._fast_paths
+
+    def set_fast_paths(self, policy: FastPaths) -> None:
+        """Use ``policy`` from now on (``model.Sam.set_fast_paths``; ``model.fast_paths`` lists SAM 2's tricks)."""
+        self._policy = policy
+        self._fast_paths = apply_fast_paths(self, policy, self.device)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Sam2:
+        """What every ``to()`` / ``cuda()`` / ``cpu()`` goes through: re-decide the device-dependent paths."""
+        module = super()._apply(fn, recurse)
+        self.set_fast_paths(self._policy)
+        return module
 
     @property
     def prompt_encoder(self) -> Sam2PromptEncoder:
@@ -104,9 +124,11 @@ class Sam2(nn.Module):
         """Low-res logits (B, K, h, w) -> logits at the original size (B, K, H, W), bilinear.
 
         Each mask is resized as its own one-channel image: the same interpolation (equal up to float
-        rounding, 1e-6), but PyTorch's CPU kernel takes a path for one channel that is 3x faster than its
+        rounding, 1e-6; the ``per_mask_resize`` fast path), but PyTorch's CPU kernel takes a path for one channel that is 3x faster than its
         path for K = 3 channels (which converts memory formats around the resize).
         """
+        if not self._fast_paths.per_mask_resize:  # Meta's: all K masks as one K-channel image
+            return F.interpolate(low_res.float(), tuple(original_size), mode="bilinear", align_corners=False)
         b, k, h, w = low_res.shape
         masks = F.interpolate(low_res.float().reshape(b * k, 1, h, w), tuple(original_size), mode="bilinear",
                               align_corners=False)

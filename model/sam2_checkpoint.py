@@ -2,9 +2,13 @@
 
 Supported files: Meta's ``sam2.1_hiera_{tiny,small,base_plus,large}.pt`` and ``sam2_hiera_*.pt`` (a
 ``{"model": state_dict}`` of the whole video model), and Ultralytics' ``sam2.1_{t,s,b,l}.pt`` /
-``sam2_{t,s,b,l}.pt``: Ultralytics' builder loads them with ``torch.load(f)["model"]`` strictly into a
-model whose modules carry Meta's names, so they are the same layout (not checked against a real file:
-none can be downloaded here).
+``sam2_{t,s,b,l}.pt``: Ultralytics' builder (``ultralytics/models/sam/build.py``) loads ``torch.load(f)``,
+or its ``["model"]`` when that is a dict, strictly into a ``SAM2Model`` whose modules carry Meta's names,
+so the state dict is Meta's layout (every key and shape of its tiny model equals Meta's: recorded in
+``tests/fixtures/ultralytics-sam2.1_t-keys.json``); like Meta's, a 2.1 file has SAM 2.1's three extra
+video tensors, which Ultralytics builds when the file name contains ``sam2.1``. Outputs equal Ultralytics'
+``SAM2Predictor`` on a square image (``tests/test_sam2_ultralytics.py``; no released file can be downloaded
+here, so that is checked on files made by Ultralytics' builder).
 
 What the tensors show: the Hiera width (``patch_embed``), the blocks per stage (a width change, i.e. a
 ``proj`` in a block, starts a stage), the size of the background position table, the first window size
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.fast_paths import FAST, FastPaths
 from model.hiera import Hiera
 from model.sam2 import Sam2
 from model.sam2_image_encoder import FpnNeck, ImageEncoder
@@ -160,7 +165,7 @@ def build(sd: dict[str, torch.Tensor], path: str | os.PathLike,
 
 
 def load_with_config(path: str | os.PathLike, config: Sam2Config, device: str | torch.device | None = None,
-                     dtype: torch.dtype | None = None, compile: bool = False) -> Sam2:
+                     dtype: torch.dtype | None = None, compile: bool = False, fast_paths: FastPaths = FAST) -> Sam2:
     """``model.load`` for a SAM 2 checkpoint of a custom architecture, described by ``config``."""
     from model import checkpoint
 
@@ -168,4 +173,4 @@ def load_with_config(path: str | os.PathLike, config: Sam2Config, device: str | 
     if not is_sam2(state_dict):
         raise _error(path, "not a SAM 2 checkpoint: no image_encoder.trunk.* / sam_mask_decoder.* weights")
     sam, state_dict = build(state_dict, path, config)
-    return checkpoint.finish(sam, state_dict, fingerprint, path, device, dtype, compile)
+    return checkpoint.finish(sam, state_dict, fingerprint, path, device, dtype, compile, fast_paths)

@@ -8,9 +8,11 @@ the image predictor: its sine position encodings feed only the video memory.
 
 The image predictor then projects levels 0 and 1 once more, with the mask decoder's ``conv_s0`` /
 ``conv_s1`` (1x1 convolutions to d_model/8 and d_model/4 channels), and adds ``no_mem_embed`` to level 2.
-Two 1x1 convolutions in a row are one 1x1 convolution, so ``forward`` takes those projections and folds
-them into the neck's: level 0 (256 x 256 at 1024 px) goes straight from the trunk's 96 channels to 32,
-never through the 256-channel map Meta computes and then shrinks (a quarter of Meta's neck time).
+Two 1x1 convolutions in a row are one 1x1 convolution, so ``forward`` takes those projections and, with
+the ``folded_neck_projections`` fast path (``model.fast_paths``), folds them into the neck's: level 0
+(256 x 256 at 1024 px) goes straight from the trunk's 96 channels to 32, never through the 256-channel map
+Meta computes and then shrinks (a quarter of Meta's neck time). Without it they run after the neck, as
+Meta runs them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.fast_paths import UsesFastPaths
 from model.hiera import Hiera
 
 # Neck settings of every released SAM 2 / 2.1 model (not recorded in the weights).
@@ -29,7 +32,7 @@ FPN_TOP_DOWN_LEVELS = (2, 3)
 SCALP = 1
 
 
-class FpnNeck(nn.Module):
+class FpnNeck(UsesFastPaths, nn.Module):
     """1x1 lateral convolutions (``convs.0`` for the trunk's last stage ... ``convs.3`` for its first) and
     a nearest-neighbour top-down sum on ``fpn_top_down_levels``."""
 
@@ -68,18 +71,28 @@ class FpnNeck(nn.Module):
         ``embed_bias`` for the last kept level, when given, are folded in (see the module docstring)."""
         n = len(self.convs) - 1
         kept = n + 1 - SCALP
+        fold = self.fast_paths.folded_neck_projections
         out: list[torch.Tensor] = []  # lowest resolution first
         previous = None
         for level in range(n, -1, -1):
             project = projections[level] if projections is not None and level < len(projections) else None
             bias = embed_bias if level == kept - 1 else None
-            lateral = self.lateral(level, xs[level], project, bias)
+            lateral = self.lateral(level, xs[level], project, bias) if fold else self.lateral(level, xs[level])
             if level in self.fpn_top_down_levels and previous is not None:
                 b, h, w, c = previous.shape
                 lateral.view(b, h, 2, w, 2, c).add_(previous.view(b, h, 1, w, 1, c).to(lateral.dtype))
             previous = lateral
+            if not fold:  # Meta's order: the image predictor's projection and bias after the neck
+                if project is not None:
+                    lateral = F.linear(lateral, project[0].to(lateral.dtype), _cast(project[1], lateral))
+                if bias is not None:
+                    lateral = lateral + bias.to(lateral.dtype)
             out.append(lateral)
         return [o.permute(0, 3, 1, 2) for o in out[::-1][:kept]]
+
+
+def _cast(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(like.dtype)
 
 
 class ImageEncoder(nn.Module):

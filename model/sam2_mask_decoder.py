@@ -21,9 +21,11 @@ What of SAM 2.1's extras reaches the image predictor's outputs, and what does no
   it has no effect here.
 
 Mechanics are those of our SAM decoder (``model.mask_decoder``): the image embedding is broadcast over
-the prompt batch instead of copied, the upscaling runs as matmuls on channels-last pixels in pixel-block
-order and the K masks are shuffled into image order once at the end. The high-resolution features are
-added through a permuted view of their (channels-last) storage, so that order costs no copy of them.
+the prompt batch instead of copied; with the ``pixel_block_upscaling`` fast path (``model.fast_paths``) the
+upscaling runs as matmuls on channels-last pixels in pixel-block order and the K masks are shuffled into
+image order once at the end, the high-resolution features added through a permuted view of their
+(channels-last) storage, so that order costs no copy of them; without it, Meta's ``output_upscaling`` on
+the feature map.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.common import LayerNorm2d, activate
+from model.fast_paths import UsesFastPaths
 from model.mask_decoder import MLP, conv_transpose_2x2, upscaling_layers
 from model.transformer import TwoWayTransformer
 
@@ -45,7 +48,7 @@ def sam2_transformer(embedding_dim: int, depth: int = 2, num_heads: int = 8, mlp
     return transformer
 
 
-class Sam2MaskDecoder(nn.Module):
+class Sam2MaskDecoder(UsesFastPaths, nn.Module):
     def __init__(self, *, transformer_dim: int, transformer: TwoWayTransformer, num_multimask_outputs: int = 3,
                  iou_head_depth: int = 3, iou_head_hidden_dim: int = 256, iou_prediction_use_sigmoid: bool = True,
                  pred_obj_scores: bool = True, pred_obj_scores_mlp: bool = True,
@@ -137,6 +140,8 @@ class Sam2MaskDecoder(nn.Module):
         hs, src = self.transformer(src, pos_src, tokens)
         iou_pred = self.iou_prediction_head(hs[:, first, :])[:, keep]
         mask_tokens_out = hs[:, first + 1:first + 1 + self.num_mask_tokens, :]
+        if not self.fast_paths.pixel_block_upscaling:
+            return self.masks_reference(src, h, w, high_res_features, mask_tokens_out, keep), iou_pred
 
         upscaled = self.upscale(src, h, w, high_res_features)  # (B, h*w*16, C/8), pixel-block order
         indexes = range(self.num_mask_tokens)[keep]
@@ -145,6 +150,22 @@ class Sam2MaskDecoder(nn.Module):
         # Pixel (4y + 2a + c, 4x + 2b + d) sits at block (y, x, a, b, c, d): one shuffle, of K masks only.
         masks = masks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(bs, len(indexes), 4 * h, 4 * w)
         return masks, iou_pred
+
+    def masks_reference(self, tokens: torch.Tensor, h: int, w: int,
+                        high_res_features: tuple[torch.Tensor, torch.Tensor], mask_tokens_out: torch.Tensor,
+                        keep: slice) -> torch.Tensor:
+        """Meta's order: ``act1(ln1(dc1(src) + s1))``, ``act2(dc2(.) + s0)`` on the (B, C, h, w) feature map,
+        then the hypernetwork outputs times the flattened map (only the kept masks' products)."""
+        up1, norm, act1, up2, act2 = upscaling_layers(self.output_upscaling)
+        s0, s1 = high_res_features
+        bs = tokens.shape[0]
+        src = tokens.transpose(1, 2).reshape(bs, -1, h, w)
+        upscaled = act1(norm(up1(src) + s1))
+        upscaled = act2(up2(upscaled) + s0)
+        indexes = range(self.num_mask_tokens)[keep]
+        hyper_in = torch.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in indexes], dim=1)
+        b, c, hh, ww = upscaled.shape
+        return (hyper_in @ upscaled.view(b, c, hh * ww)).view(b, -1, hh, ww)
 
     def upscale(self, tokens: torch.Tensor, h: int, w: int,
                 high_res_features: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -161,10 +182,11 @@ class Sam2MaskDecoder(nn.Module):
         c4 = x.shape[-1]
         s1_blocks = s1.permute(0, 2, 3, 1).reshape(s1.shape[0], h, 2, w, 2, c4).transpose(2, 3)
         x.view(b, h, w, 2, 2, c4).add_(s1_blocks.to(x.dtype))
-        x = activate(act1, F.layer_norm(x, (c4,), norm.weight, norm.bias, norm.eps), in_place=True)
+        in_place = self.fast_paths.in_place_activations
+        x = activate(act1, F.layer_norm(x, (c4,), norm.weight, norm.bias, norm.eps), in_place)
         x = conv_transpose_2x2(x, up2)  # (B, 16hw, C/8): pixel (4y + 2a + c, 4x + 2b + d) at (y, x, a, b, c, d)
         c8 = x.shape[-1]
         s0_blocks = s0.permute(0, 2, 3, 1).reshape(s0.shape[0], h, 2, 2, w, 2, 2, c8).permute(0, 1, 4, 2, 5, 3, 6, 7)
         x.view(b, h, w, 2, 2, 2, 2, c8).add_(s0_blocks.to(x.dtype))
-        return activate(act2, x, in_place=True)
+        return activate(act2, x, in_place)
 

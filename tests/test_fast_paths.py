@@ -79,3 +79,39 @@ def test_the_policy_reaches_every_module_that_reads_one(tmp_path):
     assert sam.fast_paths == policy and all(m.fast_paths == policy for m in readers)
     sam.to(torch.float32)  # every move re-resolves the policy for the device
     assert all(m.fast_paths == policy for m in readers)
+
+
+def test_the_policy_reaches_every_sam2_module(tmp_path):
+    """SAM 2.1 (Hiera, its neck, the decoder and SAM's transformer inside it) reads the same policy."""
+    import torch
+
+    import model
+    from model.fast_paths import UsesFastPaths
+    from model.hiera import HieraMLP, MultiScaleAttention, MultiScaleBlock, PatchEmbed
+    from model.sam2_checkpoint import Sam2Config, load_with_config
+    from model.sam2_image_encoder import FpnNeck
+    from model.sam2_mask_decoder import Sam2MaskDecoder
+    from model.transformer import Attention
+    from testsupport.sam2_checkpoints import SMALL, small_checkpoint
+
+    path, _ = small_checkpoint(tmp_path, seed=1)
+    config = Sam2Config(num_heads=SMALL["num_heads"], global_att_blocks=SMALL["global_att_blocks"],
+                        window_spec=SMALL["window_spec"], image_size=SMALL["image_size"])
+    sam = load_with_config(path, config, device="cpu", fast_paths=model.REFERENCE)
+    readers = [m for m in sam.modules() if isinstance(m, UsesFastPaths)]
+    kinds = {type(m) for m in readers}
+    assert {PatchEmbed, MultiScaleAttention, MultiScaleBlock, HieraMLP, FpnNeck, Sam2MaskDecoder, Attention} <= kinds
+    assert sam.fast_paths == model.REFERENCE and all(m.fast_paths == model.REFERENCE for m in readers)
+    policy = replace(model.FAST, strided_max_pool=False)
+    sam.set_fast_paths(policy)
+    assert sam.fast_paths == policy and all(m.fast_paths == policy for m in readers)
+    sam.to(torch.float32)  # every move re-resolves the policy for the device
+    assert all(m.fast_paths == policy for m in readers)
+
+
+def test_sam2_cpu_tricks_are_dropped_off_the_cpu():
+    from model import FAST
+
+    gpu = FAST.for_device("cuda")
+    assert gpu.hiera_mlp_chunk_elements == 0
+    assert gpu.hiera_residual_writes and gpu.folded_neck_projections and gpu.contiguous_attention_heads

@@ -5,19 +5,21 @@ a small custom configuration (256-px input, every kind of Hiera block, a window 
 most cases, the released tiny configuration at full size, base+ and large under ``slow``. Masks must agree
 to IoU >= 0.99, low-res logits within ``LOGIT_ATOL`` and predicted IoUs within ``SCORE_ATOL``
 (``testsupport.parity``); the embeddings within 1e-4 (small) / 1e-3 (full size) absolute. Every compared
-prediction has some mask neither empty nor full.
+prediction has some mask neither empty nor full. The small configuration and tiny run under both
+``FastPaths`` presets: ``FAST`` (what the backend serves) and ``REFERENCE`` (Meta's order of operations).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 import model
-from model import sam2_checkpoint
+from model import FAST, REFERENCE, sam2_checkpoint
 from model.hiera import max_pool_2x2
 from model.sam2_checkpoint import Sam2Config, load_with_config
 from testsupport.checkpoints import make_image
@@ -32,10 +34,15 @@ SMALL_CONFIG = Sam2Config(num_heads=SMALL["num_heads"], global_att_blocks=SMALL[
                           window_spec=SMALL["window_spec"], image_size=SMALL["image_size"])
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
+PRESETS = pytest.mark.parametrize("preset", [FAST, REFERENCE], ids=["fast", "reference"])
+
+
+@pytest.fixture(scope="module", params=[FAST, REFERENCE], ids=["fast", "reference"])
+def small(tmp_path_factory, request):
     path, reference = small_checkpoint(tmp_path_factory.mktemp("sam2"), seed=3)
-    return model.Predictor(load_with_config(path, SMALL_CONFIG, device="cpu")), reference_predictor(reference)
+    ours = load_with_config(path, SMALL_CONFIG, device="cpu", fast_paths=request.param)
+    assert ours.fast_paths == request.param
+    return model.Predictor(ours), reference_predictor(reference)
 
 
 def prompts(h: int, w: int) -> dict[str, dict]:
@@ -188,17 +195,19 @@ def test_sam1_embedding_is_refused(small):
 
 
 @pytest.mark.parametrize("chunk", [64, 1 << 30])
-def test_mlp_chunks_equal_the_whole_grid(small, monkeypatch, chunk):
+def test_mlp_chunks_equal_the_whole_grid(small, chunk):
     """MLPs over chunks of rows (the CPU path, here one row at a time) against one pass over the grid."""
-    import model.hiera
-
     ours, _ = small
+    preset = ours.sam.fast_paths
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
-    with torch.inference_mode():
-        monkeypatch.setattr(model.hiera, "_MLP_CHUNK_ELEMENTS", chunk)
-        chunked = ours.sam.image_encoder.trunk(x)
-        monkeypatch.undo()
-        whole = ours.sam.image_encoder.trunk(x)
+    try:
+        with torch.inference_mode():
+            ours.sam.set_fast_paths(replace(FAST, hiera_mlp_chunk_elements=chunk))
+            chunked = ours.sam.image_encoder.trunk(x)
+            ours.sam.set_fast_paths(replace(FAST, hiera_mlp_chunk_elements=0))
+            whole = ours.sam.image_encoder.trunk(x)
+    finally:
+        ours.sam.set_fast_paths(preset)
     for a, b in zip(chunked, whole, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
@@ -246,9 +255,10 @@ def test_unknown_keys_and_custom_architectures_are_refused(tmp_path):
         model.load(path, device="cpu")
 
 
-def check_official(tmp_path, name: str, sizes: list[tuple[int, int]], embed_atol: float) -> None:
+def check_official(tmp_path, name: str, sizes: list[tuple[int, int]], embed_atol: float,
+                   preset: model.FastPaths = FAST) -> None:
     path, reference_sam = checkpoint(tmp_path, name, seed=11)
-    sam = model.load(path, device="cpu")
+    sam = model.load(path, device="cpu", fast_paths=preset)
     assert sam.name == name and sam.image_size == 1024
     ours, reference = model.Predictor(sam), reference_predictor(reference_sam)
     for h, w in sizes:
@@ -262,8 +272,21 @@ def check_official(tmp_path, name: str, sizes: list[tuple[int, int]], embed_atol
             assert result.low_res_logits.shape[-2:] == (256, 256)
 
 
-def test_tiny_matches_reference(tmp_path):
-    check_official(tmp_path, "sam2.1_hiera_tiny", [(480, 640)], embed_atol=1e-3)
+@PRESETS
+def test_tiny_matches_reference(tmp_path, preset):
+    check_official(tmp_path, "sam2.1_hiera_tiny", [(480, 640)], embed_atol=1e-3, preset=preset)
+
+
+def test_reference_trunk_is_metas_bit_for_bit(tmp_path):
+    """Under ``REFERENCE`` the Hiera trunk runs Meta's operations in Meta's order: the very same floats."""
+    path, reference_sam = small_checkpoint(tmp_path, seed=4)
+    ours = load_with_config(path, SMALL_CONFIG, device="cpu", fast_paths=REFERENCE)
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        theirs = reference_sam.image_encoder.trunk(x)
+        got = ours.image_encoder.trunk(x)
+    for a, b in zip(got, theirs, strict=True):
+        assert torch.equal(a.permute(0, 3, 1, 2), b)
 
 
 @pytest.mark.slow

@@ -51,6 +51,9 @@ class Attention(UsesFastPaths, nn.Module):
             return self.image_to_tokens_folded(q, k, v)
         if policy.folded_decoder_attention and q.shape[1] < k.shape[1] and self.folds_image_side(q.shape[1]):
             return self.tokens_to_image_folded(q, k, v)
+        if q.shape[0] != k.shape[0]:  # an image shared by the batch (shared_decoder_image) meets many prompts
+            batch = max(q.shape[0], k.shape[0])
+            q, k, v = (x.expand(batch, -1, -1) for x in (q, k, v))
         q = self._separate_heads(self.q_proj(q))
         k = self._separate_heads(self.k_proj(k))
         v = self._separate_heads(self.v_proj(v))
@@ -85,7 +88,7 @@ class Attention(UsesFastPaths, nn.Module):
         q = self.q_proj(tokens).view(b, n_t, heads, head_dim) * head_dim**-0.5
         pulled = torch.einsum("bthd,hdc->bhtc", q, self.k_proj.weight.view(heads, head_dim, width))
         scores = _scores(image_keys, pulled.reshape(b, heads * n_t, width))  # (B, heads * Nt, N)
-        mixed = scores.softmax(dim=-1) @ image_values  # (B, heads * Nt, C)
+        mixed = _mix(scores.softmax(dim=-1), image_values)  # (B, heads * Nt, C)
         out = torch.einsum("bhtc,hdc->bthd", mixed.view(b, heads, n_t, width),
                            self.v_proj.weight.view(heads, head_dim, width))
         return self.out_proj(out.reshape(b, n_t, self.internal_dim) + self.v_proj.bias)
@@ -129,9 +132,23 @@ def _scores(image: Tensor, vectors: Tensor) -> Tensor:
 
     Computed as image @ vectors^T and transposed after: MKL runs the tall product with both operands in
     their stored order about 1.5x faster than vectors @ image^T, which reads the image transposed, and
-    transposing the small result back costs a tenth of that.
+    transposing the small result back costs a tenth of that. An image shared by the whole batch (B' = 1,
+    the ``shared_decoder_image`` fast path) meets all B x M vectors in one product: a broadcast batched
+    product would first copy the image B times.
     """
+    if image.shape[0] == 1 and vectors.shape[0] > 1:
+        b, m, c = vectors.shape
+        flat = image[0] @ vectors.reshape(b * m, c).T  # (N, B * M)
+        return flat.T.reshape(b, m, -1)
     return (image @ vectors.transpose(1, 2)).transpose(1, 2).contiguous()
+
+
+def _mix(weights: Tensor, image: Tensor) -> Tensor:
+    """Weights (B, M, N) times image tokens (B', N, C) -> (B, M, C); one product when the image is shared."""
+    if image.shape[0] == 1 and weights.shape[0] > 1:
+        b, m, n = weights.shape
+        return (weights.reshape(b * m, n) @ image[0]).view(b, m, -1)
+    return weights @ image
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -161,7 +178,8 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + attn_out
         queries = self.norm1(queries)
 
-        # Tokens attending to the image.
+        # Tokens attending to the image. The image's keys with their positions serve both cross attentions:
+        # the image does not change in between (Meta adds them twice).
         q = queries + query_pe
         k = keys + key_pe
         attn_out = self.cross_attn_token_to_image(q=q, k=k, v=keys)
@@ -175,7 +193,6 @@ class TwoWayAttentionBlock(nn.Module):
 
         # The image attending to the tokens.
         q = queries + query_pe
-        k = keys + key_pe
         attn_out = self.cross_attn_image_to_token(q=k, k=q, v=queries)
         keys = keys + attn_out
         keys = self.norm4(keys)
@@ -199,7 +216,12 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
-        """image_embedding, image_pe (B, C, h, w); point_embedding (B, N, C) -> tokens, image tokens."""
+        """image_embedding, image_pe (B, C, h, w); point_embedding (B, N, C) -> tokens, image tokens.
+
+        ``image_embedding`` and ``image_pe`` may also be (1, C, h, w) and shared by the B prompts: the first
+        layer's image side then runs once for all of them, and the image becomes B images only where the
+        first layer's image update makes it so (the ``shared_decoder_image`` fast path).
+        """
         # Token-major and contiguous once here, so the adds and products below run on dense memory.
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
         key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()

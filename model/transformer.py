@@ -104,6 +104,32 @@ class Attention(UsesFastPaths, nn.Module):
         """
         if not self.folds_image_side(tokens_keys.shape[1]):
             return self._image_to_many_tokens(image_queries, tokens_keys, tokens_values)
+        weights, pushed = self._folded_image_to_tokens_parts(image_queries, tokens_keys, tokens_values)
+        out = weights.transpose(1, 2) @ pushed  # (B, N, C)
+        return out.add_(self.out_proj.bias)
+
+    def add_image_to_tokens(self, image: Tensor, image_queries: Tensor, tokens_keys: Tensor,
+                            tokens_values: Tensor) -> Tensor:
+        """``image + self(image_queries, tokens_keys, tokens_values)``: the image's residual update.
+
+        Folded (``folded_decoder_attention``), the attention output is a product of the weights with
+        ``heads x Nt`` pushed vectors, and the residual is that product accumulated onto the image (one
+        ``baddbmm``) rather than a tensor of the image's size written and added in two more passes. The
+        output bias rides along in the pushed vectors: each head's weights over the tokens sum to one, so
+        adding ``bias / heads`` to every pushed vector adds the bias once. Rounding only.
+        """
+        n_t = tokens_keys.shape[1]
+        if not (self.fast_paths.folded_decoder_attention and self.folds_image_side(n_t)):
+            return image + self(image_queries, tokens_keys, tokens_values)
+        weights, pushed = self._folded_image_to_tokens_parts(image_queries, tokens_keys, tokens_values)
+        pushed = pushed + self.out_proj.bias / self.num_heads
+        batch = weights.shape[0]
+        return torch.baddbmm(image.expand(batch, -1, -1), weights.transpose(1, 2), pushed)
+
+    def _folded_image_to_tokens_parts(self, image_queries: Tensor, tokens_keys: Tensor,
+                                      tokens_values: Tensor) -> tuple[Tensor, Tensor]:
+        """The folded image -> tokens attention as weights (B, heads * Nt, N) and pushed vectors
+        (B, heads * Nt, C): the output without its bias is ``weights^T @ pushed``."""
         b, n_t, _ = tokens_keys.shape
         heads, head_dim, width = self.num_heads, self.head_dim, self.embedding_dim
         k = self.k_proj(tokens_keys).view(b, n_t, heads, head_dim) * head_dim**-0.5
@@ -114,8 +140,7 @@ class Attention(UsesFastPaths, nn.Module):
         scores = scores.view(b, heads, n_t, -1).add_(offset.unsqueeze(-1))
         weights = scores.softmax(dim=2).view(b, heads * n_t, -1)
         pushed = torch.einsum("bthd,chd->bhtc", v, self.out_proj.weight.view(width, heads, head_dim))
-        out = weights.transpose(1, 2) @ pushed.reshape(b, heads * n_t, width)  # (B, N, C)
-        return out.add_(self.out_proj.bias)
+        return weights, pushed.reshape(b, heads * n_t, width)
 
     def _image_to_many_tokens(self, image_queries: Tensor, tokens_keys: Tensor, tokens_values: Tensor) -> Tensor:
         """Image tokens attending to prompt tokens too many to fold: Meta's projections, with the scores
@@ -193,8 +218,8 @@ class TwoWayAttentionBlock(nn.Module):
 
         # The image attending to the tokens.
         q = queries + query_pe
-        attn_out = self.cross_attn_image_to_token(q=k, k=q, v=queries)
-        keys = keys + attn_out
+        keys = self.cross_attn_image_to_token.add_image_to_tokens(keys, image_queries=k, tokens_keys=q,
+                                                                  tokens_values=queries)
         keys = self.norm4(keys)
         return queries, keys
 

@@ -11,11 +11,12 @@ step and with the same numbers:
 4. box NMS within each crop (ranked by predicted IoU), then across crops (smaller crops win);
 5. optionally fill small holes and drop small islands, then NMS again preferring untouched masks.
 
-What differs is how, not what: the decoder is our ``Predictor.decode_low_res`` on an ``Embedding`` (a cached
-one can be passed in), NMS is our torch port (``model.nms``, no torchvision at runtime), and the work at full
-image size is done only for masks that can still be kept. The predicted-IoU filter runs on the decoder's
-output before anything is upsampled; the stability score, boxes and crop-edge test run on the survivors'
-full-size logits, a chunk at a time; what passes waits as 256x256 low-res logits, and only the masks that
+What differs is how, not what: the decoder is our ``Predictor.decode_scores_first`` on an ``Embedding`` (a
+cached one can be passed in), NMS is our torch port (``model.nms``, no torchvision at runtime), and the work
+at full image size is done only for masks that can still be kept. The predicted-IoU filter runs on the
+decoder's scores before any mask exists: only prompts with a passing mask are upscaled to low-res logits at
+all (``iou_before_masks`` in ``model.fast_paths``; with Meta's 0.88 most prompts keep nothing); the
+stability score, boxes and crop-edge test run on the survivors' full-size logits, a chunk at a time; what passes waits as 256x256 low-res logits, and only the masks that
 outlive NMS are made again at full size and run-length encoded (so a large image never holds hundreds of
 full-size masks). Meta upsamples and encodes every one of the grid's masks.
 """

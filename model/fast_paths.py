@@ -51,11 +51,10 @@ most a few percent, but cost nothing either, so they stay on (``bench/allocator.
   click) meet 4096 image tokens. Meta projects every image token to q, k or v and projects the output
   back; each of those maps is linear, so it can be moved to the token side of the product: the image
   tokens then meet ``heads x tokens`` vectors (56 for a click) instead of 128-wide projections, less than
-  half the arithmetic for the same function (``model.transformer.Attention.tokens_to_image_folded``
-  and ``image_to_tokens_folded``). The image's
-  residual update then accumulates that product onto the image in one ``baddbmm`` with the output bias
-  folded into the pushed vectors (``Attention.add_image_to_tokens``): two passes fewer over the
-  (B, 4096, 256) image per layer, 10% of a grid batch.
+  half the arithmetic for the same function (``model.transformer.Attention.tokens_to_image_folded`` and
+  ``image_to_tokens_folded``). The image's residual update then accumulates that product onto the image in
+  one ``baddbmm`` with the output bias folded into the pushed vectors (``Attention.add_image_to_tokens``):
+  two passes fewer over the (B, 4096, 256) image per layer, 10% of a grid batch.
 * ``shared_decoder_image``: a batch of prompts without mask inputs (the grid of "segment everything", or
   several boxes) starts the two-way transformer from one and the same image; Meta copies it per prompt.
   Until the first layer's image -> token update the image side stays one (1, 4096, 256) tensor: its keys

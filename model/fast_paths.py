@@ -52,7 +52,22 @@ most a few percent, but cost nothing either, so they stay on (``bench/allocator.
   click) meet 4096 image tokens. Meta projects every image token to q, k or v and projects the output
   back; each of those maps is linear, so it can be moved to the token side of the product: the image
   tokens then meet ``heads x tokens`` vectors (56 for a click) instead of 128-wide projections, less than
-  half the arithmetic for the same function (``model.transformer.Attention.forward_folded``).
+  half the arithmetic for the same function (``model.transformer.Attention.tokens_to_image_folded`` and
+  ``image_to_tokens_folded``). The image's residual update then accumulates that product onto the image in
+  one ``baddbmm`` with the output bias folded into the pushed vectors (``Attention.add_image_to_tokens``):
+  two passes fewer over the (B, 4096, 256) image per layer, 10% of a grid batch.
+* ``shared_decoder_image``: a batch of prompts without mask inputs (the grid of "segment everything", or
+  several boxes) starts the two-way transformer from one and the same image; Meta copies it per prompt.
+  Until the first layer's image -> token update the image side stays one (1, 4096, 256) tensor: its keys
+  with their positions are added once, and its products with the prompts' folded query vectors (and the
+  attention weights' products with it) are one tall matmul for the whole batch instead of a batched one
+  over B copies. For 64 grid points that skips four passes over 64 x 4096 x 256 floats (268 MB each),
+  memory traffic rather than arithmetic on a CPU. The same sums in another blocking: rounding only.
+* ``iou_before_masks``: the automatic mask generator keeps a mask only if its predicted IoU passes, and
+  the IoU head reads the IoU token alone; so the decoder's masks wait (``model.mask_decoder.DeferredMasks``)
+  until the scores are known, and only prompts with a passing mask are upscaled. The upscaling (two
+  transposed convolutions to 256 x 256 x 32 per prompt, the products with the hypernetwork outputs) was a
+  third of a grid batch's time, and with Meta's 0.88 threshold most prompts keep nothing. Same numbers.
 * ``pixel_block_upscaling``: the decoder's two transposed convolutions (kernel = stride = 2) write each
   output pixel once, so each is one matmul on channels-last pixels; everything between them acts on each
   pixel alone, so the pixels stay in pixel-block order and only the K final masks are shuffled into image
@@ -119,6 +134,8 @@ class FastPaths:
     in_place_activations: bool = True
     folded_decoder_attention: bool = True
     pixel_block_upscaling: bool = True
+    shared_decoder_image: bool = True
+    iou_before_masks: bool = True
     composed_thumbnail_resize: bool = True
     cropped_upsample: bool = True
     # SAM 2 / 2.1 (see the module docstring)
@@ -156,6 +173,7 @@ FAST = FastPaths()
 # Every trick off: Meta's order of operations everywhere, the plainest code.
 REFERENCE = FastPaths(fused_attention=False, attention_bias_elements=0, window_bands=False, mlp_chunk_elements=0,
                       in_place_activations=False, folded_decoder_attention=False, pixel_block_upscaling=False,
+                      shared_decoder_image=False, iou_before_masks=False,
                       composed_thumbnail_resize=False, cropped_upsample=False, fused_linear=False,
                       hiera_residual_writes=False, hiera_mlp_chunk_elements=0, strided_max_pool=False,
                       contiguous_attention_heads=False, cached_position_embedding=False,

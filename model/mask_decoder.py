@@ -66,14 +66,22 @@ class MaskDecoder(UsesFastPaths, nn.Module):
 
         ``image_embeddings`` and ``image_pe`` are (1, C, h, w) and shared by the B prompts.
         """
+        masks, iou_pred = self.forward_deferred(image_embeddings, image_pe, sparse_prompt_embeddings,
+                                                dense_prompt_embeddings, multimask_output)
+        return masks.all(), iou_pred
+
+    def forward_deferred(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
+                         sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor,
+                         multimask_output: bool) -> tuple[DeferredMasks, torch.Tensor]:
+        """``forward``, with the masks made later and only those asked for (``DeferredMasks``)."""
         keep = slice(1, None) if multimask_output else slice(0, 1)
         return self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings,
                                   keep)
 
     def predict_masks(self, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
                       sparse_prompt_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor,
-                      keep: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masks and IoU predictions of the mask tokens selected by ``keep`` (all by default).
+                      keep: slice = slice(None)) -> tuple[DeferredMasks, torch.Tensor]:
+        """Masks (still to be made) and IoU predictions of the mask tokens selected by ``keep`` (all by default).
 
         Only the kept masks are computed: Meta computes all four and drops one or three.
         """
@@ -83,26 +91,35 @@ class MaskDecoder(UsesFastPaths, nn.Module):
         # The sum is written channels-last (token-major), the layout the transformer works in, so the
         # transformer's flatten + transpose of it is a view rather than another copy of every token.
         image, dense = image_embeddings.permute(0, 2, 3, 1), dense_prompt_embeddings.permute(0, 2, 3, 1)
+        shared = self.fast_paths.shared_decoder_image and image.shape[0] == 1 and _same_for_all(dense)
+        if shared:  # one image for all prompts until the first image update (model.fast_paths)
+            dense = dense[:1]
         src = image.new_empty(torch.broadcast_shapes(image.shape, dense.shape),
                               dtype=torch.result_type(image, dense))
         src = torch.add(image, dense, out=src).permute(0, 3, 1, 2)
-        if src.shape[0] != bs:
+        if src.shape[0] != bs and not shared:
             src = src.expand(bs, -1, -1, -1)
-        pos_src = image_pe.expand(bs, -1, -1, -1)
+        pos_src = image_pe if shared else image_pe.expand(bs, -1, -1, -1)
         _, _, h, w = src.shape
 
         hs, src = self.transformer(src, pos_src, tokens)
+        if src.shape[0] != bs:  # a transformer without layers leaves the shared image as it was
+            src = src.expand(bs, -1, -1)
         iou_pred = self.iou_prediction_head(hs[:, 0, :])[:, keep]
         mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens, :]
 
         indexes = range(self.num_mask_tokens)[keep]
         hyper_in = torch.stack([self.output_hypernetworks_mlps[i](mask_tokens_out[:, i, :]) for i in indexes], dim=1)
+        return DeferredMasks(self, hyper_in, src, (h, w)), iou_pred
+
+    def masks(self, hyper_in: torch.Tensor, tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Masks (B, K, 4h, 4w) from hypernetwork outputs (B, K, C/8) and the transformer's image (B, h*w, C)."""
         if self.fast_paths.pixel_block_upscaling:
-            return self.masks_in_pixel_blocks(hyper_in, src, (h, w)), iou_pred
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(bs, -1, h, w))
+            return self.masks_in_pixel_blocks(hyper_in, tokens, size)
+        (bs, _, _), (h, w) = tokens.shape, size
+        upscaled = self.output_upscaling(tokens.transpose(1, 2).reshape(bs, -1, h, w))
         b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
-        return masks, iou_pred
+        return (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
 
     # --- the pixel_block_upscaling fast path (model.fast_paths) --------------------------------------
 
@@ -126,6 +143,43 @@ class MaskDecoder(UsesFastPaths, nn.Module):
         (bs, k, _), (h, w) = hyper_in.shape, size
         masks = (hyper_in @ upscaled.transpose(1, 2)).reshape(bs, k, h, w, 2, 2, 2, 2)
         return masks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(bs, k, 4 * h, 4 * w)
+
+
+def _same_for_all(dense: torch.Tensor) -> bool:
+    """Whether the dense prompt embeddings (B, h, w, C) are one map for every prompt: no mask input gives
+    one embedding expanded over the batch (stride 0), which is the only case looked for."""
+    return dense.shape[0] == 1 or dense.stride(0) == 0
+
+
+class DeferredMasks:
+    """The masks of one decoder call, made when asked for: all of them, or those of a few outputs.
+
+    The predicted IoU reads the IoU token alone, so a caller that filters by it (the automatic mask
+    generator, ``iou_before_masks`` in ``model.fast_paths``) can skip the upscaling of every prompt whose
+    masks all fail: per prompt the two transposed convolutions and the products with the hypernetwork
+    outputs are a third of the decoder's time.
+    """
+
+    def __init__(self, decoder: MaskDecoder, hyper_in: torch.Tensor, tokens: torch.Tensor,
+                 size: tuple[int, int]) -> None:
+        self.decoder, self.hyper_in, self.tokens, self.size = decoder, hyper_in, tokens, size
+
+    def all(self) -> torch.Tensor:
+        """Low-res logits (B, K, 4h, 4w) of every prompt."""
+        return self.decoder.masks(self.hyper_in, self.tokens, self.size)
+
+    def rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Low-res logits (M, 4h, 4w) of ``rows`` (int64) of the flattened (B * K) outputs, in that order.
+
+        Each prompt with a row asked for is upscaled once, for all its K masks.
+        """
+        k = self.hyper_in.shape[1]
+        if len(rows) == 0:
+            h, w = self.size
+            return self.hyper_in.new_empty(0, 4 * h, 4 * w)
+        prompts, inverse = torch.unique(torch.div(rows, k, rounding_mode="floor"), return_inverse=True)
+        masks = self.decoder.masks(self.hyper_in[prompts], self.tokens[prompts], self.size)
+        return masks[inverse, rows % k]
 
 
 # A decoder's ``output_upscaling``: transposed convolution, LayerNorm2d, activation, transposed convolution, activation.

@@ -11,11 +11,12 @@ step and with the same numbers:
 4. box NMS within each crop (ranked by predicted IoU), then across crops (smaller crops win);
 5. optionally fill small holes and drop small islands, then NMS again preferring untouched masks.
 
-What differs is how, not what: the decoder is our ``Predictor.decode_low_res`` on an ``Embedding`` (a cached
-one can be passed in), NMS is our torch port (``model.nms``, no torchvision at runtime), and the work at full
-image size is done only for masks that can still be kept. The predicted-IoU filter runs on the decoder's
-output before anything is upsampled; the stability score, boxes and crop-edge test run on the survivors'
-full-size logits, a chunk at a time; what passes waits as 256x256 low-res logits, and only the masks that
+What differs is how, not what: the decoder is our ``Predictor.decode_scores_first`` on an ``Embedding`` (a
+cached one can be passed in), NMS is our torch port (``model.nms``, no torchvision at runtime), and the work
+at full image size is done only for masks that can still be kept. The predicted-IoU filter runs on the
+decoder's scores before any mask exists: only prompts with a passing mask are upscaled to low-res logits at
+all (``iou_before_masks`` in ``model.fast_paths``; with Meta's 0.88 most prompts keep nothing); the
+stability score, boxes and crop-edge test run on the survivors' full-size logits, a chunk at a time; what passes waits as 256x256 low-res logits, and only the masks that
 outlive NMS are made again at full size and run-length encoded (so a large image never holds hundreds of
 full-size masks). Meta upsamples and encodes every one of the grid's masks.
 """
@@ -270,8 +271,9 @@ class MaskGenerator:
                        orig_size: tuple[int, int]) -> _Survivors:
         """Decode a batch of grid points (three masks each) and keep what Meta's filters keep.
 
-        The predicted-IoU filter needs no pixels, so it runs on the decoder's output before anything is
-        upsampled: only its survivors are brought to full size, where the stability score, the boxes and
+        The predicted-IoU filter needs no pixels, so it runs on the decoder's scores before any mask is
+        made (with ``iou_before_masks``, not even the low-res logits of the rejected ones): only its
+        survivors are brought to full size, where the stability score, the boxes and
         the crop-edge test need them. What survives is kept as low-res logits, a 256x256 map whatever the
         image size; the full-size masks are made again for the few that outlive NMS (``_process_crop``).
         """
@@ -279,16 +281,15 @@ class MaskGenerator:
         device = self.device
         coords = torch.as_tensor(points, device=device)[:, None, :]
         labels = torch.ones(len(points), 1, dtype=torch.int, device=device)
-        low_res, iou_preds = self.predictor.decode_low_res(embedding, point_coords=coords, point_labels=labels,
-                                                           multimask=True)
-        per_point = low_res.shape[1]
-        low_res = low_res.flatten(0, 1)
+        iou_preds, masks_of = self.predictor.decode_scores_first(embedding, coords, labels, multimask=True)
+        per_point = iou_preds.shape[1]
         iou_preds = iou_preds.flatten(0, 1).float()
         point_of = torch.as_tensor(np.repeat(points, per_point, axis=0))
 
-        if self.pred_iou_thresh > 0.0:
-            keep = iou_preds > self.pred_iou_thresh
-            low_res, iou_preds, point_of = low_res[keep], iou_preds[keep], point_of[keep.cpu()]
+        keep = iou_preds > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 \
+            else torch.ones_like(iou_preds, dtype=torch.bool)
+        rows = keep.nonzero().flatten()
+        low_res, iou_preds, point_of = masks_of(rows), iou_preds[keep], point_of[keep.cpu()]
 
         nothing = torch.zeros(0, dtype=torch.int64, device=low_res.device)
         parts = [_Survivors(low_res=low_res[nothing], boxes=torch.zeros(0, 4, dtype=torch.int64, device=device),

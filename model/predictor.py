@@ -11,6 +11,7 @@ happens inside, as Meta's ``predict`` does it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -189,6 +190,33 @@ class Predictor:
                 low_res, iou = self.sam.mask_decoder(embedding.features.to(device), self._dense_pe, sparse, dense,
                                                      multimask)
         return low_res.float(), iou
+
+    def decode_scores_first(self, embedding: Embedding, point_coords: torch.Tensor, point_labels: torch.Tensor,
+                            multimask: bool = True) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """IoU predictions (B, K) of point prompts now, their low-res logits later: the function returned maps
+        int64 rows of the flattened (B * K) outputs to their logits (M, 4h, 4w) float32, and makes only those
+        (the ``iou_before_masks`` fast path). Otherwise, and for SAM 2, every mask is made here."""
+        if isinstance(self.sam, Sam2) or not self.sam.fast_paths.iou_before_masks:
+            low_res, iou = self.decode_low_res(embedding, point_coords=point_coords, point_labels=point_labels,
+                                               multimask=multimask)
+            flat = low_res.flatten(0, 1)
+            return iou, lambda rows: flat[rows]
+        if embedding.fingerprint != self.sam.fingerprint:
+            raise ValueError(f"the embedding was made by model {embedding.fingerprint!r}, "
+                             f"not by this one ({self.sam.fingerprint!r})")
+        device, dtype = self.device, self.sam.dtype
+        coords = scale_coords(point_coords.to(device), embedding.original_size, embedding.input_size)
+        points = (coords, point_labels.to(device=device, dtype=torch.int64))
+        with runtime.autocast(device, dtype):
+            sparse, dense = self.sam.prompt_encoder(points, None, None)
+            masks, iou = self.sam.mask_decoder.forward_deferred(embedding.features.to(device), self._dense_pe,
+                                                                sparse, dense, multimask)
+
+        def rows(selected: torch.Tensor) -> torch.Tensor:
+            with runtime.autocast(device, dtype):
+                return masks.rows(selected.to(device)).float()
+
+        return iou, rows
 
     def upsample_logits(self, embedding: Embedding, low_res: torch.Tensor) -> torch.Tensor:
         """Low-res logits (B,K,4h,4w) -> logits (B,K,H,W) at the embedded image's original size."""

@@ -51,6 +51,9 @@ class Attention(UsesFastPaths, nn.Module):
             return self.image_to_tokens_folded(q, k, v)
         if policy.folded_decoder_attention and q.shape[1] < k.shape[1] and self.folds_image_side(q.shape[1]):
             return self.tokens_to_image_folded(q, k, v)
+        if q.shape[0] != k.shape[0]:  # an image shared by the batch (shared_decoder_image) meets many prompts
+            batch = max(q.shape[0], k.shape[0])
+            q, k, v = (x.expand(batch, -1, -1) for x in (q, k, v))
         q = self._separate_heads(self.q_proj(q))
         k = self._separate_heads(self.k_proj(k))
         v = self._separate_heads(self.v_proj(v))
@@ -85,7 +88,7 @@ class Attention(UsesFastPaths, nn.Module):
         q = self.q_proj(tokens).view(b, n_t, heads, head_dim) * head_dim**-0.5
         pulled = torch.einsum("bthd,hdc->bhtc", q, self.k_proj.weight.view(heads, head_dim, width))
         scores = _scores(image_keys, pulled.reshape(b, heads * n_t, width))  # (B, heads * Nt, N)
-        mixed = scores.softmax(dim=-1) @ image_values  # (B, heads * Nt, C)
+        mixed = _mix(scores.softmax(dim=-1), image_values)  # (B, heads * Nt, C)
         out = torch.einsum("bhtc,hdc->bthd", mixed.view(b, heads, n_t, width),
                            self.v_proj.weight.view(heads, head_dim, width))
         return self.out_proj(out.reshape(b, n_t, self.internal_dim) + self.v_proj.bias)
@@ -101,6 +104,32 @@ class Attention(UsesFastPaths, nn.Module):
         """
         if not self.folds_image_side(tokens_keys.shape[1]):
             return self._image_to_many_tokens(image_queries, tokens_keys, tokens_values)
+        weights, pushed = self._folded_image_to_tokens_parts(image_queries, tokens_keys, tokens_values)
+        out = weights.transpose(1, 2) @ pushed  # (B, N, C)
+        return out.add_(self.out_proj.bias)
+
+    def add_image_to_tokens(self, image: Tensor, image_queries: Tensor, tokens_keys: Tensor,
+                            tokens_values: Tensor) -> Tensor:
+        """``image + self(image_queries, tokens_keys, tokens_values)``: the image's residual update.
+
+        Folded (``folded_decoder_attention``), the attention output is a product of the weights with
+        ``heads x Nt`` pushed vectors, and the residual is that product accumulated onto the image (one
+        ``baddbmm``) rather than a tensor of the image's size written and added in two more passes. The
+        output bias rides along in the pushed vectors: each head's weights over the tokens sum to one, so
+        adding ``bias / heads`` to every pushed vector adds the bias once. Rounding only.
+        """
+        n_t = tokens_keys.shape[1]
+        if not (self.fast_paths.folded_decoder_attention and self.folds_image_side(n_t)):
+            return image + self(image_queries, tokens_keys, tokens_values)
+        weights, pushed = self._folded_image_to_tokens_parts(image_queries, tokens_keys, tokens_values)
+        pushed = pushed + self.out_proj.bias / self.num_heads
+        batch = weights.shape[0]
+        return torch.baddbmm(image.expand(batch, -1, -1), weights.transpose(1, 2), pushed)
+
+    def _folded_image_to_tokens_parts(self, image_queries: Tensor, tokens_keys: Tensor,
+                                      tokens_values: Tensor) -> tuple[Tensor, Tensor]:
+        """The folded image -> tokens attention as weights (B, heads * Nt, N) and pushed vectors
+        (B, heads * Nt, C): the output without its bias is ``weights^T @ pushed``."""
         b, n_t, _ = tokens_keys.shape
         heads, head_dim, width = self.num_heads, self.head_dim, self.embedding_dim
         k = self.k_proj(tokens_keys).view(b, n_t, heads, head_dim) * head_dim**-0.5
@@ -111,8 +140,7 @@ class Attention(UsesFastPaths, nn.Module):
         scores = scores.view(b, heads, n_t, -1).add_(offset.unsqueeze(-1))
         weights = scores.softmax(dim=2).view(b, heads * n_t, -1)
         pushed = torch.einsum("bthd,chd->bhtc", v, self.out_proj.weight.view(width, heads, head_dim))
-        out = weights.transpose(1, 2) @ pushed.reshape(b, heads * n_t, width)  # (B, N, C)
-        return out.add_(self.out_proj.bias)
+        return weights, pushed.reshape(b, heads * n_t, width)
 
     def _image_to_many_tokens(self, image_queries: Tensor, tokens_keys: Tensor, tokens_values: Tensor) -> Tensor:
         """Image tokens attending to prompt tokens too many to fold: Meta's projections, with the scores
@@ -129,9 +157,23 @@ def _scores(image: Tensor, vectors: Tensor) -> Tensor:
 
     Computed as image @ vectors^T and transposed after: MKL runs the tall product with both operands in
     their stored order about 1.5x faster than vectors @ image^T, which reads the image transposed, and
-    transposing the small result back costs a tenth of that.
+    transposing the small result back costs a tenth of that. An image shared by the whole batch (B' = 1,
+    the ``shared_decoder_image`` fast path) meets all B x M vectors in one product: a broadcast batched
+    product would first copy the image B times.
     """
+    if image.shape[0] == 1 and vectors.shape[0] > 1:
+        b, m, c = vectors.shape
+        flat = image[0] @ vectors.reshape(b * m, c).T  # (N, B * M)
+        return flat.T.reshape(b, m, -1)
     return (image @ vectors.transpose(1, 2)).transpose(1, 2).contiguous()
+
+
+def _mix(weights: Tensor, image: Tensor) -> Tensor:
+    """Weights (B, M, N) times image tokens (B', N, C) -> (B, M, C); one product when the image is shared."""
+    if image.shape[0] == 1 and weights.shape[0] > 1:
+        b, m, n = weights.shape
+        return (weights.reshape(b * m, n) @ image[0]).view(b, m, -1)
+    return weights @ image
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -161,7 +203,8 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + attn_out
         queries = self.norm1(queries)
 
-        # Tokens attending to the image.
+        # Tokens attending to the image. The image's keys with their positions serve both cross attentions:
+        # the image does not change in between (Meta adds them twice).
         q = queries + query_pe
         k = keys + key_pe
         attn_out = self.cross_attn_token_to_image(q=q, k=k, v=keys)
@@ -175,9 +218,8 @@ class TwoWayAttentionBlock(nn.Module):
 
         # The image attending to the tokens.
         q = queries + query_pe
-        k = keys + key_pe
-        attn_out = self.cross_attn_image_to_token(q=k, k=q, v=queries)
-        keys = keys + attn_out
+        keys = self.cross_attn_image_to_token.add_image_to_tokens(keys, image_queries=k, tokens_keys=q,
+                                                                  tokens_values=queries)
         keys = self.norm4(keys)
         return queries, keys
 
@@ -199,7 +241,12 @@ class TwoWayTransformer(nn.Module):
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(self, image_embedding: Tensor, image_pe: Tensor, point_embedding: Tensor) -> tuple[Tensor, Tensor]:
-        """image_embedding, image_pe (B, C, h, w); point_embedding (B, N, C) -> tokens, image tokens."""
+        """image_embedding, image_pe (B, C, h, w); point_embedding (B, N, C) -> tokens, image tokens.
+
+        ``image_embedding`` and ``image_pe`` may also be (1, C, h, w) and shared by the B prompts: the first
+        layer's image side then runs once for all of them, and the image becomes B images only where the
+        first layer's image update makes it so (the ``shared_decoder_image`` fast path).
+        """
         # Token-major and contiguous once here, so the adds and products below run on dense memory.
         keys = image_embedding.flatten(2).transpose(1, 2).contiguous()
         key_pe = image_pe.flatten(2).transpose(1, 2).contiguous()

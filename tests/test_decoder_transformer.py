@@ -77,3 +77,21 @@ def test_folded_attention_equals_meta_order(transformers, n_tokens):
                            attention.tokens_to_image_folded(tokens, image, image_values))
         assert torch.equal(attention(image, tokens, token_values),
                            attention.image_to_tokens_folded(image, tokens, token_values))
+
+
+@pytest.mark.parametrize("preset", [FAST, REFERENCE], ids=["fast", "reference"])
+@pytest.mark.parametrize("n_tokens", [7, 17])
+def test_an_image_shared_by_the_batch_equals_its_copies(transformers, n_tokens, preset):
+    """One (1, C, h, w) image for 3 prompts (``shared_decoder_image``) against Meta's transformer on 3 copies:
+    the folded forms' single products and, past the folding boundary, the broadcast in Meta's order."""
+    ours, reference = transformers
+    apply(ours, preset, "cpu")
+    image, image_pe, tokens = inputs(1, n_tokens, seed=50 + n_tokens)
+    tokens = torch.cat([tokens, tokens.flip(1), 2 * tokens])
+    with torch.inference_mode():
+        queries, keys = ours(image, image_pe, tokens)
+        expected_queries, expected_keys = reference(image.expand(3, -1, -1, -1), image_pe.expand(3, -1, -1, -1),
+                                                    tokens)
+    assert keys.shape == expected_keys.shape
+    torch.testing.assert_close(queries, expected_queries, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(keys, expected_keys, atol=2e-5, rtol=1e-5)

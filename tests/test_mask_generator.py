@@ -13,6 +13,7 @@ logits are small, so the stability offset is 0.05 instead of 1.0 (at 1.0 every s
 
 from __future__ import annotations
 
+from dataclasses import replace
 from fractions import Fraction
 
 import numpy as np
@@ -157,7 +158,9 @@ BASE = dict(points_per_side=8, pred_iou_thresh=0.3, stability_score_thresh=0.2, 
     {"min_mask_region_area": 100},
     {"crop_n_layers": 1, "min_mask_region_area": 100, "crop_n_points_downscale_factor": 2},
 ], ids=["image", "crops", "small-regions", "crops+small-regions"])
-@pytest.mark.parametrize("preset", [FAST, REFERENCE], ids=["fast", "reference"])
+@pytest.mark.parametrize("preset", [FAST, REFERENCE, replace(FAST, iou_before_masks=False),
+                                    replace(FAST, shared_decoder_image=False)],
+                         ids=["fast", "reference", "fast-masks-first", "fast-image-per-prompt"])
 def test_generate_matches_meta(models, image: np.ndarray, options: dict, preset) -> None:
     reference, sam = models
     config = {**BASE, **options}
@@ -243,3 +246,20 @@ def test_a_given_embedding_replaces_the_whole_image_encode(models, image: np.nda
         assert_same_records(generator.generate(image, embedding=embedding), generator.generate(image), point_atol=1e-6)
     with pytest.raises(ValueError, match="embedding"):
         MaskGenerator(sam, **BASE).generate(image[:64], embedding=embedding)
+
+
+def test_scores_first_makes_the_masks_asked_for(models, image: np.ndarray) -> None:
+    """``decode_scores_first``: the IoU predictions and, for any rows, the very logits ``decode_low_res`` gives."""
+    from model import Predictor
+
+    _, sam = models
+    predictor = Predictor(sam)
+    embedding = predictor.embed(image)
+    coords = torch.as_tensor(amg.build_point_grid(3) * [[160, 128]])[:, None, :]
+    labels = torch.ones(len(coords), 1, dtype=torch.int)
+    low_res, iou = predictor.decode_low_res(embedding, point_coords=coords, point_labels=labels)
+    scores, masks_of = predictor.decode_scores_first(embedding, coords, labels)
+    torch.testing.assert_close(scores, iou)
+    rows = torch.tensor([25, 0, 4, 5, 26, 4])
+    torch.testing.assert_close(masks_of(rows), low_res.flatten(0, 1)[rows], atol=1e-5, rtol=1e-5)
+    assert masks_of(torch.zeros(0, dtype=torch.int64)).shape == (0, *low_res.shape[2:])

@@ -11,8 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from model.fast_paths import FAST, FastPaths
-from model.fast_paths import apply as apply_fast_paths
+from model.fast_paths_model import FastPathsModel
 from model.mask_decoder import MaskDecoder
 from model.prompt_encoder import PromptEncoder
 
@@ -20,7 +19,7 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-class Sam(nn.Module):
+class Sam(FastPathsModel):
     mask_threshold: float = 0.0
     # Buffers (registered in __init__) and the encoder entry point kept in __dict__: declared here, since
     # nn.Module's __getattr__ would type them as "Tensor | Module".
@@ -44,32 +43,7 @@ class Sam(nn.Module):
         # What embed() calls: the encoder itself, or its torch.compile wrapper. Kept outside the module
         # tree so the state dict keeps Meta's key names.
         self.__dict__["encode"] = image_encoder
-        self._policy = FAST
-        self._fast_paths = apply_fast_paths(self, FAST, self.device)
-
-    @property
-    def fast_paths(self) -> FastPaths:
-        """The speed tricks in force: the policy last set, as it applies on this model's device."""
-        return self._fast_paths
-
-    def set_fast_paths(self, policy: FastPaths) -> None:
-        """Use ``policy`` (``model.FAST``, ``model.REFERENCE`` or any ``FastPaths``) from now on.
-
-        Every module with a fast path reads the policy resolved for the model's device; moving the model
-        to another device resolves it again. Set it before the model serves, not while other threads run it.
-        """
-        self._policy = policy
-        self._fast_paths = apply_fast_paths(self, policy, self.device)
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Sam:
-        """What every ``to()`` / ``cuda()`` / ``cpu()`` goes through: re-decide the device-dependent paths."""
-        module = super()._apply(fn, recurse)
-        self.set_fast_paths(self._policy)
-        return module
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
+        self._start_fast_paths()
 
     def __repr__(self) -> str:
         dtype = "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.")

@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.fast_paths import FAST, FastPaths
-from model.fast_paths import apply as apply_fast_paths
+from model.fast_paths_model import FastPathsModel
 from model.sam2_image_encoder import ImageEncoder
 from model.sam2_mask_decoder import Sam2MaskDecoder
 from model.sam2_prompt_encoder import Sam2PromptEncoder
@@ -40,7 +39,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LOW_RES_CLAMP = 32.0
 
 
-class Sam2(nn.Module):
+class Sam2(FastPathsModel):
     mask_threshold: float = 0.0
     # Buffers (registered in __init__) and the encoder entry point kept in __dict__: declared here, since
     # nn.Module's __getattr__ would type them as "Tensor | Module". ``encode`` is ``ImageEncoder.forward``
@@ -64,24 +63,7 @@ class Sam2(nn.Module):
         self.dtype: torch.dtype | None = None
         # What embed() calls: the image encoder, or its torch.compile wrapper (kept outside the module tree).
         self.__dict__["encode"] = image_encoder
-        self._policy = FAST
-        self._fast_paths = apply_fast_paths(self, FAST, self.device)
-
-    @property
-    def fast_paths(self) -> FastPaths:
-        """The speed tricks in force: the policy last set, as it applies on this model's device."""
-        return self._fast_paths
-
-    def set_fast_paths(self, policy: FastPaths) -> None:
-        """Use ``policy`` from now on (``model.Sam.set_fast_paths``; ``model.fast_paths`` lists SAM 2's tricks)."""
-        self._policy = policy
-        self._fast_paths = apply_fast_paths(self, policy, self.device)
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Sam2:
-        """What every ``to()`` / ``cuda()`` / ``cpu()`` goes through: re-decide the device-dependent paths."""
-        module = super()._apply(fn, recurse)
-        self.set_fast_paths(self._policy)
-        return module
+        self._start_fast_paths()
 
     @property
     def prompt_encoder(self) -> Sam2PromptEncoder:
@@ -90,10 +72,6 @@ class Sam2(nn.Module):
     @property
     def mask_decoder(self) -> Sam2MaskDecoder:
         return self.sam_mask_decoder
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
 
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
         """HxWx3 uint8 RGB -> (1, 3, S, S) float input: to [0, 1], resized to S x S, normalised."""

@@ -47,38 +47,16 @@ def brush_region(mask: np.ndarray, label: str, score: float, config: LabelConfig
                  tag: ControlTag | None = None, region_id: str | None = None) -> Region:
     """One ``brushlabels`` region for a (H, W) mask. ``tag`` defaults to the config's BrushLabels."""
     mask = _check_mask(mask)
-    tag = tag or config.output_tag("brush")
-    height, width = mask.shape
-    return {
-        "id": region_id or new_region_id(),
-        "type": "brushlabels",
-        "from_name": tag.name,
-        "to_name": _to_name(tag, config),
-        "original_width": int(width),
-        "original_height": int(height),
-        "image_rotation": 0,
-        "value": {"format": "rle", "rle": RleList(rle.encode_array(mask)), "brushlabels": [label]},
-        "score": float(score),
-    }
+    value = {"format": "rle", "rle": RleList(rle.encode_array(mask)), "brushlabels": [label]}
+    return _region("brushlabels", tag or config.output_tag("brush"), config, mask.shape, value, score, region_id)
 
 
 def bitmask_region(mask: np.ndarray, label: str, score: float, config: LabelConfig, *,
                    tag: ControlTag | None = None, region_id: str | None = None) -> Region:
     """One ``bitmasklabels`` region for a (H, W) mask: the stored form of Label Studio's BitmaskLabels tag."""
     mask = _check_mask(mask)
-    tag = tag or config.output_tag("bitmask")
-    height, width = mask.shape
-    return {
-        "id": region_id or new_region_id(),
-        "type": "bitmasklabels",
-        "from_name": tag.name,
-        "to_name": _to_name(tag, config),
-        "original_width": int(width),
-        "original_height": int(height),
-        "image_rotation": 0,
-        "value": {"imageDataURL": bitmask.encode(mask), "bitmasklabels": [label]},
-        "score": float(score),
-    }
+    value = {"imageDataURL": bitmask.encode(mask), "bitmasklabels": [label]}
+    return _region("bitmasklabels", tag or config.output_tag("bitmask"), config, mask.shape, value, score, region_id)
 
 
 def polygon_regions(mask: np.ndarray, label: str, score: float, config: LabelConfig, *,
@@ -94,22 +72,10 @@ def polygon_regions(mask: np.ndarray, label: str, score: float, config: LabelCon
 
     mask = _check_mask(mask)
     tag = tag or config.output_tag("polygon")
-    height, width = mask.shape
-    regions: list[Region] = []
-    for outline in polygons.mask_to_polygons(mask, **polygon_options):
-        regions.append({
-            "id": new_region_id(),
-            "type": "polygonlabels",
-            "from_name": tag.name,
-            "to_name": _to_name(tag, config),
-            "original_width": int(width),
-            "original_height": int(height),
-            "image_rotation": 0,
-            "value": {"points": [[float(x), float(y)] for x, y in outline], "closed": True,
-                      "polygonlabels": [label]},
-            "score": float(score),
-        })
-    return regions
+    return [_region("polygonlabels", tag, config, mask.shape,
+                    {"points": [[float(x), float(y)] for x, y in outline], "closed": True, "polygonlabels": [label]},
+                    score)
+            for outline in polygons.mask_to_polygons(mask, **polygon_options)]
 
 
 def mask_regions(mask: np.ndarray, label: str, score: float, config: LabelConfig,
@@ -130,6 +96,23 @@ def prediction(regions: Sequence[Region], model_version: str) -> Prediction:
         "result": list(regions),
         "score": float(np.mean(scores)) if scores else 0.0,
         "model_version": model_version,
+    }
+
+
+def _region(kind: str, tag: ControlTag, config: LabelConfig, shape: tuple[int, ...], value: dict[str, Any],
+            score: float, region_id: str | None = None) -> Region:
+    """A region of the output tag, in the shape every mask form shares: ids, names, the image size, the score."""
+    height, width = shape
+    return {
+        "id": region_id or new_region_id(),
+        "type": kind,
+        "from_name": tag.name,
+        "to_name": _to_name(tag, config),
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": value,
+        "score": float(score),
     }
 
 

@@ -33,11 +33,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from backend.lru import SizedLRU
 from model import Embedding
 
 if TYPE_CHECKING:
@@ -78,43 +78,23 @@ class MemoryTier:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, Embedding] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._items: SizedLRU[str, Embedding] = SizedLRU(max_bytes, size=lambda embedding: embedding.nbytes)
 
     def get(self, key: str) -> Embedding | None:
-        with self._lock:
-            embedding = self._items.get(key)
-            if embedding is not None:
-                self._items.move_to_end(key)
-            return embedding
+        return self._items.get(key)
 
     def put(self, key: str, embedding: Embedding) -> None:
-        size = embedding.nbytes
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            self._items[key] = embedding
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self._bytes -= evicted.nbytes
+        self._items.put(key, embedding)
 
     def __contains__(self, key: str) -> bool:
-        with self._lock:
-            return key in self._items
+        return key in self._items
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
+        return len(self._items)
 
     @property
     def nbytes(self) -> int:
-        with self._lock:
-            return self._bytes
+        return self._items.total
 
 
 class RedisTier:

@@ -27,8 +27,6 @@ from __future__ import annotations
 import email.utils
 import os
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -38,6 +36,7 @@ import numpy as np
 
 from backend.errors import ImageAccessError
 from backend.image_decode import TaskImage, decode_image
+from backend.lru import SizedLRU
 
 __all__ = ["Identity", "ImageIdentities", "RememberedImage", "Revalidation", "file_stamp", "is_upload"]
 
@@ -98,18 +97,13 @@ class ImageIdentities:
     def __init__(self, entries: int = 10_000, immutable_uploads: bool = True) -> None:
         self.entries = int(entries)
         self.immutable_uploads = immutable_uploads
-        self._known: OrderedDict[tuple[str, str], Identity] = OrderedDict()
-        self._lock = threading.Lock()
+        self._known: SizedLRU[tuple[str, str], Identity] = SizedLRU(max(self.entries, 0), size=lambda _: 1)
 
     def recall(self, reference: str, scope: str) -> Identity | None:
         """The identity last seen for ``reference`` fetched through ``scope`` (the Label Studio URL)."""
         if self.entries <= 0:
             return None
-        with self._lock:
-            identity = self._known.get((scope, reference))
-            if identity is not None:
-                self._known.move_to_end((scope, reference))
-            return identity
+        return self._known.get((scope, reference))
 
     def remember(self, reference: str, scope: str, image: TaskImage, revalidation: Revalidation,
                  upload: bool) -> None:
@@ -123,15 +117,10 @@ class ImageIdentities:
             return
         identity = Identity(image.sha256, image.size, image.content_type, image.source, validators,
                             revalidation.stamp, immutable)
-        with self._lock:
-            self._known[(scope, reference)] = identity
-            self._known.move_to_end((scope, reference))
-            while len(self._known) > self.entries:
-                self._known.popitem(last=False)
+        self._known.put((scope, reference), identity)
 
     def forget(self, reference: str, scope: str) -> None:
-        with self._lock:
-            self._known.pop((scope, reference), None)
+        self._known.pop((scope, reference))
 
     def __len__(self) -> int:
         return len(self._known)

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import functools
 import re
-import threading
 import xml.etree.ElementTree as ET
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from backend.errors import LabelConfigError
+from backend.lru import SizedLRU
 
 OUTPUT_KINDS = ("BrushLabels", "BitmaskLabels", "PolygonLabels")
 SMART_KINDS = ("KeyPointLabels", "RectangleLabels")
@@ -201,36 +200,19 @@ class ProjectConfigs:
     def __init__(self, max_entries: int, max_chars: int) -> None:
         self.max_entries = max_entries
         self.max_chars = max_chars
-        self._items: OrderedDict[str, str] = OrderedDict()
-        self._chars = 0
-        self._lock = threading.Lock()
+        self._items: SizedLRU[str, str] = SizedLRU(max_chars, size=len, max_entries=max_entries)
 
     def put(self, project: str, schema: str) -> None:
-        if len(schema) > self.max_chars:
-            return
-        with self._lock:
-            old = self._items.pop(project, None)
-            self._chars += len(schema) - (len(old) if old is not None else 0)
-            self._items[project] = schema
-            while len(self._items) > self.max_entries or self._chars > self.max_chars:
-                _, dropped = self._items.popitem(last=False)
-                self._chars -= len(dropped)
+        self._items.put(project, schema)
 
     def for_project_id(self, project_id: object) -> str | None:
         """The newest config of project ``project_id`` (the id part of the key), or None."""
         wanted = str(project_id)
-        with self._lock:
-            for key in reversed(self._items):
-                if key.split(".")[0] == wanted:
-                    self._items.move_to_end(key)
-                    return self._items[key]
-        return None
+        return self._items.newest(lambda key: key.split(".")[0] == wanted)
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
+        return len(self._items)
 
     @property
     def chars(self) -> int:
-        with self._lock:
-            return self._chars
+        return self._items.total

@@ -16,12 +16,11 @@ logits, 256 KiB each); entries can be dropped per task (the interactive flow's `
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
+from backend.lru import SizedLRU
 from backend.prompts import ObjectPrompt
 
 
@@ -38,13 +37,11 @@ class Refinements:
         if max_bytes < 0:
             raise ValueError("max_bytes must be >= 0")
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        self._entries: SizedLRU[bytes, _Entry] = SizedLRU(max_bytes, size=lambda entry: entry.logits.nbytes)
 
     @property
     def nbytes(self) -> int:
-        return self._bytes
+        return self._entries.total
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -53,40 +50,25 @@ class Refinements:
         """The logits of the longest earlier prompt this one extends (a proper prefix of its points), or None."""
         n = len(prompt.points)
         shortest = 0 if prompt.box is not None else 1  # a box alone is a prompt; no points and no box is not
-        with self._lock:
-            for k in range(n - 1, shortest - 1, -1):
-                key = _key(fingerprint, image_sha256, prompt, k)
-                entry = self._entries.get(key)
-                if entry is not None:
-                    self._entries.move_to_end(key)
-                    return entry.logits
+        for k in range(n - 1, shortest - 1, -1):
+            entry = self._entries.get(_key(fingerprint, image_sha256, prompt, k))
+            if entry is not None:
+                return entry.logits
         return None
 
     def remember(self, fingerprint: str, image_sha256: str, prompt: ObjectPrompt, logits: np.ndarray,
                  task: object = None) -> None:
         """Keep ``logits`` (h, w) as the answer to ``prompt``; the least recently used go past the budget."""
         logits = np.ascontiguousarray(logits, dtype=np.float32)
-        if logits.ndim != 2 or logits.nbytes > self.max_bytes:
+        if logits.ndim != 2:
             return
-        key = _key(fingerprint, image_sha256, prompt, len(prompt.points))
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old.logits.nbytes
-            self._entries[key] = _Entry(logits=logits, task=str(task))
-            self._bytes += logits.nbytes
-            while self._bytes > self.max_bytes:
-                _, dropped = self._entries.popitem(last=False)
-                self._bytes -= dropped.logits.nbytes
+        self._entries.put(_key(fingerprint, image_sha256, prompt, len(prompt.points)),
+                          _Entry(logits=logits, task=str(task)))
 
     def release(self, task: object) -> int:
         """Drop every entry made for ``task``; returns how many."""
         name = str(task)
-        with self._lock:
-            keys = [key for key, entry in self._entries.items() if entry.task == name]
-            for key in keys:
-                self._bytes -= self._entries.pop(key).logits.nbytes
-        return len(keys)
+        return self._entries.pop_where(lambda _key, entry: entry.task == name)
 
 
 def _key(fingerprint: str, image_sha256: str, prompt: ObjectPrompt, n_points: int) -> bytes:

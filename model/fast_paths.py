@@ -113,14 +113,19 @@ upscaling (with its high-resolution features added through block-order views) as
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
 # Chunk budget of the ViT's attention bias off the CPU: 64 M elements is 4 chunks per ViT-B global block.
 GPU_ATTENTION_BIAS_ELEMENTS = 1 << 26
+
+
+def _chunk_budgets() -> tuple[str, ...]:
+    """The fields of ``FastPaths`` that are chunk budgets (int, 0 = off) rather than switches (bool)."""
+    return tuple(f.name for f in fields(FastPaths) if f.type in ("int", int))
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,7 @@ class FastPaths:
     per_mask_resize: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("attention_bias_elements", "mlp_chunk_elements", "hiera_mlp_chunk_elements"):
+        for name in _chunk_budgets():
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (off) or more, not {getattr(self, name)}")
 
@@ -170,14 +175,10 @@ class FastPaths:
 
 # Every trick on: what the backend serves.
 FAST = FastPaths()
-# Every trick off: Meta's order of operations everywhere, the plainest code.
-REFERENCE = FastPaths(fused_attention=False, attention_bias_elements=0, window_bands=False, mlp_chunk_elements=0,
-                      in_place_activations=False, folded_decoder_attention=False, pixel_block_upscaling=False,
-                      shared_decoder_image=False, iou_before_masks=False,
-                      composed_thumbnail_resize=False, cropped_upsample=False, fused_linear=False,
-                      hiera_residual_writes=False, hiera_mlp_chunk_elements=0, strided_max_pool=False,
-                      contiguous_attention_heads=False, cached_position_embedding=False,
-                      channels_last_patch_embed=False, folded_neck_projections=False, per_mask_resize=False)
+# Every trick off: Meta's order of operations everywhere, the plainest code. Derived from the fields, so that a
+# trick added to FastPaths is off here without a second list to keep in step.
+_OFF: dict[str, Any] = {f.name: 0 if f.name in _chunk_budgets() else False for f in fields(FastPaths)}
+REFERENCE = FastPaths(**_OFF)
 
 
 class UsesFastPaths:

@@ -69,6 +69,16 @@ class Connection(TConn):
         self.draining_until = 0.0
 
 
+def _receive(conn: Connection) -> bytes | None:
+    """What the non-blocking socket has: None when nothing yet, b"" when the client is gone (or reset)."""
+    try:
+        return conn.sock.recv(_RECV)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 def _peer(conn: Connection) -> str:
     client = conn.client
     return str(client[0]) if isinstance(client, tuple) and client else str(client or "unix")
@@ -141,12 +151,9 @@ class BufferingWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
 
     def _on_readable(self, conn: Connection, _sock: Any) -> None:
-        try:
-            data = conn.sock.recv(_RECV)
-        except (BlockingIOError, InterruptedError):
+        data = _receive(conn)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # the client went away before its request was whole
             self._forget(conn)
             self._close(conn)
@@ -223,13 +230,7 @@ class BufferingWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_drain, conn))
 
     def _on_drain(self, conn: Connection, _sock: Any) -> None:
-        try:
-            data = conn.sock.recv(_RECV)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
+        if _receive(conn) == b"":
             self._stop_draining(conn)
 
     def _stop_draining(self, conn: Connection) -> None:

@@ -44,6 +44,10 @@ __all__ = ["Identity", "ImageIdentities", "RememberedImage", "Revalidation", "fi
 _UPLOAD = re.compile(r"^/data/upload/\d+/[0-9a-f]{8}-[^/]+$")
 # RFC 9110 8.8.2.2: a Last-Modified is a strong validator only if it is at least 60 s before the Date.
 _STRONG_DATE_S = 60.0
+# An ETag is kept (and sent back) only up to this length: hosts' tags are tens of characters (S3's an MD5 in
+# quotes, Label Studio's mtime and size), and a host must not make each remembered image cost its header's
+# 64 KiB. A longer tag counts as no validator: the image is downloaded on every click, as without the memo.
+_MAX_ETAG = 256
 
 
 @dataclass
@@ -68,7 +72,7 @@ class Revalidation:
 
     def validators(self) -> dict[str, str]:
         """The conditional headers the recorded answer allows for the next fetch, {} when none are safe."""
-        if self.etag:
+        if self.etag and len(self.etag) <= _MAX_ETAG:
             return {"If-None-Match": self.etag}
         if self.last_modified and self.date:
             modified = _http_date(self.last_modified)

@@ -150,6 +150,9 @@ def test_last_modified_counts_only_when_a_minute_older_than_the_answer() -> None
     tagged = Revalidation()
     tagged.record({"ETag": '"abc"', "Last-Modified": "garbage"})
     assert tagged.validators() == {"If-None-Match": '"abc"'}
+    huge = Revalidation()  # a host's 60 KB tag would make every remembered image cost that much: not a validator
+    huge.record({"ETag": '"' + "a" * 60_000 + '"'})
+    assert huge.validators() == {}
 
 
 def test_what_counts_as_a_label_studio_upload() -> None:

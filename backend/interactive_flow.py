@@ -37,7 +37,6 @@ from backend.results import Region, new_region_id, prediction
 log = logging.getLogger(__name__)
 
 EVENTS = ("capabilities", "prewarm", "release", "predict")
-MAX_REGIONS = 200  # clicks of one interaction; each is a decoder token, so the cost stays bounded
 PROMPT_LABEL = ""  # the flow's prompts carry no label: the annotator picks it in the editor
 PROMPT_SOURCE = "ml-interactive"  # from_name of its prompts, so refinement never mixes them with smart-tool clicks
 TARGETS = ({"tag": "BitmaskLabels", "output": "mask"}, {"tag": "PolygonLabels", "output": "polygon"},
@@ -96,12 +95,14 @@ class InteractiveFlow:
                 "model_info": {"name": "Segment Anything", "version": model.model_version}}
 
     def predict(self, task: dict[str, Any], regions: object) -> Any:
-        """Points or a box -> one mask as a PNG data URL (white on transparent: red > 127 is the object)."""
+        """Points or a box -> one mask as a PNG data URL (white on transparent: red > 127 is the object).
+
+        How many regions and points a click may carry is bounded once for both protocols, before either is
+        chosen (``Predictions.check_limits``: ``SAM_MAX_CLICK_REGIONS``, ``SAM_MAX_CLICK_POINTS``).
+        """
         predictions = self.predictions
         if regions is not None and not isinstance(regions, list):
             raise BadRequest("'params.context.result' must be a list of prompt regions")
-        if regions and len(regions) > MAX_REGIONS:
-            raise BadRequest(f"context.result has {len(regions)} regions; at most {MAX_REGIONS} are accepted")
         if not regions:
             return prediction([], predictions.version)  # the editor goes back to prompting
         image = predictions.images.fetch(task, predictions.config.image.value_key)

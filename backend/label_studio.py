@@ -91,8 +91,10 @@ class LabelStudioClient:
     """
 
     def __init__(self, url: str | None, token: str | None, *, http: Downloader,
-                 url_source: str = "LABEL_STUDIO_URL", token_source: str = "LABEL_STUDIO_API_KEY") -> None:
+                 url_source: str = "LABEL_STUDIO_URL", token_source: str = "LABEL_STUDIO_API_KEY",
+                 unused_key: bool = False) -> None:
         self.url = url.strip().rstrip("/") if url else None
+        self.unused_key = unused_key  # LABEL_STUDIO_API_KEY is set but, without LABEL_STUDIO_URL, never sent
         self.url_source = url_source
         self.token = token.strip() if token else None
         self.token_source = token_source
@@ -226,7 +228,12 @@ class LabelStudioClient:
     def refused(self, status: int, url: str) -> ImageAccessError:
         """The message for a 401/403 from Label Studio: which token was sent, and what to change."""
         where = f"Label Studio refused {'the request' if '/api/' in url else 'the image'} {url} (HTTP {status})"
-        if self.kind == "none":
+        if self.kind == "none" and self.unused_key:
+            message = (
+                f"{where}: no token was sent. LABEL_STUDIO_API_KEY is set, but it is only ever sent to "
+                "LABEL_STUDIO_URL, which is unset: set LABEL_STUDIO_URL to this Label Studio's URL."
+            )
+        elif self.kind == "none":
             message = (
                 f"{where}: the backend has no Label Studio token. Set LABEL_STUDIO_API_KEY to a personal access "
                 "token (Label Studio > Account & Settings > Personal Access Token) or a legacy token."
@@ -402,13 +409,21 @@ class LabelStudioClients:
         self._lock = threading.Lock()
         if self.env_token and not self.env_url:
             log.warning(
-                "LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL: the token will go to whatever hostname "
-                "POST /setup names. Set LABEL_STUDIO_URL so it only goes where you say."
+                "LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL, so it is not used: it is sent nowhere, "
+                "since only LABEL_STUDIO_URL says where Label Studio is (a hostname from POST /setup can come "
+                "from anyone). Set LABEL_STUDIO_URL (e.g. http://label-studio:8080) to use it."
             )
 
     def client(self, url: str | None = None, token: str | None = None) -> LabelStudioClient:
-        """The client for ``url`` and ``token`` (from /setup or a job) with the environment's values winning."""
-        url, token = self.env_url or url, self.env_token or token
+        """The client for ``url`` and ``token`` (from /setup or a job) with the environment's values winning.
+
+        The environment's token goes to the environment's URL only. Without ``LABEL_STUDIO_URL`` the URL comes
+        from /setup, which any caller can reach, so ``LABEL_STUDIO_API_KEY`` is not used at all: the first
+        caller of /setup must not be able to name a host of its own and receive the key with the next image
+        fetch. A token that /setup itself sends goes with the hostname sent beside it, as Label Studio pairs them.
+        """
+        if self.env_url:
+            url, token = self.env_url, self.env_token or token
         key = ((url.strip().rstrip("/") or None) if url else None, (token.strip() or None) if token else None)
         with self._lock:
             known = self._clients.get(key)
@@ -418,7 +433,9 @@ class LabelStudioClients:
             client = LabelStudioClient(
                 *key, http=self.http,
                 url_source="LABEL_STUDIO_URL" if self.env_url else "the hostname Label Studio sent to /setup",
-                token_source="LABEL_STUDIO_API_KEY" if self.env_token else "the access_token Label Studio sent to /setup",
+                token_source=("LABEL_STUDIO_API_KEY" if self.env_url and self.env_token
+                              else "the access_token Label Studio sent to /setup"),
+                unused_key=bool(self.env_token and not self.env_url),
             )
             self._clients[key] = client
             if len(self._clients) > MAX_CLIENTS:

@@ -206,14 +206,32 @@ class CachedSegmenter:
 def test_a_job_fetches_with_its_own_client_and_leaves_the_process_client_alone(ls: FakeLabelStudio) -> None:
     """A `sam-backend worker` never gets /setup: the job names Label Studio, the token is the worker's own, and
     the job's client serves that job, not the request threads."""
-    fetcher = image_fetcher(label_studio_token=ls.legacy_token)
+    fetcher = image_fetcher(label_studio_url=ls.url, label_studio_token=ls.legacy_token)
+    fetcher.set_label_studio(None, None)
     encode = make_encoder(CachedSegmenter(), fetcher)  # type: ignore[arg-type]
     job = WarmupJob(task=task("/data/upload/4/rgb.png"), value_key="image", label_studio_url=ls.url)
     assert encode(job) is False  # fetched (the fake cache already holds it)
     assert authorizations(ls, "/data/upload/") == [f"Token {ls.legacy_token}"]
-    assert fetcher.label_studio.url is None
+    bare = image_fetcher()
+    job_client = bare.label_studio_for(ls.url, None)
+    assert job_client.url == ls.url and bare.label_studio.url is None
     with pytest.raises(ImageError, match="set LABEL_STUDIO_URL"):
+        bare.fetch(task("/data/upload/4/rgb.png"), "image")
+
+
+def test_the_environments_key_goes_nowhere_without_the_environments_url(ls: FakeLabelStudio) -> None:
+    """LABEL_STUDIO_API_KEY without LABEL_STUDIO_URL: neither a /setup hostname nor a job's URL gets the key
+    (anyone may call /setup); the refusal says which setting is missing. /setup's own token still works."""
+    fetcher = image_fetcher(label_studio_token=ls.legacy_token)
+    fetcher.set_label_studio(ls.url, None)
+    with pytest.raises(ImageAccessError, match="no token was sent.*set LABEL_STUDIO_URL"):
         fetcher.fetch(task("/data/upload/4/rgb.png"), "image")
+    with pytest.raises(ImageAccessError, match="no token was sent"):
+        fetcher.fetch(task("/data/upload/4/rgb.png"), "image", label_studio=fetcher.label_studio_for(ls.url, None))
+    assert authorizations(ls, "/data/upload/") == [None, None]
+    fetcher.set_label_studio(ls.url, "setup-token")
+    assert fetcher.label_studio.token == "setup-token"
+    assert fetcher.label_studio.token_source == "the access_token Label Studio sent to /setup"
 
 
 def test_job_clients_keep_their_access_token_and_the_environment_wins(ls: FakeLabelStudio) -> None:

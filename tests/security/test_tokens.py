@@ -189,3 +189,26 @@ def test_warm_up_jobs_in_redis_hold_no_token(server: ServerProcess, label_studio
         time.sleep(0.2)
     assert all(name in fetched for name in images)
     assert not [key for secret in secrets for key in _redis_holds(connection, secret)]
+
+
+def test_without_label_studio_url_the_key_goes_to_no_host_a_setup_names(serve: Serve, label_studio: Any) -> None:
+    """LABEL_STUDIO_API_KEY without LABEL_STUDIO_URL: anyone may call /setup, so a hostname it names (here the
+    recording cloud host) must not receive the key with the next image fetch; start-up says what to set.
+    Label Studio's own /setup, which sends its hostname and its token together, works as before."""
+    backend = serve("key-without-url", LABEL_STUDIO_API_KEY=SETUP_TOKEN)
+    backend.wait_loaded()
+    cloud = label_studio.cloud
+    assert backend.post("/setup", json={"hostname": cloud.url}).status_code == 200
+    before = len(cloud.seen)
+    response = backend.post("/predict", json=click_body(UPLOAD, task_id=21))
+    assert response.status_code == 502 and "set LABEL_STUDIO_URL" in response.json()["message"], response.text
+    asked = cloud.seen[before:]
+    assert [s.path for s in asked] == [UPLOAD], "the image was asked of the host /setup named"
+    assert [s.authorization for s in asked] == [None] and cloud.leaks == []
+    assert "LABEL_STUDIO_API_KEY is set without LABEL_STUDIO_URL, so it is not used" in backend.log.read_text()
+    setup = fixture_body("setup.json")
+    setup["hostname"] = label_studio.url
+    assert backend.post("/setup", json=setup).status_code == 200
+    response = backend.post("/predict", json=click_body(UPLOAD, task_id=22))
+    assert response.status_code == 200, response.text
+    assert [s.authorization for s in label_studio.seen if s.path == UPLOAD][-1] == f"Token {setup['access_token']}"

@@ -95,6 +95,7 @@ class Settings:
     image_max_bytes: int = IMAGE_MAX_BYTES
     image_max_pixels: int = IMAGE_MAX_PIXELS
     sam_image_hosts: str = "public"  # hosts images may come from besides Label Studio (backend.urls.HostPolicy)
+    sam_image_proxy: bool = False  # use HTTP_PROXY / HTTPS_PROXY for downloads (backend.guarded_http says why not)
     image_identities: int = 10_000  # task images whose identity is remembered (backend.image_identity); 0: off
     image_uploads_immutable: bool = True  # Label Studio /data/upload/ files are never rewritten in place
     # -- embedding cache
@@ -211,6 +212,7 @@ class Settings:
             image_max_bytes=int(env.number("IMAGE_MAX_MB", cls.image_max_bytes / 2**20, positive=True) * 2**20),
             image_max_pixels=env.integer("IMAGE_MAX_PIXELS", cls.image_max_pixels, minimum=1),
             sam_image_hosts=env.image_hosts("SAM_IMAGE_HOSTS", cls.sam_image_hosts),
+            sam_image_proxy=env.flag("SAM_IMAGE_PROXY", cls.sam_image_proxy),
             image_identities=env.integer("IMAGE_IDENTITIES", cls.image_identities, minimum=0, maximum=10_000_000),
             image_uploads_immutable=env.flag("IMAGE_UPLOADS_IMMUTABLE", cls.image_uploads_immutable),
             redis_url=env.redis_url("REDIS_URL"),

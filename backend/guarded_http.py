@@ -10,8 +10,13 @@ Why the address check sits in the connection: the allow-list (``backend.urls.Hos
 addresses the client really connects to. A check on a name before the request would resolve it once and
 let the client resolve it again (DNS rebinding); here the name is resolved once, every address is checked,
 and the socket is opened to a checked address — or to none, without a packet sent to a refused host.
-Through an HTTP(S) proxy (HTTP_PROXY / HTTPS_PROXY) the proxy resolves names: the admin's proxy is then
-trusted, and only names and IP literals are judged.
+Why proxies are off unless enabled: through an HTTP(S) proxy the connection goes to the proxy's address,
+which is all this check could see, and the proxy connects on to any host it can reach (the internal network,
+cloud metadata). So the environment's HTTP_PROXY / HTTPS_PROXY / ALL_PROXY are ignored (``ProxySession``)
+unless SAM_IMAGE_PROXY enables them; then the target's name is resolved and every address judged before
+the request is handed to the proxy (``lookup``, ``backend.http_download``). The proxy resolves the name once
+more, so that check cannot stop a name whose answer changes in between (DNS rebinding): the admin who
+enables a proxy trusts its own egress rules for that.
 
 Why names are resolved here, in a small pool of threads: ``getaddrinfo`` has no timeout, and a DNS server
 that does not answer would hold a request past any deadline. The lookup is waited for until the hop's
@@ -43,6 +48,51 @@ _current = threading.local()
 # Name lookups in flight at once; more wait for a free thread (within their own deadline).
 RESOLVER_THREADS = 8
 _resolver = concurrent.futures.ThreadPoolExecutor(max_workers=RESOLVER_THREADS, thread_name_prefix="resolve")
+
+
+def lookup(host: str, port: int, deadline: float) -> list[str]:
+    """The addresses of ``host``, looked up by the resolver threads until ``deadline`` at most.
+
+    An IP literal is its own address. ``TimeoutError`` when the lookup outlives the deadline (it finishes in
+    its thread and is dropped), ``socket.gaierror`` when the name does not resolve.
+    """
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+        return [host]
+    except ValueError:
+        pass
+    found = _resolver.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = found.result(timeout=max(0.0, deadline - time.monotonic()))
+    except concurrent.futures.TimeoutError:
+        found.cancel()
+        raise TimeoutError(f"looking up {host} took longer than the download limit") from None
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+class ProxySession(requests.Session):
+    """A session that uses the environment's proxies only when ``use_proxies`` (SAM_IMAGE_PROXY) says so.
+
+    ``trust_env`` stays on for the rest of what the environment says (``REQUESTS_CA_BUNDLE``); only the
+    proxies that requests would take from HTTP_PROXY / HTTPS_PROXY / ALL_PROXY are dropped.
+    """
+
+    def __init__(self, use_proxies: bool) -> None:
+        super().__init__()
+        self.use_proxies = use_proxies
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> Any:
+        settings = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if not self.use_proxies:
+            settings["proxies"] = {}
+        return settings
+
+    def proxy_for(self, url: str) -> str | None:
+        """The proxy a request to ``url`` goes through (the environment's, NO_PROXY applied), None: direct."""
+        if not self.use_proxies:
+            return None
+        proxies = requests.utils.get_environ_proxies(url)
+        return requests.utils.select_proxy(url, proxies) or None
 
 
 class HostRefused(OSError):
@@ -175,22 +225,14 @@ class _GuardedConnectionMixin:
         raise urllib3.exceptions.NewConnectionError(self, f"Failed to establish a new connection: {last}")  # type: ignore[arg-type]
 
     def _resolve(self, host: str, deadline: float) -> list[str]:
-        """The addresses of ``host``, looked up within ``deadline`` (an IP literal is its own address)."""
+        """The addresses of ``host`` (``lookup``), its failures as urllib3's connection errors."""
         try:
-            ipaddress.ip_address(host.split("%")[0])
-            return [host]
-        except ValueError:
-            pass
-        lookup = _resolver.submit(socket.getaddrinfo, host, self.port, type=socket.SOCK_STREAM)
-        try:
-            infos = lookup.result(timeout=max(0.0, deadline - time.monotonic()))
-        except concurrent.futures.TimeoutError:
-            lookup.cancel()
-            raise urllib3.exceptions.ConnectTimeoutError(
-                self, f"Looking up {host} took longer than the download limit") from None
+            return lookup(host, self.port, deadline)
+        except TimeoutError as error:
+            raise urllib3.exceptions.ConnectTimeoutError(self, f"Looking up {host} took longer than the download "
+                                                               "limit") from error
         except socket.gaierror as error:
             raise urllib3.exceptions.NameResolutionError(self.host, self, error) from error  # type: ignore[arg-type]
-        return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 class _HTTPConnection(_GuardedConnectionMixin, urllib3.connection.HTTPConnection):
@@ -226,7 +268,7 @@ class _GuardedAdapter(requests.adapters.HTTPAdapter):
 class GuardedSession:
     """A pooled ``requests.Session`` and the watchdog of its hops."""
 
-    def __init__(self, session: requests.Session) -> None:
+    def __init__(self, session: ProxySession) -> None:
         adapter = _GuardedAdapter(pool_connections=16, pool_maxsize=32, max_retries=0)
         session.mount("http://", adapter)
         session.mount("https://", adapter)

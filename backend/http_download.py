@@ -14,7 +14,9 @@ Every failure is an ``ImageError`` (the task or configuration must change, 422) 
 from __future__ import annotations
 
 import http.cookiejar
+import ipaddress
 import re
+import socket
 import time
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urljoin, urlsplit, urlunsplit
@@ -23,7 +25,7 @@ import requests
 import urllib3.exceptions
 
 from backend.errors import ImageAccessError, ImageError
-from backend.guarded_http import GuardedSession
+from backend.guarded_http import GuardedSession, ProxySession, lookup
 from backend.urls import DEFAULT_IMAGE_HOSTS, HostPolicy, UnsafeUrl, Url, parse_url
 
 if TYPE_CHECKING:
@@ -82,14 +84,17 @@ class Downloader:
 
     Owns one ``requests.Session``: its connections are pooled across request threads, it keeps no cookies
     (cookies from one host must never ride along to another, and Label Studio needs none), and it does not
-    retry (a retry would restart the clock the deadline promises).
+    retry (a retry would restart the clock the deadline promises). The environment's HTTP(S) proxies are
+    used only with ``use_proxies`` (SAM_IMAGE_PROXY): a proxy would connect on to hosts the allow-list never
+    sees (``backend.guarded_http``).
     """
 
-    def __init__(self, timeout_s: float, max_bytes: int, hosts: HostPolicy | str = DEFAULT_IMAGE_HOSTS) -> None:
+    def __init__(self, timeout_s: float, max_bytes: int, hosts: HostPolicy | str = DEFAULT_IMAGE_HOSTS,
+                 use_proxies: bool = False) -> None:
         self.timeout_s = float(timeout_s)
         self.max_bytes = int(max_bytes)
         self.hosts = hosts if isinstance(hosts, HostPolicy) else HostPolicy.parse(hosts)
-        self.session = requests.Session()
+        self.session = ProxySession(use_proxies)
         self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         self.session.headers["User-Agent"] = USER_AGENT
         self.guard = GuardedSession(self.session)
@@ -118,6 +123,8 @@ class Downloader:
             to_label_studio = label_studio.origin == target.origin
             shown = redact(url, keep_query=not signed)
             policy = self._policy(target, to_label_studio, display or shown)
+            if policy is not None and target.ip is None and self.session.proxy_for(url):
+                self._check_before_proxy(target, policy, display or shown, deadline)
             headers = label_studio.headers(deadline) if to_label_studio else {}
             if revalidation is not None:
                 headers = {**headers, **revalidation.request}
@@ -183,6 +190,18 @@ class Downloader:
         if ip is not None and not self.hosts.admits(ip, target.port):
             raise self._refused(target, shown, [str(ip)])
         return self.hosts
+
+    def _check_before_proxy(self, target: Url, policy: HostPolicy, shown: str, deadline: float) -> None:
+        """Resolve and judge the target's name here, since through a proxy the connection only sees the proxy."""
+        try:
+            addresses = lookup(target.host, target.port, deadline)
+        except TimeoutError:
+            raise self._deadline_passed(shown) from None
+        except socket.gaierror:
+            raise ImageAccessError(f"Could not connect to {shown} (the host name does not resolve).") from None
+        if not addresses or not all(policy.admits(ipaddress.ip_address(a.split("%")[0]), target.port)
+                                    for a in addresses):
+            raise self._refused(target, shown, addresses)
 
     def _refused(self, target: Url, shown: str, addresses: list[str]) -> ImageError:
         where = target.host if target.ip is not None else f"{target.host} ({', '.join(addresses)})"

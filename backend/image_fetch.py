@@ -63,10 +63,11 @@ class ImageFetcher:
         max_pixels: int = IMAGE_MAX_PIXELS,
         image_hosts: HostPolicy | str = DEFAULT_IMAGE_HOSTS,
         identities: ImageIdentities | None = None,
+        use_proxies: bool = False,
     ) -> None:
         if timeout_s <= 0 or max_bytes <= 0 or max_pixels <= 0:
             raise ValueError("timeout_s, max_bytes and max_pixels must be positive")
-        self.http = Downloader(timeout_s, max_bytes, image_hosts)
+        self.http = Downloader(timeout_s, max_bytes, image_hosts, use_proxies)
         self.label_studio_clients = LabelStudioClients(label_studio_url, label_studio_token, self.http)
         self.root: Path | None = None
         if local_files_root:
@@ -92,6 +93,7 @@ class ImageFetcher:
             max_pixels=settings.image_max_pixels,
             image_hosts=settings.sam_image_hosts,
             identities=ImageIdentities(settings.image_identities, settings.image_uploads_immutable),
+            use_proxies=settings.sam_image_proxy,
         )
 
     def close(self) -> None:

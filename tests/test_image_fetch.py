@@ -190,9 +190,10 @@ def test_from_settings(ls: FakeLabelStudio, tmp_path: Path) -> None:
     settings = SimpleNamespace(label_studio_url=ls.url, label_studio_api_key=ls.legacy_token,
                                local_files_root=str(tmp_path), image_timeout_s=4.0, image_max_bytes=100_000,
                                image_max_pixels=3000, sam_image_hosts="public", image_identities=0,
-                               image_uploads_immutable=True)
+                               image_uploads_immutable=True, sam_image_proxy=True)
     fetcher = ImageFetcher.from_settings(settings)
     assert (fetcher.timeout_s, fetcher.max_bytes, fetcher.max_pixels, fetcher.root) == (4.0, 100_000, 3000, tmp_path)
+    assert fetcher.http.session.use_proxies
     assert fetcher.fetch(task("/data/upload/4/gray.png"), "image").array.shape == (8, 32, 3)
     with pytest.raises(ImageError, match="64x48 = 3072 pixels, more than the limit of 3000"):
         fetcher.fetch(task("/data/upload/4/rgb.png"), "image")

@@ -8,9 +8,12 @@ links under LOCAL_FILES_ROOT cannot lead out of it. Against a real ``sam-backend
 
 from __future__ import annotations
 
+import http.server
 import ipaddress
 import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,62 @@ def test_a_name_that_resolves_inside_is_refused_before_any_connection(label_stud
     with pytest.raises(ImageError, match="could not be used") as refused:
         image_fetcher(image_hosts="public").fetch(task(f"http://localhost:{cloud.port}/public/rgb.png"), "image")
     assert "not a public address" in (refused.value.detail or "") and len(cloud.seen) == before
+
+
+class ForwardProxy:
+    """An HTTP forward proxy stand-in: records each absolute URL asked of it and answers with a PNG, as a proxy
+    that can reach the target would."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                proxy.seen.append(self.path)
+                body = png_bytes(scene(1, (96, 72)))
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's name
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture()
+def forward_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[ForwardProxy]:
+    """The environment's HTTP_PROXY / HTTPS_PROXY point at a ``ForwardProxy``, with no NO_PROXY exceptions."""
+    proxy = ForwardProxy()
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, proxy.url)
+    yield proxy
+    proxy.server.shutdown()
+    proxy.server.server_close()
+
+
+def test_the_environments_proxy_is_not_a_way_around_the_allow_list(forward_proxy: ForwardProxy,
+                                                                    label_studio: Any) -> None:
+    """Through a proxy the connection sees only the proxy's address: by default the environment's proxy is not
+    used, and with SAM_IMAGE_PROXY on a name is resolved and judged before the proxy is asked."""
+    inside = task(f"http://localhost:{label_studio.cloud.port}/public/rgb.png")
+    for use_proxies in (False, True):
+        with pytest.raises(ImageError, match="could not be used") as refused:
+            image_fetcher(image_hosts="public", use_proxies=use_proxies).fetch(inside, "image")
+        assert "not a public address" in (refused.value.detail or ""), use_proxies
+    assert forward_proxy.seen == [], "the proxy was asked for an internal host"
+    assert Settings().sam_image_proxy is False and Settings.from_env({"SAM_IMAGE_PROXY": "on"}).sam_image_proxy
+    # Enabled, a host the admin named goes through the proxy (which resolves it: here a name only it knows).
+    named = image_fetcher(image_hosts="images.example", use_proxies=True)
+    assert named.fetch(task("http://images.example/a.png"), "image").size == (72, 96)
+    assert forward_proxy.seen == ["http://images.example/a.png"]
 
 
 # ------------------------------------------------------------------------------------------------------

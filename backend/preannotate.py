@@ -24,6 +24,9 @@ Where it runs:
   renews) before it reads the task afresh and computes, so two workers never write the same task, even when
   two commands queued it twice. Each outcome goes back to the command on a Redis list of its run; a task that
   was claimed elsewhere is queued again until its claim is released or has expired (a worker that died).
+  Every Redis call of a run (claims, run records, outcome lists) is bounded by ``REDIS_TIMEOUT_S`` for the
+  connect and for each answer: a stalled Redis (accepting connections, never answering) stops the command or
+  fails the worker's job with "Redis at ... did not answer within N s" instead of hanging them.
 
 The embedding cache (memory, and Redis when there is one) is used as by clicks: an image already encoded
 by a warm-up or a click costs no encoder run.
@@ -49,6 +52,7 @@ from tqdm import tqdm
 
 from backend.config import Settings
 from backend.errors import BackendError, ImageAccessError, ImageError
+from backend.http_download import redact
 from backend.label_config import LabelConfig, parse_label_config
 from backend.predictions import BatchOptions, Predictions, Task, predict_tasks
 
@@ -68,6 +72,7 @@ OUTCOMES_TTL_S = 24 * 3600
 JOB_TIMEOUT_S = 24 * 3600  # a chunk of "everything" on a CPU can take an hour; a dead worker is not a timeout
 CHUNK = 8  # tasks per queued job: images of a chunk are downloaded ahead of the model
 PAGE_SIZE = 100
+REDIS_TIMEOUT_S = 10.0  # connect and answer limit of a run's Redis calls; above the 1 s BLPOP wait for outcomes
 LOST_CHECK_S = 5.0  # how often the command looks for jobs that ended without reporting all their tasks
 
 # Failure classes, for the summary: what went wrong, and so what to fix.
@@ -424,6 +429,23 @@ def bind_preannotator(preannotator: Preannotator) -> None:
     _preannotator_ready.set()
 
 
+def connect(redis_url: str) -> Any:
+    """The Redis connection of a run or a worker's job, every call bounded by ``REDIS_TIMEOUT_S``."""
+    import redis
+
+    return redis.Redis.from_url(redis_url, socket_connect_timeout=REDIS_TIMEOUT_S, socket_timeout=REDIS_TIMEOUT_S)
+
+
+def redis_failed(redis_url: str, error: Exception) -> str:
+    """What to tell about a Redis call that failed: a stall in words, the URL without its password."""
+    import redis
+
+    where = f"Redis at {redact(redis_url)} (REDIS_URL)"
+    if isinstance(error, redis.TimeoutError):
+        return f"{where} did not answer within {REDIS_TIMEOUT_S:g} s"
+    return f"{where} cannot be reached: {error}"
+
+
 def run_job(payload: dict[str, Any]) -> int:
     """The rq job function: claim, compute and write each task of the chunk; report each outcome to its run."""
     import redis
@@ -432,7 +454,7 @@ def run_job(payload: dict[str, Any]) -> int:
         raise RuntimeError("no model loaded in this process to run pre-annotation jobs")
     runner = _preannotator
     assert runner is not None
-    connection = redis.Redis.from_url(payload["redis_url"], socket_connect_timeout=5.0)
+    connection = connect(payload["redis_url"])
     # The token is this worker's own (LABEL_STUDIO_API_KEY): payloads never carry it (backend.warmup says why).
     client = runner.fetcher.label_studio_for(payload.get("label_studio_url"), None)
     options = Options(**payload["options"])
@@ -454,6 +476,10 @@ def run_job(payload: dict[str, Any]) -> int:
         written = RunRecord(connection, payload["run"])
         for outcome in runner.run(client, project, ({"id": i} for i in task_ids), options, claims, written):
             report(outcome)
+    except redis.RedisError as error:  # no outcome can go back either: the job fails, the command requeues
+        message = redis_failed(payload["redis_url"], error)
+        log.error("pre-annotation job of project %s stopped: %s", payload.get("project"), message)
+        raise RuntimeError(message) from None
     except Exception as error:  # the whole chunk failed (project unreadable, a bug): say so for each task
         message = error.message if isinstance(error, BackendError) else f"{type(error).__name__}: {error}"
         log.exception("pre-annotation job of project %s failed: %s", payload.get("project"), message)
@@ -576,14 +602,25 @@ def _run_through_redis(run: Run, client: LabelStudioClient, project: ProjectInfo
     """Queue the project's tasks in chunks, consume the queue here too (unless not local), and yield each
     task's outcome as the workers report it; tasks claimed elsewhere are queued again until settled."""
     import redis
-    from rq import Queue
 
     settings = run.settings
-    connection = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=5.0)
+    connection = connect(settings.redis_url)
     try:
         connection.ping()
     except redis.RedisError as error:
-        raise PreannotateError(f"Redis at {settings.redis_url} (REDIS_URL) cannot be reached: {error}") from None
+        raise PreannotateError(redis_failed(settings.redis_url, error)) from None
+    try:
+        yield from _queue_and_follow(run, connection, client, project, preannotator, bar)
+    except redis.RedisError as error:
+        raise PreannotateError(f"{redis_failed(settings.redis_url, error)}; the run stopped. What was written "
+                               "stays in Label Studio: run the same command again to continue.") from None
+
+
+def _queue_and_follow(run: Run, connection: Any, client: LabelStudioClient, project: ProjectInfo,
+                      preannotator: Preannotator | None, bar: Any) -> Iterator[Outcome]:
+    from rq import Queue
+
+    settings = run.settings
     queue = Queue(QUEUE_NAME, connection=connection, default_timeout=JOB_TIMEOUT_S)
     run_id = uuid.uuid4().hex
     outcomes_key = OUTCOMES_PREFIX + run_id
@@ -605,7 +642,7 @@ def _run_through_redis(run: Run, client: LabelStudioClient, project: ProjectInfo
     jobs = enqueue(ids)
     log.info("queued %d task(s) of project %s in %d job(s) on %s (run %s)", len(ids), project.id, len(jobs),
              QUEUE_NAME, run_id)
-    consumer = _LocalConsumer(connection, queue, preannotator) if preannotator is not None else None
+    consumer = _LocalConsumer(settings.redis_url, preannotator) if preannotator is not None else None
     pending = set(ids)
     attempts: Counter[int] = Counter()
     busy_since: dict[int, float] = {}
@@ -691,11 +728,20 @@ def _workers(connection: Any) -> int:
 
 
 class _LocalConsumer:
-    """The command's own consumer of the queue: an rq worker in a thread, with this process's model."""
+    """The command's own consumer of the queue: an rq worker in a thread, with this process's model.
 
-    def __init__(self, connection: Any, queue: Any, preannotator: Preannotator) -> None:
+    It has a connection of its own: rq raises its worker connection's read timeout to its own (minutes, for
+    its blocking waits), which must not become the command's.
+    """
+
+    def __init__(self, redis_url: str, preannotator: Preannotator) -> None:
+        import redis
+        from rq import Queue
+
         from backend.warmup import ThreadWorker
 
+        connection = redis.Redis.from_url(redis_url, socket_connect_timeout=REDIS_TIMEOUT_S)
+        queue = Queue(QUEUE_NAME, connection=connection, default_timeout=JOB_TIMEOUT_S)
         bind_preannotator(preannotator)
         self._stop = threading.Event()
         self._worker_factory = lambda: ThreadWorker([queue], connection=connection)

@@ -7,13 +7,34 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
-from backend.preannotate import Claims, Outcome, RunRecord, Summary
+from backend import preannotate
+from backend.config import Settings
+from backend.preannotate import (
+    Claims,
+    Options,
+    Outcome,
+    PreannotateError,
+    Preannotator,
+    Run,
+    RunRecord,
+    Summary,
+    bind_preannotator,
+    preannotate_project,
+    run_job,
+)
+from backend.segmenter import Segmenter
+from testsupport.backend import SETUP_TOKEN, make_tiny_checkpoint, running_label_studio
+from testsupport.image_access import image_fetcher
 from testsupport.processes import RedisServer
 
 SAM_BACKEND = Path(sys.executable).parent / "sam-backend"
@@ -98,3 +119,71 @@ def test_the_command_refuses_what_cannot_work_in_one_line(args: list[str], env: 
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result
     assert needle in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------------------------------------------
+# A stalled Redis (paused: connections accepted, nothing answered) is an error, not a hang
+
+CONFIG = """<View><Image name="image" value="$image"/>
+<BrushLabels name="brush" toName="image"><Label value="Object"/></BrushLabels></View>"""
+
+
+def within(seconds: float, call: Callable[[], Any]) -> BaseException | Any:
+    """``call()``'s result or exception, in a daemon thread given ``seconds``: a hang fails the test, not the run."""
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as error:  # noqa: BLE001 - handed to the test as is
+            outcome.append(error)
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still waiting after {seconds} s"
+    return outcome[0]
+
+
+@pytest.fixture()
+def stalled_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Settings, Any]]:
+    """Settings naming a Label Studio with project 1 and a Redis that stalls once the block starts; a run's
+    Redis calls get 1 s."""
+    monkeypatch.setattr(preannotate, "REDIS_TIMEOUT_S", 1.0)
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        with running_label_studio() as ls, server.stalled():
+            ls.projects[1] = {"id": 1, "label_config": CONFIG, "task_number": 1}
+            ls.tasks = [{"id": 1, "data": {"image": "/data/upload/4/d94949cd-blue_circle.png"}}]
+            yield Settings(label_studio_url=ls.url, label_studio_api_key=SETUP_TOKEN, redis_url=server.url,
+                           sam_checkpoint=str(make_tiny_checkpoint(tmp_path / "sam_tiny.pth", seed=3)),
+                           sam_device="cpu"), ls
+    finally:
+        server.stop()
+
+
+def test_a_stalled_redis_stops_the_command_with_a_clear_error(stalled_run: tuple[Settings, Any]) -> None:
+    settings, ls = stalled_run
+    run = Run(settings, 1, local=False, progress=False, echo=lambda line: None)
+    fetcher = image_fetcher(label_studio_url=ls.url, label_studio_token=SETUP_TOKEN)
+    started = time.monotonic()
+    error = within(20, lambda: preannotate_project(run, fetcher=fetcher))
+    assert isinstance(error, PreannotateError), error
+    assert f"Redis at {settings.redis_url} (REDIS_URL) did not answer within 1 s" in error.message
+    assert time.monotonic() - started < 5
+
+
+def test_a_stalled_redis_fails_a_workers_job_with_a_clear_error(stalled_run: tuple[Settings, Any],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's claims, run record and outcome list are on the stalled Redis: the job fails, it does not hang."""
+    settings, ls = stalled_run
+    monkeypatch.setattr(preannotate, "_preannotator_ready", threading.Event())
+    fetcher = image_fetcher(label_studio_url=ls.url, label_studio_token=SETUP_TOKEN)
+    bind_preannotator(Preannotator(settings, Segmenter.from_settings(settings), fetcher))
+    payload = {"run": "stalled", "project": 1, "tasks": [1], "options": asdict(Options()),
+               "redis_url": settings.redis_url, "label_studio_url": ls.url}
+    started = time.monotonic()
+    error = within(20, lambda: run_job(payload))
+    assert isinstance(error, RuntimeError), error
+    assert str(error) == f"Redis at {settings.redis_url} (REDIS_URL) did not answer within 1 s"
+    assert time.monotonic() - started < 5

@@ -384,6 +384,8 @@ class FakeLabelStudio(FakeServer):
         # GET /api/tasks?project=&page=&page_size= pages through these, as a bare list (the older form,
         # without "total") and with DRF's 404 "Invalid page." past the last page, as Label Studio does.
         self.tasks: list[dict] = []
+        # GET /api/projects/<id> answers these (id, label_config, task_number), 404 for any other id.
+        self.projects: dict[int, dict] = {}
 
     def revoke_access_tokens(self) -> None:
         with self._lock:
@@ -401,7 +403,7 @@ class FakeLabelStudio(FakeServer):
     def handle_get(self, request: _Handler) -> None:
         parts = urlsplit(request.path)
         path = unquote(parts.path)
-        if not path.startswith(("/data/", "/tasks/", "/api/tasks")):
+        if not path.startswith(("/data/", "/tasks/", "/api/tasks", "/api/projects/")):
             super().handle_get(request)
             return
         if not self._authorized(request):
@@ -409,6 +411,14 @@ class FakeLabelStudio(FakeServer):
             return
         if path.rstrip("/") == "/api/tasks":
             self._task_page(request, parse_qs(parts.query))
+            return
+        if path.startswith("/api/projects/"):
+            key = path.rstrip("/").rsplit("/", 1)[-1]
+            project = self.projects.get(int(key)) if key.isdigit() else None
+            if project is None:
+                request.send_json(404, {"detail": "Not found."})
+            else:
+                request.send_json(200, project)
             return
         if path.startswith("/data/upload/"):
             self.send_file(request, path.rsplit("/", 1)[-1])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,18 @@ class RedisServer:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for_port(self.port)
+
+    @contextlib.contextmanager
+    def stalled(self) -> Iterator[None]:
+        """Redis paused (SIGSTOP) inside the block: connections are still accepted and nothing is answered, the
+        worst case for a client without timeouts. Resumed (SIGCONT) on leaving."""
+        assert self.process is not None, "start() the server first"
+        pid = self.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     def stop(self) -> None:
         if self.process is not None:

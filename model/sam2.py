@@ -40,29 +40,16 @@ LOW_RES_CLAMP = 32.0
 
 
 class Sam2(FastPathsModel):
-    mask_threshold: float = 0.0
-    # Buffers (registered in __init__) and the encoder entry point kept in __dict__: declared here, since
-    # nn.Module's __getattr__ would type them as "Tensor | Module". ``encode`` is ``ImageEncoder.forward``
-    # as ``encode_image`` calls it: (x, s0 weight, s0 bias, s1 weight, s1 bias, no_mem_embed) -> [s0, s1, embedding].
-    pixel_mean: torch.Tensor
-    pixel_std: torch.Tensor
+    # ``encode`` is ``ImageEncoder.forward`` as ``encode_image`` calls it:
+    # (x, s0 weight, s0 bias, s1 weight, s1 bias, no_mem_embed) -> [s0, s1, embedding].
     encode: Callable[[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, Tensor], list[Tensor]]
 
     def __init__(self, image_encoder: ImageEncoder, prompt_encoder: Sam2PromptEncoder, mask_decoder: Sam2MaskDecoder,
                  image_size: int, name: str = "sam2_custom", fingerprint: str = "") -> None:
-        super().__init__()
-        self.image_encoder = image_encoder
+        super().__init__(image_encoder, image_size, name, fingerprint, IMAGENET_MEAN, IMAGENET_STD)
         self.sam_prompt_encoder = prompt_encoder
         self.sam_mask_decoder = mask_decoder
         self.no_mem_embed = nn.Parameter(torch.zeros(1, 1, mask_decoder.transformer_dim))
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(-1, 1, 1), persistent=False)
-        self.image_size = image_size
-        self.name = name
-        self.fingerprint = fingerprint
-        self.dtype: torch.dtype | None = None
-        # What embed() calls: the image encoder, or its torch.compile wrapper (kept outside the module tree).
-        self.__dict__["encode"] = image_encoder
         self._start_fast_paths()
 
     @property
@@ -112,6 +99,3 @@ class Sam2(FastPathsModel):
                               align_corners=False)
         return masks.view(b, k, *masks.shape[-2:])
 
-    def __repr__(self) -> str:
-        dtype = "fp32" if self.dtype is None else str(self.dtype).removeprefix("torch.")
-        return f"Sam2(name={self.name!r}, fingerprint={self.fingerprint!r}, device={self.device}, dtype={dtype})"

@@ -109,6 +109,33 @@ def test_the_policy_reaches_every_sam2_module(tmp_path):
     assert all(m.fast_paths == policy for m in readers)
 
 
+def test_the_whole_models_identity_has_one_home(tmp_path):
+    """Name, fingerprint, input size, dtype, normalisation, ``encode`` and the repr come from
+    ``FastPathsModel``: a new model family gets all of them by calling its constructor, and SAM and SAM 2.1
+    read them alike."""
+    import torch
+
+    import model
+    from model.fast_paths_model import FastPathsModel
+    from model.sam2 import Sam2
+    from testsupport.checkpoints import small_checkpoint
+
+    class Plain(FastPathsModel):
+        def __init__(self) -> None:
+            super().__init__(torch.nn.Identity(), 64, "plain", "0123abcd", (1.0, 2.0, 3.0), (4.0, 5.0, 6.0))
+            self._start_fast_paths()
+
+    plain = Plain()
+    assert repr(plain) == "Plain(name='plain', fingerprint='0123abcd', device=cpu, dtype=fp32)"
+    assert plain.encode is plain.image_encoder and plain.image_size == 64 and plain.mask_threshold == 0.0
+    assert plain.pixel_std.flatten().tolist() == [4.0, 5.0, 6.0] and plain.state_dict() == {}
+    assert plain.fast_paths == model.FAST.for_device("cpu")
+    sam = model.load(small_checkpoint(tmp_path, seed=1)[0], device="cpu")
+    assert repr(sam).startswith(f"Sam(name={sam.name!r}, fingerprint={sam.fingerprint!r}, device=cpu")
+    for kind in (type(sam), Sam2):  # nothing of the base's restated
+        assert not {"mask_threshold", "__repr__"} & set(vars(kind)), kind
+
+
 def test_sam2_cpu_tricks_are_dropped_off_the_cpu():
     from model import FAST
 

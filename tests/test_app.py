@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
-from label_studio_sdk.converter.brush import decode_rle
 
 from backend.app import create_app
 from backend.config import Settings
@@ -28,28 +26,21 @@ from testsupport.backend import (
     FIXTURE_IMAGES,
     IMAGE_SIZE,
     basic_auth_header,
+    brush_mask,
     draw_image,
     fixture_body,
     fixture_names,
-    make_tiny_checkpoint,
     running_label_studio,
+    tiny_checkpoint_fixture,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 INTERACTIVE = fixture_names("predict_interactive")
 BLUE_CIRCLE = "/data/upload/4/d94949cd-blue_circle.png"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "sam_tiny.pth", seed=3)
+checkpoint = tiny_checkpoint_fixture(seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -90,14 +81,8 @@ def client(app: Any) -> Any:
 
 def decoded_masks(prediction: dict[str, Any]) -> list[np.ndarray]:
     """The (H, W) bool masks of a prediction's brush regions, decoded the way Label Studio does."""
-    masks = []
-    for region in prediction["result"]:
-        assert region["type"] == "brushlabels"
-        width, height = region["original_width"], region["original_height"]
-        flat = np.asarray(decode_rle(region["value"]["rle"]))
-        assert flat.size == width * height * 4
-        masks.append(flat.reshape(height, width, 4)[:, :, 3] > 0)
-    return masks
+    assert all(region["type"] == "brushlabels" for region in prediction["result"]), prediction
+    return [brush_mask(region) for region in prediction["result"]]
 
 
 def expected_masks(oracle: Any, body: dict[str, Any]) -> list[np.ndarray]:

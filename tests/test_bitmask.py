@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from backend import bitmask
@@ -27,9 +26,11 @@ from testsupport.backend import (
     FIXTURE_IMAGES,
     draw_image,
     fixture_body,
-    make_tiny_checkpoint,
     running_label_studio,
+    tiny_checkpoint_fixture,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 BITMASK_CONFIG = """<View>
   <Image name="image" value="$image" smoothing="false"/>
@@ -94,17 +95,7 @@ def test_label_config_and_setting() -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # through /predict
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "sam_tiny.pth", seed=3)
+checkpoint = tiny_checkpoint_fixture(seed=3)
 
 
 @pytest.fixture(scope="module")

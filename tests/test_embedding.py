@@ -10,10 +10,11 @@ import model
 from model.embedding import MAGIC, Embedding
 from testsupport.checkpoints import make_image, small_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory):
-    torch.set_num_threads(1)
     path, _ = small_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=6)
     return model.Predictor(model.load(path, device="cpu"))
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from label_studio_sdk.converter.brush import decode_rle
 
 from backend.prompts import parse_prompts
 from testsupport.backend import (
@@ -24,13 +23,14 @@ from testsupport.backend import (
     IMAGE_SIZE,
     SAM_BACKEND,
     ServerProcess,
+    brush_mask,
     draw_image,
     fixture_body,
     fixture_names,
-    make_tiny_checkpoint,
     running_label_studio,
     server_env,
     start_server,
+    tiny_checkpoint_fixture,
 )
 
 
@@ -40,9 +40,7 @@ def label_studio() -> Iterator[Any]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "sam_tiny.pth", seed=5)
+checkpoint = tiny_checkpoint_fixture(seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +98,7 @@ def test_interactive_fixtures_decode_to_predictor_masks(connected: ServerProcess
     width, height = IMAGE_SIZE
     for region, prompt in zip(prediction["result"], prompts, strict=True):
         assert (region["original_width"], region["original_height"]) == (width, height)
-        flat = np.asarray(decode_rle(region["value"]["rle"]), dtype=np.uint8)
-        assert flat.size == width * height * 4
-        mask = flat.reshape(height, width, 4)[:, :, 3] > 0
+        mask = brush_mask(region)
         out = oracle.predict(embedding, points=prompt.point_coords,
                              labels=prompt.point_labels if len(prompt.points) else None, box=prompt.box,
                              multimask=prompt.multimask)

@@ -21,6 +21,7 @@ from backend.errors import ImageAccessError
 from backend.image_decode import TaskImage
 from backend.image_fetch import ImageFetcher
 from backend.image_identity import ImageIdentities, RememberedImage, Revalidation, is_upload
+from testsupport.backend import tiny_checkpoint_fixture
 from testsupport.image_access import file_bytes, task
 from testsupport.image_server import CloudStorage, FakeLabelStudio, png
 
@@ -168,11 +169,7 @@ def test_what_counts_as_a_label_studio_upload() -> None:
 # through the app: clicks on a cached image
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from testsupport.backend import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "sam_tiny.pth", seed=3)
+tiny_checkpoint = tiny_checkpoint_fixture(seed=3)
 
 
 def click_body(image: str, x: float = 40.0, y: float = 50.0) -> dict[str, Any]:
@@ -187,17 +184,13 @@ def click_body(image: str, x: float = 40.0, y: float = 50.0) -> dict[str, Any]:
 
 def test_warm_clicks_download_nothing_and_a_changed_image_gets_its_own_mask(
         tiny_checkpoint: Path, one_torch_thread: None) -> None:
-    from label_studio_sdk.converter.brush import decode_rle
-
     from backend.app import create_app
     from backend.config import Settings
     from model import Predictor, load
-    from testsupport.backend import draw_image, fixture_body, running_label_studio
+    from testsupport.backend import brush_mask, draw_image, fixture_body, running_label_studio
 
     def mask_of(response: Any) -> np.ndarray:
-        region = response.json["results"][0]["result"][0]
-        flat = np.asarray(decode_rle(region["value"]["rle"]))
-        return flat.reshape(region["original_height"], region["original_width"], 4)[:, :, 3] > 0
+        return brush_mask(response.json["results"][0]["result"][0])
 
     with running_label_studio() as server:
         settings = Settings(sam_checkpoint=str(tiny_checkpoint), sam_device="cpu", image_timeout_s=5.0)

@@ -27,9 +27,9 @@ from testsupport.backend import (
     draw_image,
     fixture_body,
     fixture_names,
-    make_tiny_checkpoint,
     png_bytes,
     running_label_studio,
+    tiny_checkpoint_fixture,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -41,9 +41,7 @@ CONFIG = """<View>
 W, H = 320, 240
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "sam_tiny.pth", seed=4)
+checkpoint = tiny_checkpoint_fixture(seed=4)
 
 
 @pytest.fixture(scope="module")

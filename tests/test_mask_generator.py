@@ -29,6 +29,8 @@ from testsupport.checkpoints import small_checkpoint
 from testsupport.images import shapes_image
 from testsupport.parity import assert_same_records
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # ---------------------------------------------------------------------------------------------- NMS
 
 
@@ -133,7 +135,6 @@ def test_amg_helpers_match_meta() -> None:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory):
     """Meta's reference Sam and ours, loaded from one checkpoint file (see the module docstring)."""
-    torch.set_num_threads(1)
     _, reference = small_checkpoint(tmp_path_factory.mktemp("amg"), seed=0)
     with torch.no_grad():
         for index in (0, 3):  # the two ConvTranspose2d layers of output_upscaling

@@ -25,17 +25,15 @@ from testsupport.backend import (
     FIXTURE_IMAGES,
     draw_image,
     fixture_body,
-    make_tiny_checkpoint,
     png_bytes,
     running_label_studio,
+    tiny_checkpoint_fixture,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "sam_tiny.pth", seed=6)
+checkpoint = tiny_checkpoint_fixture(seed=6)
 
 
 @pytest.fixture(scope="module")

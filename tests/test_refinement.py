@@ -133,24 +133,29 @@ def answer(client: Any, body: dict[str, Any]) -> tuple[np.ndarray, float]:
     return bitmask.decode(region["value"]["imageDataURL"]), float(region["score"])
 
 
-def test_clicks_refine_like_metas_predictor_with_its_logits_fed_back(weights: tuple[Path, Any], server: Any) -> None:
-    path, reference = weights
-    ours, plain = client_for(path, server), client_for(path, server, sam_refine=False)
-    body = click_body(CLICKS)
-    image = draw_image(FIXTURE_IMAGES[body["tasks"][0]["data"]["image"]])
-    meta = SamPredictor(reference)
+def reference_rounds(meta: Any) -> Iterator[tuple[int, dict[str, Any], np.ndarray, float]]:
+    """Meta's predictor (``SamPredictor`` or ``SAM2ImagePredictor``) through one interaction's clicks, its best
+    low-res logits fed back as the next round's ``mask_input``: for each n, the body Label Studio sends with the
+    first n clicks, and the reference's best mask and score for it."""
+    image = draw_image(FIXTURE_IMAGES[click_body(CLICKS[:1])["tasks"][0]["data"]["image"]])
     meta.set_image(image)
     mask_input = None
-    differed = False
     for n in range(1, len(CLICKS) + 1):
         body = click_body(CLICKS[:n])
         (p,) = parse_prompts(body["params"]["context"]["result"], image.shape[:2])
         masks, scores, logits = meta.predict(point_coords=p.points, point_labels=p.point_labels,
                                              mask_input=mask_input, multimask_output=mask_input is None)
         best = int(np.argmax(scores))
-        expected, expected_score = masks[best], float(scores[best])
         mask_input = logits[best][None]
-        assert 0.01 < expected.mean() < 0.99, f"click {n}: a trivial reference mask proves nothing"
+        assert 0.01 < masks[best].mean() < 0.99, f"click {n}: a trivial reference mask proves nothing"
+        yield n, body, masks[best].astype(bool), float(scores[best])
+
+
+def test_clicks_refine_like_metas_predictor_with_its_logits_fed_back(weights: tuple[Path, Any], server: Any) -> None:
+    path, reference = weights
+    ours, plain = client_for(path, server), client_for(path, server, sam_refine=False)
+    differed = False
+    for n, body, expected, expected_score in reference_rounds(SamPredictor(reference)):
         mask, score = answer(ours, body)
         assert iou(mask, expected) >= MASK_IOU, f"click {n}"
         assert abs(score - expected_score) <= SCORE_ATOL, f"click {n}: {score} vs {expected_score}"
@@ -199,18 +204,7 @@ def test_sam2_clicks_refine_like_sam2_image_predictor(tmp_path: Path, server: An
     setup["hostname"] = server.url
     assert app.test_client().post("/setup", json=setup).status_code == 200
     client = app.test_client()
-    image = draw_image(FIXTURE_IMAGES[click_body(CLICKS[:1])["tasks"][0]["data"]["image"]])
-    meta = reference_predictor(reference)
-    meta.set_image(image)
-    mask_input = None
-    for n in range(1, len(CLICKS) + 1):
-        body = click_body(CLICKS[:n])
-        (p,) = parse_prompts(body["params"]["context"]["result"], image.shape[:2])
-        masks, scores, logits = meta.predict(point_coords=p.points, point_labels=p.point_labels,
-                                             mask_input=mask_input, multimask_output=mask_input is None)
-        best = int(np.argmax(scores))
-        mask_input = logits[best][None]
-        assert 0.01 < masks[best].mean() < 0.99, f"click {n}: a trivial reference mask proves nothing"
+    for n, body, expected, expected_score in reference_rounds(reference_predictor(reference)):
         mask, score = answer(client, body)
-        assert iou(mask, masks[best].astype(bool)) >= MASK_IOU, f"click {n}"
-        assert abs(score - float(scores[best])) <= SCORE_ATOL, f"click {n}: {score} vs {scores[best]}"
+        assert iou(mask, expected) >= MASK_IOU, f"click {n}"
+        assert abs(score - expected_score) <= SCORE_ATOL, f"click {n}: {score} vs {expected_score}"

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from label_studio_sdk.converter.brush import decode_rle
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.errors import LabelConfigError
 from backend.label_config import LabelConfig, parse_label_config
 from backend.results import brush_region, mask_regions, new_region_id, polygon_regions, prediction
+from testsupport.backend import brush_mask
 
 H, W = 240, 320
 POLYGON_CONFIG = """<View><Image name="photo" value="$image"/>
@@ -30,12 +30,6 @@ def disc(cx: float = 160, cy: float = 120, r: float = 50) -> np.ndarray:
     return (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
 
 
-def sdk_decode(region: dict) -> np.ndarray:
-    """What the browser sees: Label Studio's reference decoder, alpha channel of an RGBA W x H buffer."""
-    flat = decode_rle(region["value"]["rle"])
-    return np.reshape(flat, (region["original_height"], region["original_width"], 4))[:, :, 3] > 0
-
-
 def test_brush_region_decodes_to_the_mask_in_label_studio(config: LabelConfig) -> None:
     mask = disc()
     region = brush_region(mask, "Object", np.float32(0.93), config)
@@ -46,7 +40,7 @@ def test_brush_region_decodes_to_the_mask_in_label_studio(config: LabelConfig) -
     assert type(region["score"]) is float
     assert region["value"]["format"] == "rle" and region["value"]["brushlabels"] == ["Object"]
     assert all(isinstance(v, int) and 0 <= v <= 255 for v in region["value"]["rle"])
-    np.testing.assert_array_equal(sdk_decode(region), mask)
+    np.testing.assert_array_equal(brush_mask(region), mask)
     json.dumps(region)  # plain JSON types only
 
 
@@ -55,7 +49,7 @@ def test_brush_region_size_comes_from_the_mask(config: LabelConfig) -> None:
     mask[2:4, 1:3] = 1
     region = brush_region(mask, "Object", 0.5, config, region_id="fixed")
     assert (region["original_width"], region["original_height"], region["id"]) == (5, 7, "fixed")
-    np.testing.assert_array_equal(sdk_decode(region), mask.astype(bool))
+    np.testing.assert_array_equal(brush_mask(region), mask.astype(bool))
 
 
 def test_region_ids_are_short_and_distinct() -> None:

@@ -4,30 +4,32 @@ app, and the brush masks it returns are ``model.Predictor``'s for the same promp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from label_studio_sdk.converter.brush import decode_rle
 
 from backend.app import create_app
 from backend.config import Settings
 from backend.prompts import parse_prompts
-from testsupport.backend import FIXTURE_IMAGES, IMAGE_SIZE, draw_image, fixture_body, running_label_studio
+from testsupport.backend import (
+    FIXTURE_IMAGES,
+    IMAGE_SIZE,
+    brush_mask,
+    draw_image,
+    fixture_body,
+    running_label_studio,
+)
 from testsupport.sam2_checkpoints import checkpoint
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
-def sam2_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def sam2_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path, _ = checkpoint(tmp_path_factory.mktemp("sam2"), "sam2.1_hiera_tiny", seed=4)
-    yield path.rename(path.with_name("sam2.1_hiera_tiny.pt"))
-    torch.set_num_threads(threads)
+    return path.rename(path.with_name("sam2.1_hiera_tiny.pt"))
 
 
 def test_names_resolve_to_meta_files(tmp_path: Path) -> None:
@@ -59,8 +61,6 @@ def test_interactive_request_gives_the_predictors_masks(sam2_file: Path) -> None
     for prompt, region in zip(prompts, prediction["result"], strict=True):
         out = oracle.predict(embedding, points=prompt.point_coords, labels=prompt.point_labels, multimask=True)
         expected = out.masks[int(np.argmax(out.scores))]
-        width, height = region["original_width"], region["original_height"]
-        assert (width, height) == IMAGE_SIZE
-        got = np.asarray(decode_rle(region["value"]["rle"])).reshape(height, width, 4)[:, :, 3] > 0
-        np.testing.assert_array_equal(got, expected)
+        assert (region["original_width"], region["original_height"]) == IMAGE_SIZE
+        np.testing.assert_array_equal(brush_mask(region), expected)
         assert 0.0 < region["score"] <= 1.0  # SAM 2's predicted IoU is a sigmoid

@@ -22,14 +22,14 @@ from testsupport.images import shapes_image
 from testsupport.parity import assert_same_records
 from testsupport.sam2_checkpoints import SMALL, reference_mask_generator, save, small_checkpoint
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 BASE = dict(points_per_side=8, pred_iou_thresh=0.3, stability_score_thresh=0.2, stability_score_offset=0.01)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory):
-    torch.set_num_threads(1)
     path, reference = small_checkpoint(tmp_path_factory.mktemp("amg2"), seed=0)
     decoder = reference.sam_mask_decoder
     with torch.no_grad():

@@ -45,6 +45,33 @@ def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     return save(sam, path)
 
 
+def tiny_checkpoint_fixture(seed: int) -> Any:
+    """A module-scoped fixture of ``make_tiny_checkpoint(seed)``, made once per test module.
+
+    A module names it by assigning it (``checkpoint = tiny_checkpoint_fixture(seed=3)``); the seed stays the
+    module's own, since its tests' prompts were chosen on that checkpoint's masks.
+    """
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "sam_tiny.pth", seed=seed)
+
+    return fixture
+
+
+def brush_mask(region: dict[str, Any]) -> np.ndarray:
+    """The (H, W) bool mask of a brush region as Label Studio's editor paints it: the SDK's own RLE decoder,
+    the alpha channel of an RGBA buffer of the region's ``original_height`` x ``original_width``."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    height, width = region["original_height"], region["original_width"]
+    flat = np.asarray(decode_rle(region["value"]["rle"]))
+    assert flat.size == height * width * 4, f"RLE holds {flat.size} values, a {width}x{height} RGBA buffer needs " \
+                                            f"{height * width * 4}"
+    return flat.reshape(height, width, 4)[:, :, 3] > 0
+
+
 def draw_image(kind: str, size: tuple[int, int] = IMAGE_SIZE) -> np.ndarray:
     """The picture a fixture names: a blue disc or a red square on a light textured background."""
     width, height = size

@@ -10,17 +10,16 @@ transposed RLE or a mask of the wrong orientation fails here even when every par
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image, ImageDraw, ImageOps
 
 from backend.prompts import asks_three_masks
+from testsupport.backend import brush_mask
 from testsupport.label_studio import LabelStudio, SamBackend
 from testsupport.paths import FIXTURES_DIR
 
@@ -172,11 +171,7 @@ def decode_brush(region: dict[str, Any], image: SceneImage) -> np.ndarray:
     assert region["from_name"] == "brush" and region["to_name"] == "image", region
     assert region["value"]["brushlabels"] == [LABEL], region
     assert (region["original_width"], region["original_height"]) == (image.width, image.height), region
-    flat = decode_rle(region["value"]["rle"])
-    assert flat.size == image.height * image.width * 4, (
-        f"RLE holds {flat.size} values, a {image.width}x{image.height} RGBA buffer needs "
-        f"{image.height * image.width * 4}")
-    return flat.reshape(image.height, image.width, 4)[:, :, 3] > 0
+    return brush_mask(region)
 
 
 def assert_same_mask(got: np.ndarray, expected: np.ndarray, what: str) -> None:
@@ -207,17 +202,6 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="module")
 def reference(checkpoint: Path) -> Reference:
     return Reference(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def sam_backend(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path,
-                label_studio: LabelStudio) -> Iterator[SamBackend]:
-    backend = SamBackend(tmp_path_factory.mktemp("sam-backend"), checkpoint, label_studio)
-    backend.start()
-    try:
-        yield backend
-    finally:
-        backend.stop()
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from label_studio_sdk.converter.brush import decode_rle
 
 from backend.prompts import asks_three_masks
-from testsupport.backend import make_tiny_checkpoint, png_bytes, scene
+from testsupport.backend import brush_mask, make_tiny_checkpoint, png_bytes, scene
 from testsupport.label_studio import LabelStudio, SamBackend
 from testsupport.processes import RedisServer, stop_process_group
 
@@ -168,9 +167,7 @@ def decode(region: dict[str, Any], plan: Planned) -> np.ndarray:
     height, width = plan.image.shape[:2]
     assert region["type"] == "brushlabels" and region["from_name"] == "brush" and region["to_name"] == "image"
     assert (region["original_width"], region["original_height"]) == (width, height), region
-    flat = decode_rle(region["value"]["rle"])
-    assert flat.size == width * height * 4
-    return flat.reshape(height, width, 4)[:, :, 3] > 0
+    return brush_mask(region)
 
 
 def assert_predictions_equal_predictor(label_studio: LabelStudio, project: Project, reference: Reference,

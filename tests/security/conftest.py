@@ -18,17 +18,15 @@ import pytest
 from testsupport.backend import (
     ServerProcess,
     fixture_body,
-    make_tiny_checkpoint,
     running_label_studio,
     start_server,
+    tiny_checkpoint_fixture,
 )
 
 Serve = Callable[..., ServerProcess]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "sam_tiny.pth", seed=5)
+checkpoint = tiny_checkpoint_fixture(seed=5)
 
 
 @pytest.fixture(scope="module")

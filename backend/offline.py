@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from backend.errors import BackendError
 from backend.image_decode import decode_image
+from backend.predictions import BOX_CHUNK
 from backend.prompts import asks_three_masks
 
 if TYPE_CHECKING:
@@ -350,7 +351,11 @@ def auto_annotate(segmenter: Segmenter, images_dir: Path, out: Path, *, labels_d
         lines = []
         if detections:
             embedding = segmenter.predictor().embed(pixels)
-            masks = segmenter.segment_boxes(embedding, np.stack([box for _, box in detections]))
+            boxes = np.stack([box for _, box in detections])
+            # A detector at a low --conf gives hundreds of boxes: BOX_CHUNK per decoder call keeps the memory
+            # that of BOX_CHUNK full-size masks, not of all of them (300 at 4000x3000 would be 14 GB of logits).
+            masks = [mask for start in range(0, len(boxes), BOX_CHUNK)
+                     for mask in segmenter.segment_boxes(embedding, boxes[start:start + BOX_CHUNK])]
             for (cls, box), mask in zip(detections, masks, strict=True):
                 polygon, empty = yolo_polygon(mask.mask, box)
                 summary.empty_masks += empty

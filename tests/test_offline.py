@@ -203,3 +203,41 @@ def test_detector_needs_the_optional_extra(checkpoint: Path, tmp_path: Path) -> 
     (tmp_path / "images").mkdir()
     result = run(checkpoint, "auto-annotate", str(tmp_path / "images"), "--detector", "yolo11x.pt")
     assert result.returncode == 2 and "pip install" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_auto_annotate_with_a_real_ultralytics_yolo_detector(checkpoint: Path, predictor, tmp_path: Path) -> None:
+    """`--detector` with an Ultralytics YOLO (yolo11n built from its yaml, seeded random weights, saved as a .pt
+    as a trained one is): a polygon line per detected box, in the detector's order, with its class, the mask
+    Predictor gives for that box. At --conf 0.0001 random weights detect hundreds of boxes per image, so the
+    boxes also go through the decoder in chunks."""
+    import importlib.util
+
+    if importlib.util.find_spec("ultralytics") is None:
+        pytest.skip("ultralytics is not installed (an optional extra)")
+    import torch
+    from ultralytics import YOLO
+
+    torch.manual_seed(0)
+    weights = tmp_path / "yolo11n_random.pt"
+    YOLO("yolo11n.yaml").save(str(weights))
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = {f"scene{i}": write_scene(images / f"scene{i}.png", 30 + i) for i in range(2)}
+    result = run(checkpoint, "auto-annotate", str(images), "--detector", str(weights), "--conf", "0.0001",
+                 "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+    detector = YOLO(str(weights))
+    out = tmp_path / "images_auto_annotate_labels"
+    total = 0
+    for name, image in pixels.items():
+        found = detector(image[:, :, ::-1].copy(), conf=0.0001, verbose=False)[0].boxes
+        classes, boxes = found.cls.cpu().numpy().astype(int), found.xyxy.cpu().numpy().astype(np.float32)
+        lines = (out / f"{name}.txt").read_text().splitlines()
+        assert len(lines) == len(boxes) > 16, f"{name}: {len(lines)} lines for {len(boxes)} boxes"
+        masks = predictor.predict_boxes(predictor.embed(image), boxes).masks
+        for line, cls, mask, box in zip(lines, classes, masks, boxes, strict=True):
+            label, *coords = line.split()
+            assert int(label) == cls
+            assert [float(v) for v in coords] == pytest.approx(yolo_polygon(mask, box)[0], abs=1e-6)
+        total += len(lines)
+    assert f"{total} polygon line(s)" in result.stdout

@@ -37,10 +37,10 @@ def predictor(checkpoint: Path):
     return Predictor(load(checkpoint, device="cpu", dtype=torch.float32))
 
 
-def run(checkpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run(checkpoint: Path, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SAM_", "LABEL_STUDIO_", "REDIS_URL"))}
     env.update({"SAM_CHECKPOINT": str(checkpoint), "SAM_DEVICE": "cpu", "SAM_TORCH_THREADS": "1",
-                "OMP_NUM_THREADS": "1"})
+                "OMP_NUM_THREADS": "1", **settings})
     return subprocess.run([str(SAM_BACKEND), *args], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -85,13 +85,15 @@ def test_bad_prompts_are_clear_errors(points, labels, boxes, needle: str) -> Non
 # ------------------------------------------------------------------------------------------------- predict
 
 
+@pytest.mark.parametrize("encode_batch", ["1", "2"])
 def test_predict_writes_masks_overlay_and_json_equal_to_the_predictor(checkpoint: Path, predictor,
-                                                                      tmp_path: Path) -> None:
-    images = [tmp_path / "a.png", tmp_path / "b.png"]
-    pixels = [write_scene(images[0], 1), write_scene(images[1], 2, size=(200, 300))]
+                                                                      tmp_path: Path, encode_batch: str) -> None:
+    """Also with two images per encoder run (SAM_ENCODE_BATCH=2, a GPU's way, forced here on the CPU)."""
+    images = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"]
+    pixels = [write_scene(images[0], 1), write_scene(images[1], 2, size=(200, 300)), write_scene(images[2], 3)]
     out = tmp_path / "out"
     result = run(checkpoint, "predict", *map(str, images), "--points", "100,120", "50,60;70,80", "--labels", "1",
-                 "1;0", "--out", str(out), "--quiet")
+                 "1;0", "--out", str(out), "--quiet", SAM_ENCODE_BATCH=encode_batch)
     assert result.returncode == 0, result.stderr
     for path, image in zip(images, pixels, strict=True):
         report = json.loads((out / f"{path.stem}.json").read_text())

@@ -138,7 +138,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _preannotate(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from backend.preannotate import Options, PreannotateError, Run, preannotate_project
+    from backend.preannotate import Options, PreannotateError, Run, preannotate_project, resume_command
 
     settings = _settings_or_exit()
     if settings is None:
@@ -146,7 +146,8 @@ def _preannotate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING if not args.verbose else settings.log_level,
                         format="%(levelname)s %(name)s: %(message)s")
     options = Options(mode=args.mode, min_score=args.min_score, min_area=args.min_area, max_masks=args.max_masks,
-                      label=args.label, overwrite=args.overwrite)
+                      label=args.label, overwrite=args.overwrite or args.overwrite_since is not None,
+                      overwrite_since=args.overwrite_since)
     run = Run(settings, args.project, options, local=not args.no_local, chunk=args.chunk,
               progress=not args.quiet, prelabel=args.prelabel)
     try:
@@ -156,9 +157,17 @@ def _preannotate(args: argparse.Namespace) -> int:
         print(f"sam-backend: {error.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sam-backend: interrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        print(f"sam-backend: interrupted; continue where it stopped with: {resume_command(run)}", file=sys.stderr)
         return 130
-    return 1 if summary.failed else 0
+    except Exception:
+        if run.options.overwrite_since is not None:
+            print(f"sam-backend: the run failed; continue it with: {resume_command(run)}", file=sys.stderr)
+        raise
+    if summary.failed:
+        print(f"sam-backend: {summary.failed} task(s) failed; once their cause is fixed, run them with: "
+              f"{resume_command(run)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _model_or_exit(args: argparse.Namespace) -> Segmenter | None:
@@ -241,6 +250,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _timestamp(text: str) -> str:
+    from backend.overwrite_since import parse_timestamp
+
+    try:
+        parse_timestamp(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from model.download import CHECKPOINTS  # the official names, for the help texts
 
@@ -317,7 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
                              help="everything: keep the best N masks of an image (default: all)")
     preannotate.add_argument("--label", help="everything: the label of the masks (default: the output tag's first)")
     preannotate.add_argument("--overwrite", action="store_true",
-                             help="replace this model version's predictions instead of skipping those tasks")
+                             help="replace this model version's predictions instead of skipping those tasks; the "
+                                  "command prints the line that continues the run if it stops")
+    preannotate.add_argument("--overwrite-since", type=_timestamp, metavar="TIME",
+                             help="continue an --overwrite run that started at TIME (ISO 8601 on Label Studio's "
+                                  "clock, as the run printed): this version's predictions created since are kept")
     preannotate.add_argument("--no-local", action="store_true",
                              help="with REDIS_URL: only queue the tasks and follow them; `sam-backend worker` "
                                   "processes compute them (this command loads no model)")

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from backend.errors import ImageAccessError, ImageError
 from backend.http_download import Downloader, origin, remaining, request_failed, url_scheme
+from backend.image_identity import Revalidation
 from backend.label_config import parse_label_config
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,14 @@ class LabelStudioClient:
         except ValueError:
             raise ImageAccessError(f"Label Studio answered {url} with something that is not JSON: is "
                                    f"{self.url} (from {self.url_source}) really Label Studio?") from None
+
+    def clock(self, path: str) -> str | None:
+        """Label Studio's own time now: the ``Date`` header of its answer to GET ``path`` (an RFC 9110 date,
+        whole seconds), or None when the answer has none. Timestamps compared with the ``created_at`` Label
+        Studio writes must come from its clock, never this machine's, which may be off."""
+        seen = Revalidation()
+        self.http.get(self.base_url(path) + path, self, self.http.deadline(), revalidation=seen)
+        return seen.date
 
     def iter_tasks(self, project_id: int, page_size: int = PAGE_SIZE,
                    fields: str | None = None) -> Iterator[dict[str, Any]]:

@@ -27,7 +27,7 @@ import importlib
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,10 +38,12 @@ from tqdm import tqdm
 
 from backend.errors import BackendError
 from backend.image_decode import decode_image
+from backend.predictions import BOX_CHUNK
 from backend.prompts import asks_three_masks
 
 if TYPE_CHECKING:
     from backend.segmenter import Segmenter
+    from model import Embedding
 
 log = logging.getLogger(__name__)
 
@@ -187,11 +189,9 @@ def predict_images(segmenter: Segmenter, images: Sequence[Path], prompts: Sequen
         raise InputError("--everything takes no prompts: give one or the other")
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for path in tqdm(images, desc="predicting", unit="image", disable=not progress):
-        pixels = read_image(path)
+    bar = tqdm(images, desc="predicting", unit="image", disable=not progress)
+    for path, pixels, embedding in _read_and_embed(segmenter, images, prompts, encode=not everything):
         size = (int(pixels.shape[0]), int(pixels.shape[1]))
-        for prompt in prompts:
-            _check_in_image(prompt, size, str(path))
         records: list[dict[str, Any]] = []
         masks: list[np.ndarray] = []
         if everything:
@@ -200,7 +200,7 @@ def predict_images(segmenter: Segmenter, images: Sequence[Path], prompts: Sequen
                 records.append({"score": found.score})
         else:
             predictor = segmenter.predictor()
-            embedding = predictor.embed(pixels)
+            assert embedding is not None
             for prompt in prompts:
                 prediction = predictor.predict(embedding, points=prompt.points, labels=prompt.labels,
                                                box=prompt.box, multimask=prompt.multimask, best_only=True)
@@ -218,7 +218,28 @@ def predict_images(segmenter: Segmenter, images: Sequence[Path], prompts: Sequen
                                          "mode": "everything" if everything else "prompts",
                                          "overlay": f"{stem}_overlay.png", "masks": records}, indent=2))
         results.append(PredictResult(path, json_path, len(masks)))
+        bar.update(1)
+    bar.close()
     return results
+
+
+def _read_and_embed(segmenter: Segmenter, images: Sequence[Path], prompts: Sequence[ObjectPrompt], *,
+                    encode: bool) -> Iterator[tuple[Path, np.ndarray, Embedding | None]]:
+    """Each image, its prompts checked against it, and (``encode``) its embedding: ``Segmenter.encode_batch``
+    images per encoder run (SAM_ENCODE_BATCH: 4 on a GPU, 1 on a CPU)."""
+    size = segmenter.encode_batch if encode else 1
+    for start in range(0, len(images), size):
+        group = [(path, read_image(path)) for path in images[start:start + size]]
+        for path, pixels in group:
+            for prompt in prompts:
+                _check_in_image(prompt, (int(pixels.shape[0]), int(pixels.shape[1])), str(path))
+        if not encode:
+            yield from ((path, pixels, None) for path, pixels in group)
+            continue
+        predictor = segmenter.predictor()
+        embeddings = ([predictor.embed(group[0][1])] if len(group) == 1
+                      else predictor.embed_batch([pixels for _, pixels in group]))
+        yield from ((path, pixels, embedding) for (path, pixels), embedding in zip(group, embeddings, strict=True))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,7 +371,11 @@ def auto_annotate(segmenter: Segmenter, images_dir: Path, out: Path, *, labels_d
         lines = []
         if detections:
             embedding = segmenter.predictor().embed(pixels)
-            masks = segmenter.segment_boxes(embedding, np.stack([box for _, box in detections]))
+            boxes = np.stack([box for _, box in detections])
+            # A detector at a low --conf gives hundreds of boxes: BOX_CHUNK per decoder call keeps the memory
+            # that of BOX_CHUNK full-size masks, not of all of them (300 at 4000x3000 would be 14 GB of logits).
+            masks = [mask for start in range(0, len(boxes), BOX_CHUNK)
+                     for mask in segmenter.segment_boxes(embedding, boxes[start:start + BOX_CHUNK])]
             for (cls, box), mask in zip(detections, masks, strict=True):
                 polygon, empty = yolo_polygon(mask.mask, box)
                 summary.empty_masks += empty

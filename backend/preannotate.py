@@ -12,8 +12,10 @@ done and is skipped, so a second run writes nothing and a run that was stopped c
 (a prediction is one POST: a task is written or it is not). A task with nothing to prompt with (no
 rectangles for ``boxes``, no keypoints for ``points``) is skipped and gets no prediction, so a later run in
 another mode, or after a detector's boxes arrive, still does it. ``overwrite`` deletes this version's
-predictions of a task, then writes the new one, for every task (an interrupted ``overwrite`` run, started
-again, starts over).
+predictions of a task, then writes the new one, for every task; the run's start on Label Studio's clock
+(``backend.overwrite_since``) is its record: a task with a prediction of this version created since then is
+done, so an interrupted overwrite run resumed with ``overwrite_since`` (the command prints the exact command
+line) continues where it stopped too.
 
 Where it runs:
 - without Redis, in this process: the tasks page through ``GET /api/tasks?fields=all`` (annotations and
@@ -39,13 +41,15 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import socket
 import threading
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
@@ -54,6 +58,7 @@ from backend.config import Settings
 from backend.errors import BackendError, ImageAccessError, ImageError
 from backend.http_download import redact
 from backend.label_config import LabelConfig, parse_label_config
+from backend.overwrite_since import CLOCK_RESOLUTION_S, parse_timestamp, start_from_date_header, written_since
 from backend.predictions import BatchOptions, Predictions, Task, predict_tasks
 
 if TYPE_CHECKING:
@@ -110,6 +115,9 @@ class Options:
     max_masks: int | None = None  # everything: the best N masks (None: all)
     label: str | None = None  # everything: the output label (None: the output tag's first)
     overwrite: bool = False  # replace this model version's predictions instead of skipping the task
+    # overwrite: the run's start on Label Studio's clock (ISO 8601); this version's predictions created since
+    # then were written by this run and are kept (backend.overwrite_since). None: read when the run starts.
+    overwrite_since: str | None = None
 
     def batch(self) -> BatchOptions:
         return BatchOptions(mode=self.mode, min_score=self.min_score, min_area=self.min_area,
@@ -257,6 +265,7 @@ class Preannotator:
         if options.mode == "everything":
             predictions.everything_label(batch)  # a wrong --label stops the run before any task
         version = self.version
+        since = parse_timestamp(options.overwrite_since) if options.overwrite and options.overwrite_since else None
         notes: list[Outcome] = []  # outcomes decided before the model (skipped, busy, unreadable)
 
         def todo() -> Iterator[Task]:
@@ -284,6 +293,8 @@ class Preannotator:
                 skip = None
                 if not options.overwrite and has_prediction(task, version):
                     skip = f"already had a prediction of {version}"
+                elif since is not None and has_prediction(task, version, since):
+                    skip = "written by this run already"
                 elif not predictions.needs_image(task, batch):  # boxes / points and the task has none
                     skip = NOTHING_TO_SEGMENT[options.mode]
                 if skip is not None:
@@ -329,11 +340,15 @@ class Preannotator:
         return Outcome(task_id, "done", regions=len(result["result"]), worker=self.worker, version=version)
 
 
-def has_prediction(task: Task, version: str) -> bool:
-    """Whether the task has a prediction of ``version``: the record that it is done."""
+def has_prediction(task: Task, version: str, since: datetime | None = None) -> bool:
+    """Whether the task has a prediction of ``version`` (created at or after ``since``, when given): the
+    record that it is done."""
     found = task.get("predictions")
-    return isinstance(found, list) and any(isinstance(p, dict) and p.get("model_version") == version
-                                           for p in found)
+    if not isinstance(found, list):
+        return False
+    if since is not None:
+        return any(written_since(p, version, since) for p in found)
+    return any(isinstance(p, dict) and p.get("model_version") == version for p in found)
 
 
 def _drain(notes: list[Outcome]) -> Iterator[Outcome]:
@@ -526,6 +541,7 @@ def preannotate_project(run: Run, segmenter: Segmenter | None = None, fetcher: I
     client = fetcher.label_studio
     project = read_project(client, run.project_id)  # checks URL, token and project before loading a model
     _check_output(project, settings, run.options)
+    clock_read = _start_overwrite(run, client, project)
     preannotator: Preannotator | None = None
     if run.local:
         from backend.segmenter import Segmenter
@@ -537,6 +553,8 @@ def preannotate_project(run: Run, segmenter: Segmenter | None = None, fetcher: I
             raise PreannotateError(error.message) from None
         preannotator = Preannotator(settings, segmenter, fetcher)
 
+    if clock_read is not None:  # nothing written within the second of the start (backend.overwrite_since)
+        time.sleep(max(0.0, clock_read + CLOCK_RESOLUTION_S - time.monotonic()))
     started = time.monotonic()
     summary = Summary(total=project.task_number or 0)
     bar = tqdm(total=project.task_number, desc=f"pre-annotating project {project.id}", unit="task",
@@ -564,6 +582,56 @@ def preannotate_project(run: Run, segmenter: Segmenter | None = None, fetcher: I
     if version is not None and (summary.done or run.prelabel):
         _show_in_editor(client, project.id, version, run)
     return summary
+
+
+def _start_overwrite(run: Run, client: LabelStudioClient, project: ProjectInfo) -> float | None:
+    """An overwrite run's start on Label Studio's clock, set in ``run.options`` (unless given, to resume), and
+    the command that resumes the run, printed; returns when the clock was read (``time.monotonic()``)."""
+    options = run.options
+    if not options.overwrite:
+        return None
+    read_at = None
+    if options.overwrite_since is None:
+        try:
+            date = client.clock(f"/api/projects/{project.id}")
+        except ImageError as error:
+            raise PreannotateError(error.message) from None
+        read_at = time.monotonic()
+        if date is None:
+            raise PreannotateError(f"Label Studio at {client.url} sent no Date header, which an --overwrite run "
+                                   "takes its start from: give the start with --overwrite-since (ISO 8601, UTC)")
+        run.options = replace(options, overwrite_since=start_from_date_header(date))
+    else:
+        try:
+            parse_timestamp(options.overwrite_since)
+        except ValueError as error:
+            raise PreannotateError(f"--overwrite-since: {error}") from None
+    run.echo(f"overwrite run of project {project.id} from {run.options.overwrite_since} (Label Studio's clock); "
+             f"if it stops, continue it with: {resume_command(run)}")
+    return read_at
+
+
+def resume_command(run: Run) -> str:
+    """The command line that runs ``run`` again: with ``overwrite``, its start, so it continues the run."""
+    options = run.options
+    words = ["sam-backend", "preannotate", "--project", str(run.project_id)]
+    if options.mode != "boxes":
+        words += ["--mode", options.mode]
+    if options.mode == "everything":
+        words += ["--min-score", f"{options.min_score:g}", "--min-area", str(options.min_area)]
+        if options.max_masks is not None:
+            words += ["--max-masks", str(options.max_masks)]
+        if options.label is not None:
+            words += ["--label", options.label]
+    if options.overwrite:
+        words += ["--overwrite"] + (["--overwrite-since", options.overwrite_since] if options.overwrite_since else [])
+    if not run.local:
+        words.append("--no-local")
+    if run.chunk != CHUNK:
+        words += ["--chunk", str(run.chunk)]
+    if run.prelabel:
+        words.append("--prelabel")
+    return shlex.join(words)
 
 
 def _check_output(project: ProjectInfo, settings: Settings, options: Options) -> None:

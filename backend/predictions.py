@@ -85,9 +85,10 @@ class Predictions:
             self.settings.request_limits.check_prompts(regions)
             return
         for index, task in enumerate(tasks):
-            self._check_task(task, self.settings.sam_batch_mode, f"tasks[{index}]")
+            self.check_task(task, self.settings.sam_batch_mode, f"tasks[{index}]")
 
-    def _check_task(self, task: Task, mode: str, where: str) -> None:
+    def check_task(self, task: Task, mode: str, where: str = "the task") -> None:
+        """Refuse (413) a task whose prompts in ``mode`` are above a limit of ``Settings.request_limits``."""
         limits = self.settings.request_limits
         if mode == "boxes":
             limits.check_boxes(len(task_rectangles(task)), where)
@@ -238,23 +239,28 @@ class Predictions:
             return bool(task_keypoints(task))
         return options.mode == "everything"
 
-    def predict_task(self, task: Task, options: BatchOptions, image: TaskImage | None = None) -> Prediction:
+    def predict_task(self, task: Task, options: BatchOptions, image: TaskImage | None = None,
+                     embedding: Embedding | None = None) -> Prediction:
         """One task's prediction in a batch mode: the per-task step of the batch /predict and of
-        ``sam-backend preannotate``. ``image`` is the task's image when the caller fetched it already."""
+        ``sam-backend preannotate``. ``image`` is the task's image when the caller fetched it already, and
+        ``embedding`` its embedding when the caller encoded it with others (``predict_tasks``)."""
         if options.mode == "boxes":
-            return self._boxes(task, image)
+            return self._boxes(task, image, embedding)
         if options.mode == "points":
-            return self._points(task, image)
+            return self._points(task, image, embedding)
         if options.mode == "everything":
-            return self._everything(task, options, image)
+            return self._everything(task, options, image, embedding)
         return prediction([], self.version)
 
-    def _boxes(self, task: Task, image: TaskImage | None = None) -> Prediction:
+    def _embedding(self, image: TaskImage, embedding: Embedding | None) -> Embedding:
+        return embedding if embedding is not None else self.segmenter.embed(image.decode, image.sha256)
+
+    def _boxes(self, task: Task, image: TaskImage | None = None, embedding: Embedding | None = None) -> Prediction:
         """Each rectangle of the latest annotation (else of a prediction) -> a mask, all in one decoder call."""
         rectangles = task_rectangles(task)
         if not rectangles:
             return prediction([], self.version)
-        self._check_task(task, "boxes", f"task {task.get('id')}")
+        self.check_task(task, "boxes", f"task {task.get('id')}")
         image = image or self._image(task)
         labels: list[str] = []
         boxes: list[np.ndarray] = []
@@ -263,7 +269,7 @@ class Predictions:
             assert prompt.box is not None  # a rectangle region always gives a box
             labels.append(self._output_label(prompt.label, self._tag("RectangleLabels", region.get("from_name"))))
             boxes.append(prompt.box)
-        embedding = self.segmenter.embed(image.decode, image.sha256)
+        embedding = self._embedding(image, embedding)
         result: list[Region] = []
         for start in range(0, len(boxes), BOX_CHUNK):
             chunk = np.asarray(boxes[start:start + BOX_CHUNK], dtype=np.float32)
@@ -272,15 +278,15 @@ class Predictions:
                 result.extend(self._regions(mask.mask, label, mask.score))
         return prediction(result, self.version)
 
-    def _points(self, task: Task, image: TaskImage | None = None) -> Prediction:
+    def _points(self, task: Task, image: TaskImage | None = None, embedding: Embedding | None = None) -> Prediction:
         """The keypoints of the latest annotation, one object per label as in a click -> a mask each."""
         keypoints = task_keypoints(task)
         if not keypoints:
             return prediction([], self.version)
-        self._check_task(task, "points", f"task {task.get('id')}")
+        self.check_task(task, "points", f"task {task.get('id')}")
         image = image or self._image(task)
         prompts = parse_prompts(keypoints, image.size)
-        embedding = self.segmenter.embed(image.decode, image.sha256)
+        embedding = self._embedding(image, embedding)
         result: list[Region] = []
         for prompt in prompts:
             label = self._output_label(prompt.label, self._tag("KeyPointLabels", prompt.from_name))
@@ -302,11 +308,12 @@ class Predictions:
                                    f"{self.output.name!r} (its labels: {list(self.output.labels)})")
         return options.label
 
-    def _everything(self, task: Task, options: BatchOptions, image: TaskImage | None = None) -> Prediction:
+    def _everything(self, task: Task, options: BatchOptions, image: TaskImage | None = None,
+                    embedding: Embedding | None = None) -> Prediction:
         """Every object SAM finds (the automatic mask generator), filtered and capped by ``options``."""
         label = self.everything_label(options)
         image = image or self._image(task)
-        embedding = self.segmenter.embed(image.decode, image.sha256)
+        embedding = self._embedding(image, embedding)
         masks = self.segmenter.segment_everything(image.array, embedding=embedding)
         kept = [m for m in masks if m.score >= options.min_score
                 and (options.min_area <= 0 or int(m.mask.sum()) >= options.min_area)]
@@ -351,45 +358,91 @@ def predict_tasks(predictions: Predictions, tasks: Iterable[Task], options: Batc
 
     ``prefetch`` threads download (and, when the encoder will need them, decode) the images of the next
     tasks while this thread runs the model on the current one, so a slow image host and the CPU or GPU work
-    at the same time. ``fetch`` gets a task's image (a job passes one bound to its Label Studio). Errors that
-    are not ``BackendError`` (a bug, a model failure) are raised. ``stop`` ends the stream early; the task
-    under way finishes first.
+    at the same time. With an encode batch above 1 (``Segmenter.encode_batch``: SAM_ENCODE_BATCH, 4 on a
+    GPU), the images of the next tasks are encoded together when the first of them is due
+    (``Segmenter.embed_many``; cached ones are not encoded again) while the images of the batch after
+    download. ``fetch`` gets a task's image (a job passes one bound to its Label Studio). Errors that are not
+    ``BackendError`` (a bug, a model failure) are raised. ``stop`` ends the stream early; the task under way
+    finishes first.
     """
-    cache = predictions.segmenter.cache
+    segmenter = predictions.segmenter
+    cache = segmenter.cache
     fingerprint: str | None = None
+    batch_size: int | None = None  # read when the first image is due: it waits for the model's device
 
     def load(task: Task) -> TaskImage:
         image = fetch(task)
         nonlocal fingerprint
         if fingerprint is None:
-            fingerprint = predictions.segmenter.fingerprint
+            fingerprint = segmenter.fingerprint
         if options.mode == "everything" or not cache.contains(fingerprint, image.sha256):
             image.array  # noqa: B018 - decoded here, in a download thread, while the model works on another task
         return image
 
-    pending: collections.deque[tuple[Task, Future[TaskImage] | None]] = collections.deque()
-    iterator = iter(tasks)
+    # (sequence number, task, its image download, or None when it needs no image)
+    pending: collections.deque[tuple[int, Task, Future[TaskImage] | None]] = collections.deque()
+    embeddings: dict[int, Embedding] = {}  # encoded together with an earlier task's image, by sequence number
+    iterator = enumerate(tasks)
     with ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="image-prefetch") as pool:
         try:
             while True:
-                while len(pending) <= prefetch:
-                    task = next(iterator, None)
-                    if task is None:
+                ahead = prefetch if batch_size is None else max(prefetch, 2 * batch_size)
+                while len(pending) <= ahead:
+                    item = next(iterator, None)
+                    if item is None:
                         break
+                    seq, task = item
                     wanted = predictions.needs_image(task, options)
-                    pending.append((task, pool.submit(load, task) if wanted else None))
+                    pending.append((seq, task, pool.submit(load, task) if wanted else None))
                 if not pending or (stop is not None and stop.is_set()):
                     return
-                task, future = pending.popleft()
+                seq, task, future = pending[0]
+                if future is not None and seq not in embeddings:
+                    if batch_size is None:
+                        batch_size = segmenter.encode_batch
+                        continue  # fill the look-ahead the batch size asks for first
+                    if batch_size > 1:
+                        embeddings.update(_encode_together(predictions, options, pending, batch_size))
+                pending.popleft()
                 try:
                     image = future.result() if future is not None else None
-                    yield task, predictions.predict_task(task, options, image)
+                    yield task, predictions.predict_task(task, options, image, embeddings.pop(seq, None))
                 except BackendError as error:
                     yield task, error
         finally:
-            for _, future in pending:
+            for _, _, future in pending:
                 if future is not None:
                     future.cancel()
+
+
+def _encode_together(predictions: Predictions, options: BatchOptions,
+                     pending: Iterable[tuple[int, Task, Future[TaskImage] | None]],
+                     batch_size: int) -> dict[int, Embedding]:
+    """The embeddings of the first ``batch_size`` pending tasks with an image, encoded together
+    (``Segmenter.embed_many``), by sequence number. A task whose image or prompts fail is left out: it fails
+    on its own turn with its own error. Should the batch fail, nothing is returned and each task encodes alone.
+    """
+    chosen: list[tuple[int, TaskImage]] = []
+    for seq, task, future in pending:
+        if len(chosen) >= batch_size:
+            break
+        if future is None:
+            continue
+        try:
+            image = future.result()
+            predictions.check_task(task, options.mode)
+        except BackendError:
+            continue
+        chosen.append((seq, image))
+    if len(chosen) < 2:
+        return {}
+    try:
+        found = predictions.segmenter.embed_many([(image.decode, image.sha256) for _, image in chosen])
+    except BackendError as error:
+        log.warning("encoding %d images together failed (%s): each is encoded on its own", len(chosen),
+                    error.message)
+        return {}
+    return {seq: embedding for (seq, _), embedding in zip(chosen, found, strict=True)}
 
 
 def stored_answer(outcome: Prediction | BackendError) -> Prediction | list[Prediction] | BackendError:

@@ -18,10 +18,11 @@ passes the settings through and imports nothing of torch until the model loads.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,7 +67,8 @@ class Segmenter:
                  cache: EmbeddingCache | None = None, metrics: Metrics | None = None,
                  ready_wait_s: float = DEFAULT_READY_WAIT_S, dtype: str = "auto", compile: bool = False,
                  torch_threads: int = 0, loader: Callable[[str, str | None], Sam | Sam2] | None = None,
-                 everything_options: dict[str, Any] | None = None, decode_slots: int = 0) -> None:
+                 everything_options: dict[str, Any] | None = None, decode_slots: int = 0,
+                 encode_batch: int = 0) -> None:
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.device = device
         self.dtype = dtype
@@ -74,6 +76,7 @@ class Segmenter:
         self.torch_threads = torch_threads
         self.decode_slots = decode_slots  # model.runtime.DecodeSlots: 0 = one per CPU core
         self._decode_gate: DecodeSlots | None = None
+        self._encode_batch = encode_batch  # SAM_ENCODE_BATCH: 0 = by device once the model is loaded
         self._encoder_threads = torch_threads
         self.everything_options = dict(everything_options or {})  # MaskGenerator arguments (grid, thresholds)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -104,7 +107,7 @@ class Segmenter:
                                settings.redis_url or None, ttl_s=settings.sam_cache_ttl_s, metrics=metrics)
         return cls(settings.checkpoint_path, settings.device, cache=cache, metrics=metrics,
                    dtype=settings.sam_dtype, compile=settings.sam_compile, torch_threads=settings.sam_torch_threads,
-                   decode_slots=settings.sam_decode_slots)
+                   decode_slots=settings.sam_decode_slots, encode_batch=settings.sam_encode_batch)
 
     # ----------------------------------------------------------------------------------------------------
     # lifecycle
@@ -159,11 +162,12 @@ class Segmenter:
                 raise ModelError(missing_checkpoint_message(self.checkpoint))
             sam = self._loader(str(self.checkpoint), self.device) if self._loader else self._default_load()
             from model import Predictor
-            from model.runtime import DecodeSlots, cpu_cores
+            from model.runtime import DecodeSlots, cpu_cores, encode_batch_size
 
             predictor = Predictor(sam)
             self._decode_gate = DecodeSlots(sam.device, self.decode_slots)
             self._encoder_threads = self.torch_threads or cpu_cores()
+            self._encode_batch = encode_batch_size(sam.device, self._encode_batch)
             self.cache.device = sam.device
             self._predictor = predictor
             self.load_seconds = time.perf_counter() - start
@@ -207,12 +211,49 @@ class Segmenter:
         predictor = self.predictor()
 
         def compute() -> Embedding:
-            pixels = image() if callable(image) else image
+            pixels = _pixels(image)
             self._encoder_threads_in_this_thread()
             with self.metrics.time_encoder():
                 return predictor.embed(pixels)
 
         return self.cache.get_or_compute(predictor.sam.fingerprint, image_sha256, compute)
+
+    @property
+    def encode_batch(self) -> int:
+        """Images per encoder run in bulk work (``embed_many``): SAM_ENCODE_BATCH, else by device (waits for
+        the model, whose device decides)."""
+        self.predictor()
+        return max(1, self._encode_batch)
+
+    def embed_many(self, images: Sequence[tuple[np.ndarray | Callable[[], np.ndarray], str]]) -> list[Embedding]:
+        """``embed`` of each (image, sha256), the ones not in the cache encoded ``encode_batch`` at a time.
+
+        Bulk work hands the images of its next tasks here, so a GPU encodes them in one run each batch; the
+        embeddings go through the cache as ``embed``'s do (stored, and at the cache's precision), and an
+        image already cached (a warm-up, a click, a repeated image) is not encoded again.
+        """
+        predictor = self.predictor()
+        fingerprint = predictor.sam.fingerprint
+        size = self.encode_batch
+        computed: dict[str, Embedding] = {}
+        missing: dict[str, np.ndarray | Callable[[], np.ndarray]] = {}
+        for image, sha256 in images:
+            if sha256 not in missing and not self.cache.contains(fingerprint, sha256):
+                missing[sha256] = image
+        if size > 1 and len(missing) > 1:
+            shas = list(missing)
+            self._encoder_threads_in_this_thread()
+            for start in range(0, len(shas), size):
+                chunk = shas[start:start + size]
+                pixels = [_pixels(missing[sha]) for sha in chunk]
+                with self.metrics.time_encoder():
+                    computed.update(zip(chunk, predictor.embed_batch(pixels), strict=True))
+        result = []
+        for image, sha256 in images:
+            ready = computed.get(sha256)
+            result.append(self.embed(image, sha256) if ready is None
+                          else self.cache.get_or_compute(fingerprint, sha256, functools.partial(_same, ready)))
+        return result
 
     def _decode_slot(self) -> contextlib.AbstractContextManager[None]:
         """A decode's share of the CPU (``model.runtime.DecodeSlots``): waits for a free core."""
@@ -266,3 +307,12 @@ class Segmenter:
             records = generator.generate(image, embedding=embedding)
         return [Mask(mask=np.asarray(r["segmentation"], dtype=bool), score=float(r["predicted_iou"]))
                 for r in records]
+
+
+def _pixels(image: np.ndarray | Callable[[], np.ndarray]) -> np.ndarray:
+    """An image, or the function that decodes it (called only when the encoder needs the pixels)."""
+    return image() if callable(image) else image
+
+
+def _same(embedding: Embedding) -> Embedding:
+    return embedding

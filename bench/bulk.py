@@ -13,7 +13,9 @@ by all three implementations, and each times the same per-image work on the same
 Random weights change masks, not times, with one exception worth knowing: with Meta's thresholds they keep
 few of the 3072 grid masks, as real weights keep a minority; the work per rejected mask is what differs
 between the implementations. Each row prints images/s (the median over ``--runs`` images after one warm-up),
-the masks of the last image, and the load average. Implementations run alternately, image by image;
+the masks of the last image, and the load average; ours' note says how much of its boxes time is the encoder.
+``--encode-batch N`` adds a row for ours encoding N images per encoder run (``Predictor.embed_batch``, what
+``SAM_ENCODE_BATCH`` does in bulk work), timed per image, alternating with the others. Implementations run alternately, image by image;
 ``boxes`` medians follow one warm-up image, ``everything`` (minutes per image on a CPU) times
 ``--everything-runs`` images after the ``boxes`` rows have paid the first-call costs.
 
@@ -22,11 +24,13 @@ to include it; without it its column says so.
 
     .venv/bin/python -m bench.bulk                       # vit_t and vit_b, 1024x768, 2 runs
     .venv/bin/python -m bench.bulk --models vit_t --runs 3 --modes boxes
+    .venv/bin/python -m bench.bulk --models vit_t --modes boxes --encode-batch 2   # batched encodes on this CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import statistics
@@ -69,8 +73,18 @@ class Ours:
         self.predictor = Predictor(self.sam)
         self.generator = MaskGenerator(self.sam)
 
+        self.encode_seconds: list[float] = []  # of each boxes call: the encoder's part
+
     def boxes(self, image: np.ndarray, boxes: np.ndarray) -> int:
-        return len(self.predictor.predict_boxes(self.predictor.embed(image), boxes).masks)
+        start = time.perf_counter()
+        embedding = self.predictor.embed(image)
+        self.encode_seconds.append(time.perf_counter() - start)
+        return len(self.predictor.predict_boxes(embedding, boxes).masks)
+
+    def boxes_batched(self, images: list[np.ndarray], boxes: list[np.ndarray]) -> int:
+        """The boxes work of several images with one encoder run for all (``SAM_ENCODE_BATCH``)."""
+        embeddings = self.predictor.embed_batch(images)
+        return sum(len(self.predictor.predict_boxes(e, b).masks) for e, b in zip(embeddings, boxes, strict=True))
 
     def everything(self, image: np.ndarray) -> int:
         return len(self.generator.generate(image))
@@ -124,7 +138,8 @@ def timed(fn: Callable[[], int]) -> tuple[float, int]:
 
 
 def bench_model(name: str, modes: list[str], size: tuple[int, int], runs: int, everything_runs: int,
-                n_boxes: int, workdir: Path) -> list[tuple[str, str, str, float | None, int | None, str]]:
+                n_boxes: int, workdir: Path, encode_batch: int = 0
+                ) -> list[tuple[str, str, str, float | None, int | None, str]]:
     print(f"{name}: building seeded random weights", flush=True)
     reference = reference_model(name).eval()
     checkpoint = workdir / f"{name}_random.pth"
@@ -145,9 +160,22 @@ def bench_model(name: str, modes: list[str], size: tuple[int, int], runs: int, e
         # boxes: run 0 warms every implementation up; everything: a minute or more per image, so no warm-up
         # (the boxes rows ran first and paid the first-call costs).
         first = 0 if mode == "boxes" else 1
+        batched = f"ours, encode batch {encode_batch}"
+        if mode == "boxes" and encode_batch > 1:
+            times[batched] = []
+        ours = impls["ours"]
+        assert isinstance(ours, Ours)
+        ours.encode_seconds.clear()
         for run in range(first, (runs if mode == "boxes" else everything_runs) + 1):
             image = make_image(*size, seed=100 + run)
             boxes = boxes_for(image, n_boxes, run)
+            if batched in times:  # encode_batch images per run, timed per image; ours alone right before
+                images = [make_image(*size, seed=100 + run + 1000 * k) for k in range(encode_batch)]
+                all_boxes = [boxes_for(i, n_boxes, run + k) for k, i in enumerate(images)]
+                seconds, _ = timed(functools.partial(ours.boxes_batched, images, all_boxes))
+                if run > 0:
+                    times[batched].append(seconds / encode_batch)
+                print(f"  {name} {mode} {batched} images {run}: {seconds / encode_batch:.2f} s/image", flush=True)
             for impl, runner in impls.items():
                 try:
                     seconds, count = timed(lambda r=runner, i=image, b=boxes, m=mode: (
@@ -159,9 +187,12 @@ def bench_model(name: str, modes: list[str], size: tuple[int, int], runs: int, e
                 if run > 0:
                     times[impl].append(seconds)
                 print(f"  {name} {mode} {impl} image {run}: {seconds:.2f} s, {count} masks", flush=True)
-        for impl in IMPLEMENTATIONS:
+        if mode == "boxes" and ours.encode_seconds[1:]:
+            notes["ours"] = f"encoder {statistics.median(ours.encode_seconds[1:]):.2f} s of it"
+        for impl in (*IMPLEMENTATIONS, *([batched] if batched in times else [])):
             median = statistics.median(times[impl]) if times.get(impl) else None
             rows.append((name, mode, impl, median, counts.get(impl), notes.get(impl, "")))
+        notes.pop("ours", None)
     return rows
 
 
@@ -175,6 +206,8 @@ def main() -> None:
                         help="images timed in the everything mode (minutes each on a CPU)")
     parser.add_argument("--boxes", type=int, default=5, help="boxes per image in the boxes mode")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    parser.add_argument("--encode-batch", type=int, default=0,
+                        help="boxes: also time ours with this many images per encoder run (SAM_ENCODE_BATCH)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -183,7 +216,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             rows += bench_model(name, args.modes.split(","), tuple(args.size), args.runs, args.everything_runs,
-                                args.boxes, Path(tmp))
+                                args.boxes, Path(tmp), args.encode_batch)
     load_after = os.getloadavg()
     print(f"\n{args.size[1]}x{args.size[0]}, {args.boxes} boxes per image, median of {args.runs} image(s) "
           f"(everything: {args.everything_runs}), "

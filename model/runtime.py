@@ -95,6 +95,18 @@ def configure_threads(n: int) -> None:
         set_threads(n)
 
 
+# Images per encoder run in bulk work when SAM_ENCODE_BATCH is auto: a GPU runs four 1024x1024 images in one
+# pass faster than four passes; a CPU core is busy with one image already (``bench.bulk --encode-batch``).
+GPU_ENCODE_BATCH = 4
+
+
+def encode_batch_size(device: torch.device | str, configured: int = 0) -> int:
+    """Images per encoder run for a model on ``device``: ``configured``, or by device when it is 0 (auto)."""
+    if configured > 0:
+        return configured
+    return GPU_ENCODE_BATCH if torch.device(device).type == "cuda" else 1
+
+
 def cpu_cores() -> int:
     """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
     try:

@@ -37,10 +37,10 @@ def predictor(checkpoint: Path):
     return Predictor(load(checkpoint, device="cpu", dtype=torch.float32))
 
 
-def run(checkpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run(checkpoint: Path, *args: str, **settings: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SAM_", "LABEL_STUDIO_", "REDIS_URL"))}
     env.update({"SAM_CHECKPOINT": str(checkpoint), "SAM_DEVICE": "cpu", "SAM_TORCH_THREADS": "1",
-                "OMP_NUM_THREADS": "1"})
+                "OMP_NUM_THREADS": "1", **settings})
     return subprocess.run([str(SAM_BACKEND), *args], env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -85,13 +85,15 @@ def test_bad_prompts_are_clear_errors(points, labels, boxes, needle: str) -> Non
 # ------------------------------------------------------------------------------------------------- predict
 
 
+@pytest.mark.parametrize("encode_batch", ["1", "2"])
 def test_predict_writes_masks_overlay_and_json_equal_to_the_predictor(checkpoint: Path, predictor,
-                                                                      tmp_path: Path) -> None:
-    images = [tmp_path / "a.png", tmp_path / "b.png"]
-    pixels = [write_scene(images[0], 1), write_scene(images[1], 2, size=(200, 300))]
+                                                                      tmp_path: Path, encode_batch: str) -> None:
+    """Also with two images per encoder run (SAM_ENCODE_BATCH=2, a GPU's way, forced here on the CPU)."""
+    images = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"]
+    pixels = [write_scene(images[0], 1), write_scene(images[1], 2, size=(200, 300)), write_scene(images[2], 3)]
     out = tmp_path / "out"
     result = run(checkpoint, "predict", *map(str, images), "--points", "100,120", "50,60;70,80", "--labels", "1",
-                 "1;0", "--out", str(out), "--quiet")
+                 "1;0", "--out", str(out), "--quiet", SAM_ENCODE_BATCH=encode_batch)
     assert result.returncode == 0, result.stderr
     for path, image in zip(images, pixels, strict=True):
         report = json.loads((out / f"{path.stem}.json").read_text())
@@ -203,3 +205,41 @@ def test_detector_needs_the_optional_extra(checkpoint: Path, tmp_path: Path) -> 
     (tmp_path / "images").mkdir()
     result = run(checkpoint, "auto-annotate", str(tmp_path / "images"), "--detector", "yolo11x.pt")
     assert result.returncode == 2 and "pip install" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_auto_annotate_with_a_real_ultralytics_yolo_detector(checkpoint: Path, predictor, tmp_path: Path) -> None:
+    """`--detector` with an Ultralytics YOLO (yolo11n built from its yaml, seeded random weights, saved as a .pt
+    as a trained one is): a polygon line per detected box, in the detector's order, with its class, the mask
+    Predictor gives for that box. At --conf 0.0001 random weights detect hundreds of boxes per image, so the
+    boxes also go through the decoder in chunks."""
+    import importlib.util
+
+    if importlib.util.find_spec("ultralytics") is None:
+        pytest.skip("ultralytics is not installed (an optional extra)")
+    import torch
+    from ultralytics import YOLO
+
+    torch.manual_seed(0)
+    weights = tmp_path / "yolo11n_random.pt"
+    YOLO("yolo11n.yaml").save(str(weights))
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = {f"scene{i}": write_scene(images / f"scene{i}.png", 30 + i) for i in range(2)}
+    result = run(checkpoint, "auto-annotate", str(images), "--detector", str(weights), "--conf", "0.0001",
+                 "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+    detector = YOLO(str(weights))
+    out = tmp_path / "images_auto_annotate_labels"
+    total = 0
+    for name, image in pixels.items():
+        found = detector(image[:, :, ::-1].copy(), conf=0.0001, verbose=False)[0].boxes
+        classes, boxes = found.cls.cpu().numpy().astype(int), found.xyxy.cpu().numpy().astype(np.float32)
+        lines = (out / f"{name}.txt").read_text().splitlines()
+        assert len(lines) == len(boxes) > 16, f"{name}: {len(lines)} lines for {len(boxes)} boxes"
+        masks = predictor.predict_boxes(predictor.embed(image), boxes).masks
+        for line, cls, mask, box in zip(lines, classes, masks, boxes, strict=True):
+            label, *coords = line.split()
+            assert int(label) == cls
+            assert [float(v) for v in coords] == pytest.approx(yolo_polygon(mask, box)[0], abs=1e-6)
+        total += len(lines)
+    assert f"{total} polygon line(s)" in result.stdout

@@ -19,6 +19,7 @@ import redis
 
 from backend import preannotate
 from backend.config import Settings
+from backend.overwrite_since import parse_timestamp, start_from_date_header, written_since
 from backend.preannotate import (
     Claims,
     Options,
@@ -29,7 +30,9 @@ from backend.preannotate import (
     RunRecord,
     Summary,
     bind_preannotator,
+    has_prediction,
     preannotate_project,
+    resume_command,
     run_job,
 )
 from backend.segmenter import Segmenter
@@ -187,3 +190,37 @@ def test_a_stalled_redis_fails_a_workers_job_with_a_clear_error(stalled_run: tup
     assert isinstance(error, RuntimeError), error
     assert str(error) == f"Redis at {settings.redis_url} (REDIS_URL) did not answer within 1 s"
     assert time.monotonic() - started < 5
+def test_an_overwrite_run_starts_the_second_after_label_studios_date() -> None:
+    """Label Studio's Date header has whole seconds: the start is the next one, so no older prediction is
+    taken for this run's (the run then waits out that second before its first write)."""
+    assert start_from_date_header("Mon, 30 Nov 2026 22:15:04 GMT") == "2026-11-30T22:15:05Z"
+    since = parse_timestamp("2026-11-30T22:15:05Z")
+    version = "vit_b-12345678"
+
+    def made(created_at: object, model_version: str = version) -> dict[str, object]:
+        return {"id": 1, "model_version": model_version, "created_at": created_at, "result": []}
+
+    assert written_since(made("2026-11-30T22:15:05.000001Z"), version, since)
+    assert written_since(made("2026-11-30T22:15:05Z"), version, since)
+    assert written_since(made("2026-11-30T23:15:06+01:00"), version, since), "any zone compares by instant"
+    assert not written_since(made("2026-11-30T22:15:04.999999Z"), version, since)
+    assert not written_since(made("2026-11-30T22:16:00Z", "detector-v1"), version, since)
+    for unreadable in (None, "", "yesterday", 17):
+        assert not written_since(made(unreadable), version, since), "unreadable counts as older: replaced"
+    task = {"id": 3, "predictions": [made("2026-11-30T22:10:00Z"), made("2026-11-30T22:16:00Z", "other")]}
+    assert has_prediction(task, version) and not has_prediction(task, version, since)
+
+
+@pytest.mark.parametrize("text", ["2026-11-30T22:15:05", "30/11/2026", "", "2026-13-01T00:00:00Z"])
+def test_a_start_without_a_zone_or_unreadable_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_timestamp(text)
+
+
+def test_the_resume_command_repeats_the_run_with_its_start() -> None:
+    run = Run(Settings(), 7, Options(mode="everything", min_score=0.9, max_masks=50, label="Big car",
+                                     overwrite=True, overwrite_since="2026-11-30T22:15:05Z"), chunk=4, prelabel=True)
+    assert resume_command(run) == ("sam-backend preannotate --project 7 --mode everything --min-score 0.9 "
+                                   "--min-area 0 --max-masks 50 --label 'Big car' --overwrite --overwrite-since "
+                                   "2026-11-30T22:15:05Z --chunk 4 --prelabel")
+    assert resume_command(Run(Settings(), 7)) == "sam-backend preannotate --project 7"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -306,6 +307,55 @@ def test_a_killed_run_continues_where_it_stopped(label_studio: LabelStudio, chec
     assert result.returncode == 0, result.stdout + result.stderr
     assert done_count(result.stdout) == 20 - written, result.stdout
     assert f"skipped {written}: already had a prediction" in result.stdout, result.stdout
+    assert_predictions_equal_predictor(label_studio, project, reference, ("detector", "boxes"))
+
+
+def test_an_interrupted_overwrite_run_resumed_with_its_printed_command_writes_each_task_once(
+        label_studio: LabelStudio, checkpoint: Path, reference: Reference, tmp_path: Path) -> None:
+    """Ctrl-C half-way through --overwrite, then the command it printed: every task ends with exactly one
+    prediction of our version, written by the overwrite run or its resumption, and none written twice."""
+    project = make_project(label_studio, "preannotate overwrite resumed", broken=False)
+    env = environment(label_studio, checkpoint, tmp_path)
+    assert preannotate(env, project.id, "--quiet").returncode == 0
+    old = {p["id"] for p in label_studio.predictions(project.id) if p["model_version"] == reference.model_version}
+    assert len(old) == 20
+    out, err = tmp_path / "overwrite.out", tmp_path / "overwrite.err"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        process = subprocess.Popen([str(SAM_BACKEND), "preannotate", "--project", str(project.id), "--overwrite",
+                                    "--quiet", "--verbose"], env=env, stdout=stdout, stderr=stderr,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            ours = [p for p in label_studio.predictions(project.id) if p["model_version"] == reference.model_version]
+            if sum(p["id"] not in old for p in ours) >= 5:
+                break
+            assert process.poll() is None, out.read_text() + err.read_text()
+            assert time.monotonic() < deadline, "no prediction written in time"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        assert process.wait(timeout=60) == 130, err.read_text()
+    finally:
+        stop_process_group(process)
+    printed = re.search(r"if it stops, continue it with: (.+)", out.read_text())
+    interrupted = re.search(r"interrupted; continue where it stopped with: (.+)", err.read_text())
+    assert printed and interrupted, out.read_text() + err.read_text()
+    assert printed.group(1) == interrupted.group(1)
+    command = shlex.split(interrupted.group(1))
+    assert command[:4] == ["sam-backend", "preannotate", "--project", str(project.id)]
+    assert "--overwrite" in command and "--overwrite-since" in command, command
+    first_run = written_tasks(err.read_text())
+    assert 5 <= len(first_run) < 20, f"the run was not interrupted half-way ({len(first_run)} of 20 written)"
+
+    result = subprocess.run([str(SAM_BACKEND), *command[1:], "--quiet", "--verbose"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    resumed = written_tasks(result.stderr)
+    assert not resumed & first_run, f"tasks written twice: {sorted(resumed & first_run)}"
+    assert len(first_run) + len(resumed) == 20 and done_count(result.stdout) == len(resumed), result.stdout
+    assert f"skipped {len(first_run)}: written by this run already" in result.stdout, result.stdout
+    ours = [p for p in label_studio.predictions(project.id) if p["model_version"] == reference.model_version]
+    assert not {p["id"] for p in ours} & old, "an old prediction of our version was kept"
     assert_predictions_equal_predictor(label_studio, project, reference, ("detector", "boxes"))
 
 

@@ -53,12 +53,12 @@ class ScratchTensors:
 
     def _pop(self, numel: int, device: torch.device) -> torch.Tensor | None:
         with self._lock:
-            fitting = [t for t in self._free if t.numel() >= numel and t.device == device]
-            if not fitting:
-                return None
-            best = min(fitting, key=torch.Tensor.numel)  # the smallest that fits: big ones stay for big images
-            self._free.remove(best)
-            return best
+            # The smallest that fits (the list is kept sorted by size): big ones stay for big images. By
+            # index, never list.remove, which would compare tensors element by element.
+            for index, tensor in enumerate(self._free):
+                if tensor.numel() >= numel and tensor.device == device:
+                    return self._free.pop(index)
+            return None
 
     def _push(self, buffer: torch.Tensor) -> None:
         with self._lock:

@@ -28,6 +28,17 @@ def test_a_returned_tensor_is_handed_out_again() -> None:
     assert pool.kept_bytes == 24 * 4
 
 
+def test_the_smallest_tensor_that_fits_is_taken_among_others() -> None:
+    pool = ScratchTensors()
+    cpu = torch.device("cpu")
+    with pool.take((10,), cpu) as small, pool.take((1000,), cpu) as large, pool.take((100,), cpu) as middle:
+        pointers = small.data_ptr(), middle.data_ptr(), large.data_ptr()
+    for numel, pointer in zip((50, 500, 5), pointers[1:] + pointers[:1], strict=True):
+        with pool.take((numel,), cpu) as tensor:
+            assert tensor.data_ptr() == pointer
+    assert pool.kept_bytes == 1110 * 4
+
+
 def test_concurrent_users_get_tensors_of_their_own() -> None:
     pool = ScratchTensors()
     cpu = torch.device("cpu")
@@ -61,7 +72,10 @@ def predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
 
 
 def test_click_masks_are_the_thresholded_logits_and_reuse_memory(predictor: Predictor) -> None:
-    """A click on an image larger than the encoder input: the final resize writes into reused memory."""
+    """A click on an image larger than the encoder input: the final resize writes into reused memory, also
+    after clicks on an image of the encoder's size (whose logits need no final resize) left a smaller tensor."""
+    small = predictor.embed(make_image(768, 1024, seed=4))
+    predictor.predict(small, points=[[100.0, 200.0]], labels=[1], best_only=True)
     embedding = predictor.embed(make_image(1200, 1600, seed=5))
     for point in ((400.0, 300.0), (1250.0, 900.0)):
         coords, labels = torch.tensor([[point]], dtype=torch.float64), torch.tensor([[1]])
@@ -71,4 +85,4 @@ def test_click_masks_are_the_thresholded_logits_and_reuse_memory(predictor: Pred
         assert torch.equal(masks, logits > predictor.sam.mask_threshold)
         assert np.array_equal(predictor.predict(embedding, points=[point], labels=[1], best_only=True).masks,
                               masks[0].numpy())
-    assert predictor._scratch.kept_bytes == 1200 * 1600 * 4
+    assert predictor._scratch.kept_bytes == (768 * 1024 + 1200 * 1600) * 4

@@ -85,7 +85,7 @@ def postprocess_masks(masks: torch.Tensor, image_size: int, input_size: tuple[in
             return upsampled
         if out is not None and out.shape == (*upsampled.shape[:2], *original_size) and out.dtype == upsampled.dtype:
             # F.interpolate's own kernel (size given, no scale factors), writing into ``out``.
-            return torch._C._nn.upsample_bilinear2d(upsampled, original_size, False, None, None, out=out)
+            return torch.ops.aten.upsample_bilinear2d.out(upsampled, list(original_size), False, None, None, out=out)
         return F.interpolate(upsampled, original_size, mode="bilinear", align_corners=False)
     masks = F.interpolate(masks.float(), (image_size, image_size), mode="bilinear", align_corners=False)
     masks = masks[..., :input_size[0], :input_size[1]]

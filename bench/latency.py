@@ -805,11 +805,11 @@ def goals(rows: list[Row]) -> list[str]:
             share = (decoder["mean_s"] / request["mean_s"]) if request["mean_s"] and decoder["mean_s"] else None
             p50 = row.p(0.5)
             met = p50 is not None and p50 <= GOAL_WARM_CLICK_S
-            lines.append(f"goal: MobileSAM warm click at 1024x768, 1 annotator: client p50 {_ms(p50)} ms "
+            lines.append(f"goal: {row.model} warm click at 1024x768, 1 annotator: client p50 {_ms(p50)} ms "
                          f"(server mean {_ms(request['mean_s'])} ms, decoder mean {_ms(decoder['mean_s'])} ms = "
                          f"{share * 100:.0f}% of it) -> <= {GOAL_WARM_CLICK_S * 1000:.0f} ms "
                          f"{'MET' if met else 'NOT MET'}" if share is not None else
-                         f"goal: MobileSAM warm click at 1024x768: client p50 {_ms(p50)} ms, no server times")
+                         f"goal: {row.model} warm click at 1024x768: client p50 {_ms(p50)} ms, no server times")
     warm = {(r.model, r.size, r.annotators): r for r in rows if r.scenario == "warm"}
     meta = {(r.model, r.size): r for r in rows if r.scenario == "meta predict"}
     for (model, size), reference in meta.items():

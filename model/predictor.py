@@ -23,6 +23,7 @@ from model import runtime
 from model.embedding import Embedding
 from model.sam import Sam
 from model.sam2 import LOW_RES_CLAMP, Sam2
+from model.scratch import ScratchTensors
 from model.transforms import as_rgb, normalize_and_pad, postprocess_masks, resize_longest_side, scale_coords
 
 
@@ -58,6 +59,7 @@ class Predictor:
             pe = sam.prompt_encoder.get_dense_pe().to(self.device)
             self._dense_pe = pe.contiguous(memory_format=torch.channels_last)
         self._mask_input_size = sam.prompt_encoder.mask_input_size
+        self._scratch = ScratchTensors()  # full-size logits of clicks, reused (model.scratch)
 
     def embed(self, image: np.ndarray) -> Embedding:
         """Run the image encoder on an HxWx3 uint8 RGB image (grayscale and RGBA are converted)."""
@@ -192,10 +194,14 @@ class Predictor:
                 rows = torch.arange(low_res.shape[0], device=low_res.device)
                 best = iou.argmax(dim=1)
                 low_res, iou = low_res[rows, best].unsqueeze(1), iou[rows, best].unsqueeze(1)
-            masks = self.upsample_logits(embedding, low_res)
+            if return_logits or isinstance(self.sam, Sam2):
+                masks = self.upsample_logits(embedding, low_res)
+            else:  # the full-size logits live only until thresholded: their memory is reused (model.scratch)
+                with self._scratch.take((*low_res.shape[:2], *embedding.original_size), low_res.device) as out:
+                    masks = self.upsample_logits(embedding, low_res, out=out) > self.sam.mask_threshold
             if isinstance(self.sam, Sam2):  # the low-res logits handed back are clamped, as SAM 2's predictor does
                 low_res = low_res.clamp(-LOW_RES_CLAMP, LOW_RES_CLAMP)
-            if not return_logits:
+            if not return_logits and masks.dtype != torch.bool:
                 masks = masks > self.sam.mask_threshold
         return masks, iou.float(), low_res
 
@@ -257,12 +263,14 @@ class Predictor:
 
         return iou, rows
 
-    def upsample_logits(self, embedding: Embedding, low_res: torch.Tensor) -> torch.Tensor:
-        """Low-res logits (B,K,4h,4w) -> logits (B,K,H,W) at the embedded image's original size."""
+    def upsample_logits(self, embedding: Embedding, low_res: torch.Tensor,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+        """Low-res logits (B,K,4h,4w) -> logits (B,K,H,W) at the embedded image's original size, written into
+        ``out`` when the resize can (see ``postprocess_masks``)."""
         if isinstance(self.sam, Sam2):  # SAM 2 resizes straight to the original size
             return self.sam.postprocess(low_res, embedding.original_size)
         return postprocess_masks(low_res, self.sam.image_size, embedding.input_size, embedding.original_size,
-                                 self.sam.fast_paths)
+                                 self.sam.fast_paths, out=out)
 
     def _decode_sam2(self, embedding: Embedding, point_coords: torch.Tensor | None, point_labels: torch.Tensor | None,
                      boxes: torch.Tensor | None, mask_input: torch.Tensor | None,

@@ -66,14 +66,16 @@ def normalize_and_pad(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
 
 
 def postprocess_masks(masks: torch.Tensor, image_size: int, input_size: tuple[int, int],
-                      original_size: tuple[int, int], fast_paths: FastPaths = FAST) -> torch.Tensor:
+                      original_size: tuple[int, int], fast_paths: FastPaths = FAST,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Low-res logits (B, K, h, w) -> logits at the original image size (B, K, H, W).
 
     Meta upsamples to the padded encoder input (image_size x image_size), crops the padding and
     resizes to the original size, both bilinear without corner alignment. The policy's
     ``composed_thumbnail_resize`` and ``cropped_upsample`` fast paths (``model.fast_paths``) compute the
     same with less work: the first for an original much smaller than the encoder input, the second,
-    bit for bit, otherwise.
+    bit for bit, otherwise. ``out`` (float32, (B, K, H, W)) may receive the final resize, to reuse memory
+    (``model.scratch``); the result is returned either way and is ``out`` only when it was written there.
     """
     if fast_paths.composed_thumbnail_resize and 3 * original_size[0] * original_size[1] < input_size[0] * input_size[1]:
         return composed_resize(masks, image_size, input_size, original_size)
@@ -81,6 +83,9 @@ def postprocess_masks(masks: torch.Tensor, image_size: int, input_size: tuple[in
         upsampled = upsample_cropped(masks.float(), image_size, input_size)
         if tuple(input_size) == tuple(original_size):
             return upsampled
+        if out is not None and out.shape == (*upsampled.shape[:2], *original_size) and out.dtype == upsampled.dtype:
+            # F.interpolate's own kernel (size given, no scale factors), writing into ``out``.
+            return torch.ops.aten.upsample_bilinear2d.out(upsampled, list(original_size), False, None, None, out=out)
         return F.interpolate(upsampled, original_size, mode="bilinear", align_corners=False)
     masks = F.interpolate(masks.float(), (image_size, image_size), mode="bilinear", align_corners=False)
     masks = masks[..., :input_size[0], :input_size[1]]

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import redis
 
 from backend.preannotate import Claims, Outcome, RunRecord, Summary
+from testsupport.backend import SAM_BACKEND
 from testsupport.processes import RedisServer
-
-SAM_BACKEND = Path(sys.executable).parent / "sam-backend"
 
 
 @pytest.fixture()

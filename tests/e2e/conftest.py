@@ -1,12 +1,14 @@
-"""The session's real Label Studio 1.23.2 (``testsupport.label_studio``), started once for the e2e tests."""
+"""The session's real Label Studio 1.23.2 (``testsupport.label_studio``), started once for the e2e tests, and a
+module's `sam-backend serve` on the module's ``checkpoint`` fixture."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from testsupport.label_studio import LabelStudio
+from testsupport.label_studio import LabelStudio, SamBackend
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +20,15 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def sam_backend(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path,
+                label_studio: LabelStudio) -> Iterator[SamBackend]:
+    """`sam-backend serve` on the checkpoint the test module defines (its own ``checkpoint`` fixture)."""
+    backend = SamBackend(tmp_path_factory.mktemp("sam-backend"), checkpoint, label_studio)
+    backend.start()
+    try:
+        yield backend
+    finally:
+        backend.stop()

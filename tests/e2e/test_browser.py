@@ -11,7 +11,6 @@ under the folder its message names.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.e2e.test_label_studio import (
-    LABEL,
-    Reference,
-    SceneImage,
-    assert_same_mask,
-    decode_brush,
-    label_config,
-)
 from testsupport.browser import LabelingPage, Suggestion, chromium
 from testsupport.label_studio import PASSWORD, USERNAME, LabelStudio, SamBackend
+from testsupport.labeling import LABEL, Reference, SceneImage, assert_same_mask, decode_brush, label_config
 
 pytestmark = pytest.mark.e2e
 
@@ -104,17 +96,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from testsupport.backend import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "sam_tiny.pth", seed=7)
-
-
-@pytest.fixture(scope="module")
-def sam_backend(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path,
-                label_studio: LabelStudio) -> Iterator[SamBackend]:
-    backend = SamBackend(tmp_path_factory.mktemp("sam-backend"), checkpoint, label_studio)
-    backend.start()
-    try:
-        yield backend
-    finally:
-        backend.stop()
 
 
 def test_annotator_session_in_chromium(tmp_path: Path, label_studio: LabelStudio, sam_backend: SamBackend,

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from label_studio_sdk.converter.brush import decode_rle
 
 from backend.app import create_app
@@ -39,12 +38,7 @@ INTERACTIVE = fixture_names("predict_interactive")
 BLUE_CIRCLE = "/data/upload/4/d94949cd-blue_circle.png"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

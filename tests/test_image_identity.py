@@ -187,17 +187,13 @@ def click_body(image: str, x: float = 40.0, y: float = 50.0) -> dict[str, Any]:
 
 def test_warm_clicks_download_nothing_and_a_changed_image_gets_its_own_mask(
         tiny_checkpoint: Path, one_torch_thread: None) -> None:
-    from label_studio_sdk.converter.brush import decode_rle
-
     from backend.app import create_app
     from backend.config import Settings
     from model import Predictor, load
-    from testsupport.backend import draw_image, fixture_body, running_label_studio
+    from testsupport.backend import brush_mask, draw_image, fixture_body, running_label_studio
 
     def mask_of(response: Any) -> np.ndarray:
-        region = response.json["results"][0]["result"][0]
-        flat = np.asarray(decode_rle(region["value"]["rle"]))
-        return flat.reshape(region["original_height"], region["original_width"], 4)[:, :, 3] > 0
+        return brush_mask(response.json)
 
     with running_label_studio() as server:
         settings = Settings(sam_checkpoint=str(tiny_checkpoint), sam_device="cpu", image_timeout_s=5.0)

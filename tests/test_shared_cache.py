@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from label_studio_sdk.converter.brush import decode_rle
 
 from testsupport.backend import (
     ServerProcess,
+    brush_mask,
     fixture_body,
     make_tiny_checkpoint,
     png_bytes,
@@ -102,9 +102,7 @@ def open_body(image: str, task_id: int = 7) -> dict[str, Any]:
 
 def mask_of(response: Any) -> np.ndarray:
     assert response.status_code == 200, response.text
-    region = response.json()["results"][0]["result"][0]
-    flat = decode_rle(region["value"]["rle"])
-    return flat.reshape(region["original_height"], region["original_width"], 4)[:, :, 3] > 0
+    return brush_mask(response.json())
 
 
 def wait_for(condition: Any, timeout: float = 60.0, what: str = "condition") -> None:

@@ -10,6 +10,7 @@ the backend's masks with ``model.Predictor``'s for the same prompt, never with a
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -85,6 +86,22 @@ def png_bytes(array: np.ndarray) -> bytes:
 def fixture_body(name: str) -> dict[str, Any]:
     """The JSON body of a recorded Label Studio request."""
     return json.loads((FIXTURES_DIR / name).read_text())["body"]
+
+
+def interactive_body(regions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The recorded smart-keypoint /predict with ``regions`` as its ``context.result``."""
+    body = copy.deepcopy(fixture_body("predict_interactive_keypoint_api.json"))
+    body["params"]["context"]["result"] = regions
+    return body
+
+
+def brush_mask(answer: dict[str, Any]) -> np.ndarray:
+    """The mask of a /predict answer's first region, decoded by Label Studio's own brush decoder (alpha > 0)."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    region = answer["results"][0]["result"][0]
+    flat = np.asarray(decode_rle(region["value"]["rle"]))
+    return flat.reshape(region["original_height"], region["original_width"], 4)[:, :, 3] > 0
 
 
 def fixture_names(prefix: str = "") -> list[str]:

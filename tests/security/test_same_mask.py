@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from label_studio_sdk.converter.brush import decode_rle
 
 from testsupport.backend import (
     ServerProcess,
+    brush_mask,
     fixture_body,
     make_tiny_checkpoint,
     png_bytes,
@@ -79,9 +79,7 @@ def click_body(image: str, x: float, y: float, task_id: int) -> dict[str, Any]:
 
 def mask_of(response: Any) -> np.ndarray:
     assert response.status_code == 200, response.text
-    region = response.json()["results"][0]["result"][0]
-    flat = decode_rle(region["value"]["rle"])
-    return flat.reshape(region["original_height"], region["original_width"], 4)[:, :, 3] > 0
+    return brush_mask(response.json())
 
 
 def clicks() -> dict[Click, dict[str, Any]]:

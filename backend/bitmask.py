@@ -21,6 +21,8 @@ import io
 
 import numpy as np
 
+from backend.limits import IMAGE_MAX_PIXELS
+
 PREFIX = "data:image/png;base64,"
 FOREGROUND_BLACK = (0, 0, 0)  # what Label Studio's editor writes for a BitmaskLabels region
 FOREGROUND_WHITE = (255, 255, 255)  # red > 127: the ml-interactive flow's foreground
@@ -44,7 +46,7 @@ def encode(mask: np.ndarray, foreground: tuple[int, int, int] = FOREGROUND_BLACK
     return PREFIX + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def decode(data_url: str, *, channel: str = "alpha", max_pixels: int = 100_000_000) -> np.ndarray:
+def decode(data_url: str, *, channel: str = "alpha", max_pixels: int = IMAGE_MAX_PIXELS) -> np.ndarray:
     """The (H, W) bool mask of a PNG data URL as an editor reads it: ``alpha`` > 0 (a stored BitmaskLabels
     region) or ``red`` > 127 (the ml-interactive flow). ValueError for anything that is not such a PNG."""
     from PIL import Image

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from backend.config import Settings
 from backend.lru import SizedLRU
 from model import Embedding
 
@@ -188,7 +189,7 @@ class EmbeddingCache:
     same key before it computes the embedding itself: a crashed peer costs at most that long.
     """
 
-    def __init__(self, memory_bytes: int, redis_url: str | None = None, ttl_s: int = 7 * 24 * 3600,
+    def __init__(self, memory_bytes: int, redis_url: str | None = None, ttl_s: int = Settings.sam_cache_ttl_s,
                  metrics: CacheMetrics | None = None, device: torch.device | str | None = None,
                  lock_wait_s: float = 120.0) -> None:
         self.metrics: CacheMetrics = metrics or _NoMetrics()

@@ -60,10 +60,12 @@ from backend.http_download import redact
 from backend.label_config import LabelConfig, parse_label_config
 from backend.overwrite_since import CLOCK_RESOLUTION_S, parse_timestamp, start_from_date_header, written_since
 from backend.predictions import BatchOptions, Predictions, Task, predict_tasks
+from backend.process_binding import ProcessBinding
 
 if TYPE_CHECKING:
     from backend.image_fetch import ImageFetcher
     from backend.label_studio import LabelStudioClient
+    from backend.results import Prediction
     from backend.segmenter import Segmenter
 
 log = logging.getLogger(__name__)
@@ -320,7 +322,7 @@ class Preannotator:
                     claims.release(task_id)
         yield from _drain(notes)
 
-    def _write(self, client: LabelStudioClient, task: Task, result: Any, options: Options,
+    def _write(self, client: LabelStudioClient, task: Task, result: Prediction | BackendError, options: Options,
                version: str) -> Outcome:
         task_id = int(task["id"])
         if isinstance(result, BackendError):
@@ -433,15 +435,12 @@ class Claims:
 # ----------------------------------------------------------------------------------------------------------
 # the shared queue: jobs are chunks of task ids; this process's Preannotator runs them
 
-_preannotator: Preannotator | None = None
-_preannotator_ready = threading.Event()
+_preannotator: ProcessBinding[Preannotator] = ProcessBinding("pre-annotation")
 
 
 def bind_preannotator(preannotator: Preannotator) -> None:
     """Make this process able to run jobs of the preannotate queue (``sam-backend worker``, the command)."""
-    global _preannotator
-    _preannotator = preannotator
-    _preannotator_ready.set()
+    _preannotator.bind(preannotator)
 
 
 def connect(redis_url: str) -> Any:
@@ -465,10 +464,7 @@ def run_job(payload: dict[str, Any]) -> int:
     """The rq job function: claim, compute and write each task of the chunk; report each outcome to its run."""
     import redis
 
-    if not _preannotator_ready.wait(timeout=600):
-        raise RuntimeError("no model loaded in this process to run pre-annotation jobs")
-    runner = _preannotator
-    assert runner is not None
+    runner = _preannotator.wait()
     connection = connect(payload["redis_url"])
     # The token is this worker's own (LABEL_STUDIO_API_KEY): payloads never carry it (backend.warmup says why).
     client = runner.fetcher.label_studio_for(payload.get("label_studio_url"), None)

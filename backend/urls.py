@@ -207,10 +207,6 @@ class HostPolicy:
     def __repr__(self) -> str:
         return f"HostPolicy({self.text!r})"
 
-    @property
-    def allows_everything(self) -> bool:
-        return any(rule.kind == "any" and rule.port is None for rule in self.rules)
-
     def trusts(self, url: Url) -> bool:
         """Named by the admin (host name, suffix, network or ``*``): fetched without an address check."""
         return any(rule.matches_name(url) for rule in self.rules)

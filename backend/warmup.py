@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from backend.errors import BackendError
+from backend.process_binding import ProcessBinding
 
 if TYPE_CHECKING:  # annotations only: the queue itself needs neither the model side nor image access
     from backend.image_fetch import ImageFetcher
@@ -87,25 +88,20 @@ class WarmupJob:
 Encoder = Callable[[WarmupJob], bool]
 # rq calls ``run_job`` by its import path, so the shared queue's jobs find this process's encoder here: the
 # one of the Warmer that consumes the shared queue in this process (one model per process).
-_encoder: Encoder | None = None
-_encoder_ready = threading.Event()
+_encoder: ProcessBinding[Encoder] = ProcessBinding("warm-up")
 
 
 def bind_encoder(encoder: Encoder) -> None:
     """Make this process able to run jobs of the shared queue with ``encoder``."""
-    global _encoder
-    _encoder = encoder
-    _encoder_ready.set()
+    _encoder.bind(encoder)
 
 
 def run_job(payload: dict[str, Any]) -> bool:
     """The rq job function: runs in whichever process dequeued the job."""
     job = WarmupJob.from_payload(payload)
-    if not _encoder_ready.wait(timeout=600):
-        raise RuntimeError("no model loaded in this process to run warm-up jobs")
-    assert _encoder is not None
+    encoder = _encoder.wait()
     try:
-        return _encoder(job)
+        return encoder(job)
     except BackendError as error:
         # The task's image cannot be used (refused host, 404, not an image): a debug line, not a failed job with
         # a traceback, since a bad (or forged) import makes as many of these as it has tasks. The annotator's
@@ -138,17 +134,18 @@ def make_encoder(segmenter: Segmenter, fetcher: ImageFetcher) -> Encoder:
     return encode
 
 
-_redis_for_pending: Any = None
-
-
 def _pending_key(job: WarmupJob) -> str:
     return PENDING_PREFIX + hashlib.sha1(job.image_ref.encode()).hexdigest()
 
 
 def _clear_pending(job: WarmupJob) -> None:
-    if _redis_for_pending is not None:
+    """Drop the image's pending marker on the Redis the running rq job came from (none outside a job)."""
+    from rq import get_current_job
+
+    current = get_current_job()
+    if current is not None:
         with contextlib.suppress(Exception):  # the marker expires on its own
-            _redis_for_pending.delete(_pending_key(job))
+            current.connection.delete(_pending_key(job))
 
 
 class Warmer:
@@ -177,12 +174,10 @@ class Warmer:
             import redis
             from rq import Queue
 
-            global _redis_for_pending
             # Short timeouts: a task open waits on this connection. rq's worker (the consumer thread) makes its
             # own copy with a timeout longer than its blocking pops.
             self._redis = redis.Redis.from_url(redis_url, socket_connect_timeout=REDIS_TIMEOUT_S,
                                                socket_timeout=REDIS_TIMEOUT_S)
-            _redis_for_pending = self._redis
             self._rq_queue = Queue(QUEUE_NAME, connection=self._redis, default_timeout=JOB_TIMEOUT_S)
 
     # -- producing ---------------------------------------------------------------------------------
@@ -371,9 +366,7 @@ def run_worker(redis_url: str, encoder: Encoder, burst: bool = False, also: Sequ
     import redis
     from rq import Queue, SimpleWorker
 
-    global _redis_for_pending
     connection = redis.Redis.from_url(redis_url, socket_connect_timeout=5.0)
-    _redis_for_pending = connection
     bind_encoder(encoder)
     queues = [Queue(name, connection=connection) for name in (QUEUE_NAME, *also)]
     worker = SimpleWorker(queues, connection=connection)

@@ -18,8 +18,8 @@ holds no OpenMP spin-waiting.
     .venv/bin/python -m bench.allocator                       # both models, 5 rounds
     .venv/bin/python -m bench.allocator --models vit_b --runs 3 --threads 1
 
-jemalloc: ``apt-get install libjemalloc2``; tcmalloc: ``apt-get install libtcmalloc-minimal4``. A missing
-library is reported and skipped. Besides the three allocators as installed, two configurations
+jemalloc: ``apt-get install libjemalloc2``; tcmalloc: ``apt-get install libtcmalloc-minimal4`` (or the
+``JEMALLOC_PATH`` / ``TCMALLOC_PATH`` of a library elsewhere). A missing library is reported and skipped. Besides the three allocators as installed, two configurations
 (``ALLOCATORS``) that never give freed memory back to the operating system: jemalloc without its purging
 decay, and glibc's own malloc without mmap'd blocks or trimming (no new library). TinyViT has no banded attention and no ``MLPBlock``, so for ``vit_t``
 only the in-place activations are switched.
@@ -37,11 +37,13 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 from testsupport.paths import REPO_ROOT
 
-JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
-TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+# Where Debian installs them; JEMALLOC_PATH / TCMALLOC_PATH name a copy elsewhere (e.g. unpacked with dpkg -x).
+JEMALLOC = os.environ.get("JEMALLOC_PATH", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+TCMALLOC = os.environ.get("TCMALLOC_PATH", "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 # Name -> (library to preload or None, environment variables). The environment variables of every entry
 # are removed from the workers' environment first, so each worker runs exactly its own configuration.
 ALLOCATORS: dict[str, tuple[str | None, dict[str, str]]] = {
@@ -68,6 +70,7 @@ MODEL_POLICIES = {
     "vit_t": ["FAST", "no in-place activations"],
 }
 SIZE = 1024
+_T = TypeVar("_T")
 
 
 # --- worker: one allocator, encodes on request --------------------------------------------------------------
@@ -207,16 +210,21 @@ def main(argv: list[str] | None = None) -> None:
     for run in range(args.runs):
         loads.append(os.getloadavg()[0])
         log(f"round {run + 1}/{args.runs}, load average {loads[-1]:.2f}")
-        # Rotate the allocators' order each round so none is always first after another's encode.
-        order = workers[run % len(workers):] + workers[:run % len(workers)]
+        # Rotate the allocators' and the policies' order each round: none is always first after another's
+        # encode, and a load that rises or falls during the run does not favour the policies timed last.
+        order = rotated(workers, run)
         for name in models:
-            for label in MODEL_POLICIES[name]:
+            for label in rotated(MODEL_POLICIES[name], run):
                 for w in order:
                     samples.setdefault((name, label, w.allocator), []).append(
                         w.ask({"model": name, "policy": label}))
     loads.append(os.getloadavg()[0])
     rss = {w.allocator: w.close() for w in workers}
     print(report(samples, [w.allocator for w in workers], models, rss, loads, workers[0].threads))
+
+
+def rotated(items: list[_T], by: int) -> list[_T]:
+    return items[by % len(items):] + items[:by % len(items)]
 
 
 def median(samples: dict[tuple[str, str, str], list[dict[str, float]]], key: tuple[str, str, str],

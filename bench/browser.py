@@ -47,21 +47,16 @@ import requests
 from bench.latency import parse_metrics, percentile
 from testsupport.browser import LabelingPage, chromium
 from testsupport.label_studio import PASSWORD, USERNAME, LabelStudio, SamBackend
-from testsupport.paths import FIXTURES_DIR
+from testsupport.labeling import LABEL, label_config
 
 SIZES = {"1024x768": (1024, 768), "4000x3000": (4000, 3000)}
 CONTROLS = ["brush", "kp", "rect"]  # the control tags of the recorded label config, in order
-LABEL = "Object"
 GOAL_MS = 300.0  # warm click to mask on screen, p50, MobileSAM, 1024x768
 SEED = 0
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def label_config() -> str:
-    return str(json.loads((FIXTURES_DIR / "setup.json").read_text())["body"]["schema"])
 
 
 def jpeg(width: int, height: int) -> bytes:

@@ -72,11 +72,11 @@ from typing import Any
 import numpy as np
 import requests
 
+from testsupport.backend import SAM_BACKEND
 from testsupport.image_server import CloudStorage, FakeLabelStudio
 from testsupport.paths import FIXTURES_DIR
 
 FIXTURES = Path(os.environ.get("SAM_FIXTURES_DIR", FIXTURES_DIR))
-SAM_BACKEND = Path(sys.executable).parent / "sam-backend"
 MODELS = ("vit_t", "vit_b")
 MODEL_TITLES = {"vit_t": "MobileSAM", "vit_b": "ViT-B"}
 SIZES = {"1024x768": (1024, 768), "4000x3000": (4000, 3000)}
@@ -94,7 +94,6 @@ SEED = 0
 CLICK_TIMEOUT_S = 600.0  # a cold ViT-B click behind 7 others on a busy CPU takes minutes
 GOAL_WARM_CLICK_S = 0.100  # MobileSAM warm click p50 at 1024x768
 GOAL_FIRST_CLICK_RATIO = 1.25  # "no more than a warm click", with room for timing noise
-SCENARIOS = ("cold", "warm", "warm paced", "warm-up+click")
 MASKS = ("smooth", "speckled")
 GOAL_META_RATIO = {"1024x768": 0.6, "4000x3000": 1.0}  # warm click p50 / Meta's bare predict p50
 GOAL_CONCURRENT_P95_RATIO = 3.0  # 8 annotators' warm p95 / one annotator's

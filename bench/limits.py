@@ -32,7 +32,13 @@ from typing import Any
 import numpy as np
 import requests
 
-from testsupport.backend import fixture_body, make_tiny_checkpoint, running_label_studio, start_server
+from testsupport.backend import (
+    fixture_body,
+    interactive_body,
+    make_tiny_checkpoint,
+    running_label_studio,
+    start_server,
+)
 from testsupport.proc import tree_rss_bytes
 
 MiB = 2**20
@@ -92,12 +98,6 @@ def precision_row(name: str, path: Path, images: int, clicks: int) -> dict[str, 
 
 # ------------------------------------------------------------------------------------------------------------
 # 2. request limits
-def click(regions: list[dict[str, Any]]) -> dict[str, Any]:
-    body = copy.deepcopy(fixture_body("predict_interactive_keypoint_api.json"))
-    body["params"]["context"]["result"] = regions
-    return body
-
-
 def keypoint(i: int, label: str = "Object") -> dict[str, Any]:
     return {"id": f"kp{i}", "from_name": "kp", "to_name": "image", "type": "keypointlabels", "is_positive": True,
             "value": {"x": 5 + i % 90, "y": 5 + (i * 7) % 90, "width": 0.26, "keypointlabels": [label]}}
@@ -121,7 +121,7 @@ def many_tasks(count: int) -> dict[str, Any]:
 
 def many_labels(count: int) -> dict[str, Any]:
     """A click with ``count`` labels, each a label of the smart tool and of the brush (so each is a mask)."""
-    body = click([keypoint(i, f"L{i}") for i in range(count)])
+    body = interactive_body([keypoint(i, f"L{i}") for i in range(count)])
     labels = "".join(f'<Label value="L{i}"/>' for i in range(count))
     body["label_config"] = ('<View><Image name="image" value="$image"/>'
                             f'<BrushLabels name="brush" toName="image">{labels}</BrushLabels>'
@@ -130,7 +130,7 @@ def many_labels(count: int) -> dict[str, Any]:
 
 
 REQUESTS = {
-    "click, 10 000 keypoints": lambda: click([keypoint(i) for i in range(10_000)]),
+    "click, 10 000 keypoints": lambda: interactive_body([keypoint(i) for i in range(10_000)]),
     "click, 1 000 labels": lambda: many_labels(1_000),
     "batch task, 1 500 rectangles": lambda: rectangles_task(1_500),
     "batch, 20 000 tasks": lambda: many_tasks(20_000),

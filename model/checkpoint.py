@@ -33,7 +33,7 @@ from model.mask_decoder import MaskDecoder
 from model.prompt_encoder import PromptEncoder
 from model.sam import Sam
 from model.sam2 import Sam2
-from model.transformer import TwoWayTransformer
+from model.transformer import DECODER_HEADS, TwoWayTransformer
 
 # Meta's official encoder configurations: (embed_dim, depth, num_heads, global blocks).
 OFFICIAL_VITS = {
@@ -41,8 +41,6 @@ OFFICIAL_VITS = {
     "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
     "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
 }
-# Heads of the decoder's two-way transformer: not visible in any tensor shape; every SAM release uses 8.
-DECODER_HEADS = 8
 ENC = "image_encoder."
 _SamT = TypeVar("_SamT", bound="Sam | Sam2")
 
@@ -171,7 +169,7 @@ def vit_config(sd: dict[str, torch.Tensor], path: str | os.PathLike) -> dict[str
     blocks = _indexes(sd, ENC + "blocks.")
     if not blocks or blocks != list(range(len(blocks))):
         raise CheckpointError(path, "unknown SAM architecture: image_encoder.blocks.* are missing or not numbered 0..n-1")
-    rel_len, head_dim = _shape(sd, ENC + "blocks.0.attn.rel_pos_h", path)
+    _, head_dim = _shape(sd, ENC + "blocks.0.attn.rel_pos_h", path)
     if embed_dim % head_dim:
         raise CheckpointError(path, f"unknown SAM architecture: head size {head_dim} does not divide width {embed_dim}")
     global_blocks, windows = [], set()

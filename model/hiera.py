@@ -10,24 +10,12 @@ the queries 2x2 (inside each window) and the shortcut, and widens the channels. 
 block of every stage: four feature maps at strides 4, 8, 16 and 32.
 
 Every module runs Meta's order of operations (``sam2.modeling.backbones.hieradet``, channels-last as
-Meta's is, attention through ``F.scaled_dot_product_attention`` as Meta's is) unless a switch of
-``model.fast_paths`` says otherwise; each trick is equal to Meta's up to float rounding or exactly:
-
-* ``cached_position_embedding``: the position embedding (a bicubic resize of a small background table
-  plus a tiled window table) is cached per grid size, keyed on the tables' versions so loading new weights
-  invalidates it, and added in place to the patch embedding's fresh output;
-* ``channels_last_patch_embed``: the 7x7 convolution reads a channels-last input, so it writes the
-  channels-last tokens directly (the permute after it is a view);
-* ``hiera_residual_writes``: windows are merged back inside the residual add (no separate unpartition),
-  which writes one fresh tensor that the MLP's residual is then added to in place;
-* ``hiera_mlp_chunk_elements`` (CPU, with ``hiera_residual_writes``): MLPs run on chunks of rows, their
-  residual added chunk by chunk (``MultiScaleBlock._mlp_residual_``);
-* ``strided_max_pool``: a 2x2 max pool is two ``maximum`` passes over strided views (no permute to
-  channels-first and back): the same maxima;
-* ``contiguous_attention_heads``: q, k and v are copied to contiguous heads for the long sequences of
-  the global blocks;
-* ``fused_linear`` (CPU at fp32): the linear layers are oneDNN's, with the bias and GELU fused into the
-  product (``linear``); ``in_place_activations``: otherwise the GELU overwrites its input.
+Meta's is, attention through ``F.scaled_dot_product_attention`` as Meta's is) unless a switch of its
+``FastPaths`` says otherwise: ``cached_position_embedding`` (``Hiera``), ``channels_last_patch_embed``
+(``PatchEmbed``), ``hiera_residual_writes`` and ``hiera_mlp_chunk_elements`` (``MultiScaleBlock``),
+``strided_max_pool`` (``max_pool_2x2``), ``contiguous_attention_heads`` (``MultiScaleAttention``),
+``fused_linear`` (``linear``) and ``in_place_activations``. What each does and why it pays is said once, in
+``model.fast_paths``; each is equal to Meta's up to float rounding or exactly.
 
 Padding follows Meta: a grid that is not a multiple of the window is zero-padded after ``norm1``, and the
 padded tokens take part in the attention of their window (their keys and values are the projections'
@@ -72,10 +60,7 @@ def _fused_linear_available() -> bool:
         return False
 
 
-# oneDNN's linear with the bias (and GELU) fused into the matrix product, on CPU at fp32 outside autocast.
-# Hiera's early stages are products with a short inner dimension (96 or 192 channels) and a long output,
-# where PyTorch's addmm spends as long writing the bias into the output and reading it back as on the
-# arithmetic: the fused kernel runs them 1.3-1.6x faster, with the same numbers.
+# Whether this PyTorch has oneDNN's fused linear (bias and GELU in the product), which ``fused_linear`` uses.
 _FUSED_LINEAR = _fused_linear_available()
 
 

@@ -34,6 +34,7 @@ from model.sam2 import Sam2
 from model.sam2_image_encoder import FpnNeck, ImageEncoder
 from model.sam2_mask_decoder import Sam2MaskDecoder, sam2_transformer
 from model.sam2_prompt_encoder import Sam2PromptEncoder
+from model.transformer import DECODER_HEADS
 
 TRUNK = "image_encoder.trunk."
 # Modules of SAM2Base that only the video predictor uses.
@@ -50,7 +51,6 @@ RELEASES: dict[tuple[int, tuple[int, ...]], tuple[str, int, tuple[int, ...], tup
     (144, (2, 6, 36, 4)): ("hiera_large", 2, (23, 33, 43), (8, 4, 16, 8)),
 }
 IMAGE_SIZE = 1024
-DECODER_HEADS = 8
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ from torch import Tensor, nn
 from model.common import MLPBlock
 from model.fast_paths import UsesFastPaths
 
+# Heads of the decoder's two-way transformer: not visible in any tensor shape; every SAM and SAM 2 release uses 8.
+DECODER_HEADS = 8
+
 
 class Attention(UsesFastPaths, nn.Module):
     """Multi-head attention whose q/k/v projections may shrink the width by ``downsample_rate``."""

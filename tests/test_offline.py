@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,7 @@ import pytest
 from PIL import Image
 
 from backend.offline import InputError, parse_objects, read_yolo_boxes, yolo_polygon
-from testsupport.backend import make_tiny_checkpoint, png_bytes, scene
-
-SAM_BACKEND = Path(sys.executable).parent / "sam-backend"
+from testsupport.backend import SAM_BACKEND, make_tiny_checkpoint, png_bytes, scene
 
 
 @pytest.fixture(scope="module")

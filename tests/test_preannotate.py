@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,12 +34,11 @@ from backend.preannotate import (
     resume_command,
     run_job,
 )
+from backend.process_binding import ProcessBinding
 from backend.segmenter import Segmenter
-from testsupport.backend import SETUP_TOKEN, make_tiny_checkpoint, running_label_studio
+from testsupport.backend import SAM_BACKEND, SETUP_TOKEN, make_tiny_checkpoint, running_label_studio
 from testsupport.image_access import image_fetcher
 from testsupport.processes import RedisServer
-
-SAM_BACKEND = Path(sys.executable).parent / "sam-backend"
 
 
 @pytest.fixture()
@@ -180,7 +178,7 @@ def test_a_stalled_redis_fails_a_workers_job_with_a_clear_error(stalled_run: tup
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker's claims, run record and outcome list are on the stalled Redis: the job fails, it does not hang."""
     settings, ls = stalled_run
-    monkeypatch.setattr(preannotate, "_preannotator_ready", threading.Event())
+    monkeypatch.setattr(preannotate, "_preannotator", ProcessBinding("pre-annotation"))
     fetcher = image_fetcher(label_studio_url=ls.url, label_studio_token=SETUP_TOKEN)
     bind_preannotator(Preannotator(settings, Segmenter.from_settings(settings), fetcher))
     payload = {"run": "stalled", "project": 1, "tasks": [1], "options": asdict(Options()),

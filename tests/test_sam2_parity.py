@@ -79,19 +79,22 @@ def assert_embedding_matches(embedding: model.Embedding, reference, atol: float)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-linear", "plain-linear"])
-def test_encoder_levels_match_meta(small, monkeypatch, fused):
+def test_encoder_levels_match_meta(small, fused):
     """Trunk stages and the neck's levels (before the decoder's projections) equal Meta's backbone, with
-    oneDNN's fused linear (where this PyTorch has it) and with plain ``F.linear``."""
-    import model.hiera
-
-    monkeypatch.setattr(model.hiera, "_FUSED_LINEAR", fused and model.hiera._FUSED_LINEAR)
+    oneDNN's fused linear (where this PyTorch has it) and with plain ``F.linear``, the other paths as the
+    preset sets them."""
     ours, reference = small
+    preset = ours.sam.fast_paths
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        expected = reference.model.image_encoder(x)["backbone_fpn"]
-        trunk = reference.model.image_encoder.trunk(x)
-        our_trunk = ours.sam.image_encoder.trunk(x)
-        got = ours.sam.image_encoder(x)
+    ours.sam.set_fast_paths(replace(preset, fused_linear=fused and preset.fused_linear))
+    try:
+        with torch.inference_mode():
+            expected = reference.model.image_encoder(x)["backbone_fpn"]
+            trunk = reference.model.image_encoder.trunk(x)
+            our_trunk = ours.sam.image_encoder.trunk(x)
+            got = ours.sam.image_encoder(x)
+    finally:
+        ours.sam.set_fast_paths(preset)
     for a, b in zip(our_trunk, trunk, strict=True):
         torch.testing.assert_close(a.permute(0, 3, 1, 2), b, atol=1e-5, rtol=0)
     for a, b in zip(got, expected, strict=True):

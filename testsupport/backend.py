@@ -10,6 +10,7 @@ the backend's masks with ``model.Predictor``'s for the same prompt, never with a
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -112,6 +113,18 @@ def png_bytes(array: np.ndarray) -> bytes:
 def fixture_body(name: str) -> dict[str, Any]:
     """The JSON body of a recorded Label Studio request."""
     return json.loads((FIXTURES_DIR / name).read_text())["body"]
+
+
+def interactive_body(regions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The recorded smart-keypoint /predict with ``regions`` as its ``context.result``."""
+    body = copy.deepcopy(fixture_body("predict_interactive_keypoint_api.json"))
+    body["params"]["context"]["result"] = regions
+    return body
+
+
+def answer_mask(answer: dict[str, Any]) -> np.ndarray:
+    """The mask of a /predict answer's first region, decoded as Label Studio's editor paints it."""
+    return brush_mask(answer["results"][0]["result"][0])
 
 
 def fixture_names(prefix: str = "") -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import requests
 
+from testsupport.backend import SAM_BACKEND
 from testsupport.paths import REPO_ROOT
 from testsupport.processes import free_port, stop_process_group, wait_healthy
 
@@ -193,8 +194,7 @@ class SamBackend:
         return env
 
     def start(self, timeout: float = BACKEND_START_TIMEOUT_S) -> None:
-        cli = Path(sys.executable).parent / "sam-backend"
-        command = [str(cli), "serve"] if cli.exists() else [sys.executable, "-m", "backend.cli", "serve"]
+        command = [str(SAM_BACKEND), "serve"] if SAM_BACKEND.exists() else [sys.executable, "-m", "backend.cli", "serve"]
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(command, env=self.environment(), cwd=REPO_ROOT,
                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

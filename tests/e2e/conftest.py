@@ -1,5 +1,5 @@
-"""The session's real Label Studio 1.23.2 (``testsupport.label_studio``), started once for the e2e tests, and
-a backend serving the requesting module's ``checkpoint`` to it."""
+"""The session's real Label Studio 1.23.2 (``testsupport.label_studio``), started once for the e2e tests, and a
+module's `sam-backend serve` on the module's ``checkpoint`` fixture."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
 @pytest.fixture(scope="module")
 def sam_backend(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path,
                 label_studio: LabelStudio) -> Iterator[SamBackend]:
-    """``sam-backend serve`` of the module's ``checkpoint`` fixture, connected to the session's Label Studio."""
+    """`sam-backend serve` on the checkpoint the test module defines (its own ``checkpoint`` fixture)."""
     backend = SamBackend(tmp_path_factory.mktemp("sam-backend"), checkpoint, label_studio)
     backend.start()
     try:

@@ -18,16 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.e2e.test_label_studio import (
-    LABEL,
-    Reference,
-    SceneImage,
-    assert_same_mask,
-    decode_brush,
-    label_config,
-)
 from testsupport.browser import LabelingPage, Suggestion, chromium
 from testsupport.label_studio import PASSWORD, USERNAME, LabelStudio, SamBackend
+from testsupport.labeling import LABEL, Reference, SceneImage, assert_same_mask, decode_brush, label_config
 
 pytestmark = pytest.mark.e2e
 

@@ -18,37 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageOps
 
-from backend.prompts import asks_three_masks
-from testsupport.backend import brush_mask
 from testsupport.label_studio import LabelStudio, SamBackend
-from testsupport.paths import FIXTURES_DIR
+from testsupport.labeling import LABEL, Reference, SceneImage, assert_same_mask, decode_brush, label_config
 
 pytestmark = pytest.mark.e2e
 
-LABEL = "Object"
-
-
-def label_config() -> str:
-    """BrushLabels + smart KeyPointLabels + smart RectangleLabels: the config recorded from Label Studio."""
-    return json.loads((FIXTURES_DIR / "setup.json").read_text())["body"]["schema"]
-
-
 # ------------------------------------------------------------------------------------------------------------
 # images
-
-
-@dataclass(frozen=True)
-class SceneImage:
-    path: Path
-    pixels: np.ndarray  # HxWx3 uint8 RGB as the browser shows it (EXIF orientation applied)
-
-    @property
-    def height(self) -> int:
-        return self.pixels.shape[0]
-
-    @property
-    def width(self) -> int:
-        return self.pixels.shape[1]
 
 
 def _scene(width: int, height: int, seed: int) -> Image.Image:
@@ -84,60 +60,6 @@ def make_images(directory: Path) -> list[SceneImage]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the reference: model.Predictor in this process, on the same checkpoint
-
-
-class Reference:
-    """What the backend should answer, computed with ``model.Predictor`` directly on the same checkpoint."""
-
-    def __init__(self, checkpoint: Path) -> None:
-        import torch
-
-        from model import Predictor, load
-
-        torch.set_num_threads(1)
-        self.sam = load(checkpoint, device="cpu", dtype=torch.float32)
-        self.predictor = Predictor(self.sam)
-        self._embeddings: dict[Path, Any] = {}
-
-    @property
-    def model_version(self) -> str:
-        return f"{self.sam.name}-{self.sam.fingerprint[:8]}"
-
-    def embedding(self, image: SceneImage) -> Any:
-        if image.path not in self._embeddings:
-            self._embeddings[image.path] = self.predictor.embed(image.pixels).at_stored_precision()
-        return self._embeddings[image.path]
-
-    def mask(self, image: SceneImage, points: list[tuple[float, float]] | None = None,
-             box: tuple[float, float, float, float] | None = None,
-             positive: list[bool] | None = None, refined_from: np.ndarray | None = None) -> np.ndarray:
-        """SAM's rule for one object (``asks_three_masks``): a single click is ambiguous, so the best of three by
-        predicted IoU; anything more specific gives one mask. ``refined_from``: the low-res logits of the
-        earlier click this one extends (``logits``), fed back as ``mask_input`` as the backend refines
-        (``SAM_REFINE``) and as Meta's predictor does for iterative clicks."""
-        return self._predict(image, points, box, positive, refined_from).masks[0]
-
-    def logits(self, image: SceneImage, points: list[tuple[float, float]] | None = None,
-               box: tuple[float, float, float, float] | None = None,
-               positive: list[bool] | None = None, refined_from: np.ndarray | None = None) -> np.ndarray:
-        """The low-res logits of that answer: what a later click that extends this one starts from."""
-        return self._predict(image, points, box, positive, refined_from).low_res_logits[0]
-
-    def _predict(self, image: SceneImage, points: list[tuple[float, float]] | None,
-                 box: tuple[float, float, float, float] | None, positive: list[bool] | None,
-                 refined_from: np.ndarray | None) -> Any:
-        coords = np.asarray(points, dtype=np.float32).reshape(-1, 2) if points else None
-        labels = None
-        if coords is not None:
-            labels = np.asarray(positive if positive is not None else [True] * len(coords), dtype=np.int32)
-        box_array = np.asarray(box, dtype=np.float32) if box is not None else None
-        multimask = asks_three_masks(0 if coords is None else len(coords), box is not None)
-        return self.predictor.predict(self.embedding(image), points=coords, labels=labels, box=box_array,
-                                      mask_input=refined_from, multimask=multimask, best_only=True)
-
-
-# ------------------------------------------------------------------------------------------------------------
 # Label Studio regions, as the smart tools send them (percent of the displayed image)
 
 
@@ -163,22 +85,6 @@ def rectangle_region(image: SceneImage, box: tuple[float, float, float, float], 
                   "width": 100.0 * (x1 - x0) / image.width, "height": 100.0 * (y1 - y0) / image.height,
                   "rotation": 0, "labels": [LABEL], "rectanglelabels": [LABEL]},
     }
-
-
-def decode_brush(region: dict[str, Any], image: SceneImage) -> np.ndarray:
-    """The mask the browser would paint: Label Studio's own decoder, alpha channel, displayed size."""
-    assert region["type"] == "brushlabels", region
-    assert region["from_name"] == "brush" and region["to_name"] == "image", region
-    assert region["value"]["brushlabels"] == [LABEL], region
-    assert (region["original_width"], region["original_height"]) == (image.width, image.height), region
-    return brush_mask(region)
-
-
-def assert_same_mask(got: np.ndarray, expected: np.ndarray, what: str) -> None:
-    assert got.shape == expected.shape, f"{what}: mask {got.shape} vs reference {expected.shape}"
-    differ = int((got != expected).sum())
-    assert differ == 0, (f"{what}: {differ} of {got.size} pixels differ from model.Predictor "
-                         f"(backend {int(got.sum())} px set, reference {int(expected.sum())} px)")
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,13 +28,13 @@ import numpy as np
 import pytest
 
 from backend.prompts import asks_three_masks
-from testsupport.backend import brush_mask, make_tiny_checkpoint, png_bytes, scene
+from testsupport import labeling
+from testsupport.backend import SAM_BACKEND, brush_mask, make_tiny_checkpoint, png_bytes, scene
 from testsupport.label_studio import LabelStudio, SamBackend
 from testsupport.processes import RedisServer, stop_process_group
 
 pytestmark = pytest.mark.e2e
 
-SAM_BACKEND = Path(sys.executable).parent / "sam-backend"
 LABEL_CONFIG = """<View>
   <Image name="image" value="$image"/>
   <BrushLabels name="brush" toName="image"><Label value="Car"/><Label value="Person"/></BrushLabels>
@@ -133,21 +132,8 @@ def make_project(label_studio: LabelStudio, title: str, count: int = 30, broken:
     return Project(project_id, planned)
 
 
-class Reference:
+class Reference(labeling.Reference):
     """The masks `model.Predictor` gives for each planned task, on the same checkpoint."""
-
-    def __init__(self, checkpoint: Path) -> None:
-        import torch
-
-        from model import Predictor, load
-
-        torch.set_num_threads(1)
-        self.sam = load(checkpoint, device="cpu", dtype=torch.float32)
-        self.predictor = Predictor(self.sam)
-
-    @property
-    def model_version(self) -> str:
-        return f"{self.sam.name}-{self.sam.fingerprint[:8]}"
 
     def masks(self, plan: Planned) -> list[tuple[str, np.ndarray]]:
         embedding = self.predictor.embed(plan.image).at_stored_precision()  # as the cache serves it

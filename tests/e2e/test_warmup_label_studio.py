@@ -7,7 +7,6 @@ what it needs, and that its task and project API answer the warm command the way
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,20 +15,13 @@ import pytest
 import redis
 
 from backend.cache import KEY_PREFIX
-from testsupport.backend import make_tiny_checkpoint, metric_sample, png_bytes, scene
+from testsupport.backend import SAM_BACKEND, make_tiny_checkpoint, metric_sample, png_bytes, scene
 from testsupport.label_studio import API_TOKEN, LabelStudio, SamBackend
-from testsupport.paths import FIXTURES_DIR
+from testsupport.labeling import label_config
 from testsupport.processes import RedisServer
 
 pytestmark = pytest.mark.e2e
 
-SAM_BACKEND = Path(sys.executable).parent / "sam-backend"
-
-
-def label_config() -> str:
-    import json
-
-    return json.loads((FIXTURES_DIR / "setup.json").read_text())["body"]["schema"]
 
 
 class Backend(SamBackend):

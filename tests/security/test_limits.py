@@ -23,6 +23,7 @@ import requests
 from testsupport.backend import (
     ServerProcess,
     fixture_body,
+    interactive_body,
     make_tiny_checkpoint,
     running_label_studio,
     start_server,
@@ -55,12 +56,6 @@ def rss(server: ServerProcess) -> int:
     return tree_rss_bytes(server.process.pid)
 
 
-def click(regions: list[dict[str, Any]]) -> dict[str, Any]:
-    body = copy.deepcopy(fixture_body("predict_interactive_keypoint_api.json"))
-    body["params"]["context"]["result"] = regions
-    return body
-
-
 def keypoint(i: int, label: str = "Object") -> dict[str, Any]:
     return {"id": f"kp{i}", "from_name": "kp", "to_name": "image", "type": "keypointlabels", "is_positive": True,
             "original_width": 320, "original_height": 240, "image_rotation": 0,
@@ -87,11 +82,11 @@ def batch(tasks: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 OVER_LIMITS = {
-    "10 000 keypoints in one click": (lambda: click([keypoint(i) for i in range(10_000)]), "SAM_MAX_CLICK_REGIONS"),
-    "999 keypoints in one click": (lambda: click([keypoint(i) for i in range(999)]), "SAM_MAX_CLICK_POINTS"),
-    "1 000 labels in one click": (lambda: click([keypoint(i, f"L{i}") for i in range(1_000)]),
+    "10 000 keypoints in one click": (lambda: interactive_body([keypoint(i) for i in range(10_000)]), "SAM_MAX_CLICK_REGIONS"),
+    "999 keypoints in one click": (lambda: interactive_body([keypoint(i) for i in range(999)]), "SAM_MAX_CLICK_POINTS"),
+    "1 000 labels in one click": (lambda: interactive_body([keypoint(i, f"L{i}") for i in range(1_000)]),
                                   "SAM_MAX_CLICK_OBJECTS"),
-    "1 001 regions in one click": (lambda: click([{"type": "brushlabels", "value": {}}] * 1_001),
+    "1 001 regions in one click": (lambda: interactive_body([{"type": "brushlabels", "value": {}}] * 1_001),
                                    "SAM_MAX_CLICK_REGIONS"),
     "a batch task with 1 001 rectangles": (lambda: batch([batch_task(1, rectangles=1_001)]),
                                            "SAM_MAX_BOXES_PER_TASK"),
@@ -120,7 +115,7 @@ def test_a_request_over_a_limit_is_a_fast_413_with_bounded_memory(server: Server
 def test_the_limits_let_real_work_through(server: ServerProcess) -> None:
     """At the limits, not above them: a click with many keypoints of one label, and a 40-rectangle task whose
     boxes go through the decoder in chunks."""
-    response = server.post("/predict", json=click([keypoint(i) for i in range(500)]))
+    response = server.post("/predict", json=interactive_body([keypoint(i) for i in range(500)]))
     assert response.status_code == 200, response.text
     response = server.post("/predict", json=batch([batch_task(1, rectangles=40)]))
     assert response.status_code == 200, response.text
@@ -158,13 +153,13 @@ def test_setup_memory_is_bounded_by_an_lru(server: ServerProcess) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # malformed bodies: 400 JSON naming what is wrong
 def with_label(label: str) -> bytes:
-    body = click([keypoint(0)])
+    body = interactive_body([keypoint(0)])
     body["params"]["context"]["result"][0]["value"]["keypointlabels"] = ["PLACEHOLDER"]
     return json.dumps(body).replace('"PLACEHOLDER"', label).encode()
 
 
 def huge_x() -> bytes:
-    body = click([keypoint(0)])
+    body = interactive_body([keypoint(0)])
     return json.dumps(body).replace('"x": 10', '"x": ' + "9" * 401).encode()
 
 
@@ -184,9 +179,9 @@ MALFORMED = {
     "nesting beyond SAM_MAX_JSON_DEPTH": ("/predict", lambda: nested(80), "tasks[0].annotations"),
     "a 401-digit coordinate": ("/predict", huge_x, "params.context.result[0].value.x"),
     "a lone surrogate in a label": ("/predict", lambda: with_label('"\\ud800"'), "keypointlabels[0]"),
-    "NaN": ("/predict", lambda: json.dumps(click([keypoint(0)])).replace('"y": 10', '"y": NaN').encode(),
+    "NaN": ("/predict", lambda: json.dumps(interactive_body([keypoint(0)])).replace('"y": 10', '"y": NaN').encode(),
             "value.y"),
-    "1e999": ("/predict", lambda: json.dumps(click([keypoint(0)])).replace('"y": 10', '"y": 1e999').encode(),
+    "1e999": ("/predict", lambda: json.dumps(interactive_body([keypoint(0)])).replace('"y": 10', '"y": 1e999').encode(),
               "value.y"),
     "a webhook task whose data is a number": ("/webhook", webhook_task_data_number, "tasks[0]"),
     "a body that is an array": ("/predict", lambda: b"[1, 2]", "JSON object"),

@@ -122,11 +122,6 @@ def interactive_body(regions: list[dict[str, Any]]) -> dict[str, Any]:
     return body
 
 
-def answer_mask(answer: dict[str, Any]) -> np.ndarray:
-    """The mask of a /predict answer's first region, decoded as Label Studio's editor paints it."""
-    return brush_mask(answer["results"][0]["result"][0])
-
-
 def fixture_names(prefix: str = "") -> list[str]:
     return sorted(p.name for p in FIXTURES_DIR.glob(f"{prefix}*.json"))
 

@@ -136,7 +136,7 @@ class DecodeSlots:
     its mask) is the same whether it runs alone or beside others. On GPU nothing is limited: kernels queue
     on the device.
 
-    A lone click keeps one thread too. On a 2-core AMD EPYC with the second core mostly free, a MobileSAM click
+    A lone click keeps one thread too. On a 2-core Intel Xeon with the second core mostly free, a MobileSAM click
     at 1024x768 took 21 ms at best on two threads and 37 ms on one (the same outputs), but with other processes
     busy on the cores (load average 6) two threads took 818 ms p50 against 110 ms for one: the decoder is
     hundreds of small parallel regions, and each waits for the thread the scheduler took away.

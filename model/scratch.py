@@ -3,7 +3,7 @@
 A click's mask is made as float logits at the original image size and then thresholded; the logits are
 thrown away at once. At 4000x3000 they are 48 MB, above glibc's largest mmap threshold (32 MiB), so every
 click got fresh pages from the kernel and faulted in all 12,000 of them while the resize wrote them: the
-resize to 4000x3000 took 68 ms on fresh memory and 35 ms into a reused tensor (one thread, AMD EPYC), the
+resize to 4000x3000 took 68 ms on fresh memory and 35 ms into a reused tensor (one thread, Intel Xeon), the
 same numbers either way. ``ScratchTensors`` keeps a few such tensors for the next click instead.
 """
 

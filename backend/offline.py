@@ -17,7 +17,7 @@ the scores, boxes and prompts.
 
 ``auto-annotate`` turns YOLO detection labels (``class cx cy w h``, normalised) into YOLO segmentation labels
 (``class x1 y1 x2 y2 ...``, normalised polygon), the files Ultralytics' ``auto_annotate`` writes: one line per
-box, the class kept, all boxes of an image in one decoder call. With ``--detector`` the boxes come from an
+box, the class kept, 16 boxes per decoder call. With ``--detector`` the boxes come from an
 Ultralytics YOLO model instead (the optional ``ultralytics`` extra, imported only then).
 """
 
@@ -38,7 +38,6 @@ from tqdm import tqdm
 
 from backend.errors import BackendError
 from backend.image_decode import decode_image
-from backend.predictions import BOX_CHUNK
 from backend.prompts import asks_three_masks
 
 if TYPE_CHECKING:
@@ -371,11 +370,8 @@ def auto_annotate(segmenter: Segmenter, images_dir: Path, out: Path, *, labels_d
         lines = []
         if detections:
             embedding = segmenter.predictor().embed(pixels)
-            boxes = np.stack([box for _, box in detections])
-            # A detector at a low --conf gives hundreds of boxes: BOX_CHUNK per decoder call keeps the memory
-            # that of BOX_CHUNK full-size masks, not of all of them (300 at 4000x3000 would be 14 GB of logits).
-            masks = [mask for start in range(0, len(boxes), BOX_CHUNK)
-                     for mask in segmenter.segment_boxes(embedding, boxes[start:start + BOX_CHUNK])]
+            # A detector at a low --conf gives hundreds of boxes: Segmenter.box_masks decodes them in chunks.
+            masks = segmenter.box_masks(embedding, np.stack([box for _, box in detections]))
             for (cls, box), mask in zip(detections, masks, strict=True):
                 polygon, empty = yolo_polygon(mask.mask, box)
                 summary.empty_masks += empty

@@ -51,9 +51,6 @@ log = logging.getLogger(__name__)
 
 Task = dict[str, Any]  # a Label Studio task as JSON: "id", "data", "annotations", "predictions"
 PREFETCH = 4  # images downloaded ahead of the model in a batch
-# Boxes per decoder call in the boxes batch mode: each box's mask and logits are full-size until they become
-# regions, so the memory of a task with hundreds of rectangles stays that of BOX_CHUNK masks.
-BOX_CHUNK = 16
 
 
 class Predictions:
@@ -256,7 +253,7 @@ class Predictions:
         return embedding if embedding is not None else self.segmenter.embed(image.decode, image.sha256)
 
     def _boxes(self, task: Task, image: TaskImage | None = None, embedding: Embedding | None = None) -> Prediction:
-        """Each rectangle of the latest annotation (else of a prediction) -> a mask, all in one decoder call."""
+        """Each rectangle of the latest annotation (else of a prediction) -> a mask, 16 boxes per decoder call."""
         rectangles = task_rectangles(task)
         if not rectangles:
             return prediction([], self.version)
@@ -271,11 +268,9 @@ class Predictions:
             boxes.append(prompt.box)
         embedding = self._embedding(image, embedding)
         result: list[Region] = []
-        for start in range(0, len(boxes), BOX_CHUNK):
-            chunk = np.asarray(boxes[start:start + BOX_CHUNK], dtype=np.float32)
-            masks = self.segmenter.segment_boxes(embedding, chunk)
-            for mask, label in zip(masks, labels[start:start + BOX_CHUNK], strict=True):
-                result.extend(self._regions(mask.mask, label, mask.score))
+        # Each mask becomes regions before the next chunk of boxes is decoded (Segmenter.box_masks).
+        for mask, label in zip(self.segmenter.box_masks(embedding, np.stack(boxes)), labels, strict=True):
+            result.extend(self._regions(mask.mask, label, mask.score))
         return prediction(result, self.version)
 
     def _points(self, task: Task, image: TaskImage | None = None, embedding: Embedding | None = None) -> Prediction:

@@ -22,7 +22,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 # How long a /predict waits for a model that is still loading before answering 503.
 DEFAULT_READY_WAIT_S = 60.0
+# Boxes per decoder call in ``box_masks``: each box's mask and logits are full-size until the caller has
+# turned the mask into what it keeps (regions, a polygon).
+BOX_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,14 @@ class Segmenter:
         with self._decode_slot(), self.metrics.time_decoder():
             prediction = predictor.predict_boxes(embedding, boxes)
         return [Mask(mask=m, score=float(s)) for m, s in zip(prediction.masks, prediction.scores, strict=True)]
+
+    def box_masks(self, embedding: Embedding, boxes: np.ndarray) -> Iterator[Mask]:
+        """``segment_boxes`` for any number of boxes, ``BOX_CHUNK`` per decoder call, each mask handed on
+        before the next call: hundreds of rectangles (a task's, a low-confidence detector's) hold the memory
+        of ``BOX_CHUNK`` full-size masks and logits, not of all of them (300 at 4000x3000: 14 GB of logits)."""
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        for start in range(0, len(boxes), BOX_CHUNK):
+            yield from self.segment_boxes(embedding, boxes[start:start + BOX_CHUNK])
 
     def segment_everything(self, image: np.ndarray, embedding: Embedding | None = None,
                            **options: Any) -> list[Mask]:

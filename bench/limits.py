@@ -13,7 +13,7 @@ Two tables, one run:
    raised out of reach (what the backend did before). Status, seconds and the growth of the worker's resident
    memory (/proc) per request.
 3. Boxes in chunks. 100 boxes of one batch task on a 4000x3000 image through the decoder in one call, and
-   ``BOX_CHUNK`` at a time as ``Predictions._boxes`` does: peak resident memory (a fresh process per variant).
+   ``BOX_CHUNK`` at a time as ``Segmenter.box_masks`` does: peak resident memory (a fresh process per variant).
 
     .venv/bin/python -m bench.limits [--images 2] [--clicks 20] [--skip-vit-b] [--only precision|chunks|limits]
 """
@@ -222,7 +222,7 @@ def chunk_table(boxes: int = 100) -> list[dict[str, Any]]:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from backend.predictions import BOX_CHUNK
+    from backend.segmenter import BOX_CHUNK
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -236,8 +236,7 @@ def _read_and_embed(segmenter: Segmenter, images: Sequence[Path], prompts: Seque
             yield from ((path, pixels, None) for path, pixels in group)
             continue
         predictor = segmenter.predictor()
-        embeddings = ([predictor.embed(group[0][1])] if len(group) == 1
-                      else predictor.embed_batch([pixels for _, pixels in group]))
+        embeddings = predictor.embed_batch([pixels for _, pixels in group])
         yield from ((path, pixels, embedding) for (path, pixels), embedding in zip(group, embeddings, strict=True))
 
 

@@ -63,26 +63,18 @@ class Predictor:
 
     def embed(self, image: np.ndarray) -> Embedding:
         """Run the image encoder on an HxWx3 uint8 RGB image (grayscale and RGBA are converted)."""
-        rgb = as_rgb(image)
-        if isinstance(self.sam, Sam2):
-            return self._embed_sam2(rgb)
-        resized = resize_longest_side(rgb, self.sam.image_size)
-        with runtime.autocast(self.device, self.sam.dtype):
-            x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1).unsqueeze(0).float()
-            x = normalize_and_pad(x, self.sam.pixel_mean, self.sam.pixel_std, self.sam.image_size)
-            features = self.sam.encode(x).float()
-        return Embedding(features=features.clone(memory_format=torch.channels_last),
-                         original_size=(rgb.shape[0], rgb.shape[1]), input_size=(resized.shape[0], resized.shape[1]),
-                         fingerprint=self.sam.fingerprint)
+        return self.embed_batch([image])[0]
 
     def embed_batch(self, images: Sequence[np.ndarray]) -> list[Embedding]:
-        """``embed`` of each image, with one encoder run on all of them.
+        """The embedding of each image (HxWx3 uint8 RGB; grayscale and RGBA are converted), with one encoder
+        run on all of them.
 
         A GPU runs the encoder on four images in about the time of fewer than four single runs; a CPU core
         is already busy with one, so there batching gains nothing (``SAM_ENCODE_BATCH`` says when it is used).
-        Images of any sizes stack: each is resized and padded to the encoder's square input on its own,
-        exactly as ``embed`` does, and each embedding keeps its own original and input sizes. The features
-        equal ``embed``'s up to float rounding (a batched matrix product sums in another order).
+        Images of any sizes stack: each is resized and padded to the encoder's square input on its own, and
+        each embedding keeps its own original and input sizes and its own memory (a copy, not a view that
+        would keep the whole batch alive in the cache). The features equal those of each image encoded alone
+        up to float rounding (a batched matrix product sums in another order).
         """
         rgbs = [as_rgb(image) for image in images]
         if not rgbs:
@@ -101,7 +93,8 @@ class Predictor:
                 for i, (rgb, r) in enumerate(zip(rgbs, resized, strict=True))]
 
     def _embed_sam2_batch(self, rgbs: list[np.ndarray]) -> list[Embedding]:
-        """SAM 2's ``embed_batch``: every image resized to the square input, one encoder run."""
+        """SAM 2's ``embed_batch``: every image resized to the square, unpadded input, one encoder run; each
+        embedding carries the decoder's high-resolution features too."""
         assert isinstance(self.sam, Sam2)
         with torch.inference_mode():
             x = torch.cat([self.sam.preprocess(rgb) for rgb in rgbs])
@@ -113,19 +106,6 @@ class Predictor:
                           fingerprint=self.sam.fingerprint,
                           high_res=tuple(t[i:i + 1].float().clone(memory_format=channels_last) for t in high_res))
                 for i, rgb in enumerate(rgbs)]
-
-    def _embed_sam2(self, rgb: np.ndarray) -> Embedding:
-        """SAM 2: the square, unpadded input; the embedding plus the decoder's high-resolution features."""
-        assert isinstance(self.sam, Sam2)
-        with torch.inference_mode():
-            x = self.sam.preprocess(rgb)
-        with runtime.autocast(self.device, self.sam.dtype):
-            features, high_res = self.sam.encode_image(x)
-        channels_last = torch.channels_last
-        return Embedding(features=features.float().contiguous(memory_format=channels_last),
-                         original_size=(rgb.shape[0], rgb.shape[1]), input_size=(self.sam.image_size,) * 2,
-                         fingerprint=self.sam.fingerprint,
-                         high_res=tuple(t.float().contiguous(memory_format=channels_last) for t in high_res))
 
     def predict(self, embedding: Embedding, points: object = None, labels: object = None, box: object = None,
                 mask_input: object = None, multimask: bool = True, best_only: bool = False) -> Prediction:

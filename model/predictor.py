@@ -174,15 +174,15 @@ class Predictor:
                 rows = torch.arange(low_res.shape[0], device=low_res.device)
                 best = iou.argmax(dim=1)
                 low_res, iou = low_res[rows, best].unsqueeze(1), iou[rows, best].unsqueeze(1)
-            if return_logits or isinstance(self.sam, Sam2):
+            if return_logits:
                 masks = self.upsample_logits(embedding, low_res)
+            elif isinstance(self.sam, Sam2):  # SAM 2 resizes straight to the original size, into new memory
+                masks = self.upsample_logits(embedding, low_res) > self.sam.mask_threshold
             else:  # the full-size logits live only until thresholded: their memory is reused (model.scratch)
                 with self._scratch.take((*low_res.shape[:2], *embedding.original_size), low_res.device) as out:
                     masks = self.upsample_logits(embedding, low_res, out=out) > self.sam.mask_threshold
             if isinstance(self.sam, Sam2):  # the low-res logits handed back are clamped, as SAM 2's predictor does
                 low_res = low_res.clamp(-LOW_RES_CLAMP, LOW_RES_CLAMP)
-            if not return_logits and masks.dtype != torch.bool:
-                masks = masks > self.sam.mask_threshold
         return masks, iou.float(), low_res
 
     def decode_low_res(self, embedding: Embedding, point_coords: torch.Tensor | None = None,

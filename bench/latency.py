@@ -795,6 +795,12 @@ def format_row(row: Row) -> str:
             + "; ".join(notes)).rstrip()
 
 
+def _identical_verdict(row: Row) -> str:
+    """Whether every concurrent mask of ``row`` equalled the same request sent alone, with no errors."""
+    same = row.identical[0] == row.identical[1] and not row.errors
+    return f"masks identical to alone {row.identical[0]}/{row.identical[1]} {'MET' if same else 'NOT MET'}"
+
+
 def goals(rows: list[Row]) -> list[str]:
     """The click-latency goals (warm click time, first click after warm-up), judged on the rows that measure them."""
     lines = []
@@ -824,22 +830,19 @@ def goals(rows: list[Row]) -> list[str]:
         if count != 8 or single is None or not single.p(0.95) or row.p(0.95) is None:
             continue
         ratio = row.p(0.95) / single.p(0.95)
-        same = row.identical[0] == row.identical[1] and not row.errors
         lines.append(f"goal: {model} {size} 8 annotators warm p95 {_ms(row.p(0.95))} ms vs 1 annotator "
                      f"{_ms(single.p(0.95))} ms = x{ratio:.2f} (<= x{GOAL_CONCURRENT_P95_RATIO}) "
-                     f"{'MET' if ratio <= GOAL_CONCURRENT_P95_RATIO else 'NOT MET'}; masks identical to alone "
-                     f"{row.identical[0]}/{row.identical[1]} {'MET' if same else 'NOT MET'}")
+                     f"{'MET' if ratio <= GOAL_CONCURRENT_P95_RATIO else 'NOT MET'}; {_identical_verdict(row)}")
     for row in rows:
         alone = warm.get((row.model, row.size, 1))
         paced_p95, single_p95 = row.p(0.95), alone.p(0.95) if alone is not None else None
         if row.scenario != "warm paced" or row.annotators == 1 or paced_p95 is None or not single_p95:
             continue
         ratio = paced_p95 / single_p95
-        same = row.identical[0] == row.identical[1] and not row.errors
         lines.append(f"paced: {row.model} {row.size} {row.annotators} annotators with think times warm p95 "
                      f"{_ms(paced_p95)} ms vs 1 annotator closed-loop {_ms(single_p95)} ms = x{ratio:.2f} "
-                     f"(x{GOAL_CONCURRENT_P95_RATIO} is the goal's bound, judged on the closed-loop row); masks "
-                     f"identical to alone {row.identical[0]}/{row.identical[1]} {'MET' if same else 'NOT MET'}")
+                     f"(x{GOAL_CONCURRENT_P95_RATIO} is the goal's bound, judged on the closed-loop row); "
+                     f"{_identical_verdict(row)}")
     for row in rows:
         if row.scenario != "warm-up+click":
             continue

@@ -23,10 +23,16 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabelStud
 
 
 @pytest.fixture(scope="module")
-def sam_backend(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path,
-                label_studio: LabelStudio) -> Iterator[SamBackend]:
+def sam_backend_class() -> type[SamBackend]:
+    """The server ``sam_backend`` starts; a module overrides this fixture for other settings (its environment)."""
+    return SamBackend
+
+
+@pytest.fixture(scope="module")
+def sam_backend(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, label_studio: LabelStudio,
+                sam_backend_class: type[SamBackend]) -> Iterator[SamBackend]:
     """`sam-backend serve` on the checkpoint the test module defines (its own ``checkpoint`` fixture)."""
-    backend = SamBackend(tmp_path_factory.mktemp("sam-backend"), checkpoint, label_studio)
+    backend = sam_backend_class(tmp_path_factory.mktemp("sam-backend"), checkpoint, label_studio)
     backend.start()
     try:
         yield backend

@@ -7,7 +7,6 @@ ml-interactive answer) and compared pixel for pixel with ``model.Predictor`` on 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from backend import bitmask
+from testsupport.backend import tiny_checkpoint_fixture
 from testsupport.label_studio import LabelStudio, SamBackend
 
 pytestmark = pytest.mark.e2e
@@ -34,21 +34,12 @@ class BitmaskBackend(SamBackend):
         return {**super().environment(), "SAM_OUTPUT": "bitmask"}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from testsupport.backend import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("checkpoint") / "sam_tiny.pth", seed=11)
+checkpoint = tiny_checkpoint_fixture(seed=11)
 
 
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path, label_studio: LabelStudio) -> Iterator[SamBackend]:
-    server = BitmaskBackend(tmp_path_factory.mktemp("sam-backend"), checkpoint, label_studio)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def sam_backend_class() -> type[SamBackend]:
+    return BitmaskBackend
 
 
 def scene(path: Path, seed: int) -> np.ndarray:
@@ -60,7 +51,7 @@ def scene(path: Path, seed: int) -> np.ndarray:
 
 
 def test_bitmask_predictions_suggestions_and_the_interactive_flow(tmp_path: Path, label_studio: LabelStudio,
-                                                                  backend: SamBackend, checkpoint: Path) -> None:
+                                                                  sam_backend: SamBackend, checkpoint: Path) -> None:
     import torch
 
     from model import Predictor, load
@@ -80,14 +71,14 @@ def test_bitmask_predictions_suggestions_and_the_interactive_flow(tmp_path: Path
                     "original_width": W, "original_height": H, "image_rotation": 0,
                     "value": {"x": 20.0, "y": 20.0, "width": 60.0, "height": 60.0, "rotation": 0,
                               "rectanglelabels": ["Object"]}}]})
-    ml = label_studio.add_ml_backend(project, backend.url)
+    ml = label_studio.add_ml_backend(project, sam_backend.url)
     assert ml.get("state") == "CO", ml
     embedding = predictor.embed(pixels[0]).at_stored_precision()  # as the cache serves it
 
     # Retrieve predictions: a stored BitmaskLabels region for the task with a box, nothing for the other.
     label_studio.retrieve_predictions(project)
     ours = [p for p in label_studio.predictions(project) if p["model_version"] == version]
-    assert [p["task"] for p in ours] == [with_box["id"]], (ours, backend.log.read_text()[-3000:])
+    assert [p["task"] for p in ours] == [with_box["id"]], (ours, sam_backend.log.read_text()[-3000:])
     (region,) = ours[0]["result"]
     assert region["type"] == "bitmasklabels" and region["value"]["bitmasklabels"] == ["Object"], region
     expected = predictor.predict_boxes(embedding, np.asarray([box], np.float32)).masks[0]

@@ -117,9 +117,9 @@ def make_encoder(segmenter: Segmenter, fetcher: ImageFetcher) -> Encoder:
 
     A job carries the Label Studio URL the producer knew, so a process that never received Label Studio's
     /setup can still find it; the token is this process's own (``LABEL_STUDIO_API_KEY``, sent only with
-    ``LABEL_STUDIO_URL`` set, or /setup's for the same URL). The environment of this process wins, as it does for /setup. The job fetches with a
-    client for those values (``ImageFetcher.label_studio_for``) and leaves the client that this process's
-    request threads use as it is.
+    ``LABEL_STUDIO_URL`` set, or /setup's for the same URL). The environment of this process wins, as it
+    does for /setup. The job fetches with a client for those values (``ImageFetcher.label_studio_for``) and
+    leaves the client that this process's request threads use as it is.
     """
 
     def encode(job: WarmupJob) -> bool:

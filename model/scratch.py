@@ -10,6 +10,7 @@ same numbers either way. ``ScratchTensors`` keeps a few such tensors for the nex
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator
 
@@ -35,9 +36,7 @@ class ScratchTensors:
     @contextlib.contextmanager
     def take(self, shape: tuple[int, ...], device: torch.device) -> Iterator[torch.Tensor]:
         """A float32 tensor of ``shape`` on ``device`` (contents undefined) for the duration of the block."""
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         buffer = self._pop(numel, device)
         if buffer is None:
             buffer = torch.empty(numel, dtype=torch.float32, device=device)
@@ -49,7 +48,10 @@ class ScratchTensors:
     @property
     def kept_bytes(self) -> int:
         with self._lock:
-            return sum(t.numel() * t.element_size() for t in self._free)
+            return self._kept_bytes()
+
+    def _kept_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._free)
 
     def _pop(self, numel: int, device: torch.device) -> torch.Tensor | None:
         with self._lock:
@@ -64,5 +66,5 @@ class ScratchTensors:
         with self._lock:
             self._free.append(buffer)
             self._free.sort(key=torch.Tensor.numel)
-            while self._free and sum(t.numel() * t.element_size() for t in self._free) > self.max_bytes:
+            while self._free and self._kept_bytes() > self.max_bytes:
                 self._free.pop()  # the largest

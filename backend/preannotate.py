@@ -593,10 +593,15 @@ def _start_overwrite(run: Run, client: LabelStudioClient, project: ProjectInfo) 
         except ImageError as error:
             raise PreannotateError(error.message) from None
         read_at = time.monotonic()
-        if date is None:
-            raise PreannotateError(f"Label Studio at {client.url} sent no Date header, which an --overwrite run "
-                                   "takes its start from: give the start with --overwrite-since (ISO 8601, UTC)")
-        run.options = replace(options, overwrite_since=start_from_date_header(date))
+        try:
+            if date is None:
+                raise ValueError("none was sent")
+            start = start_from_date_header(date)
+        except ValueError as error:
+            raise PreannotateError(f"Label Studio at {client.url} sent no readable Date header ({error}), which "
+                                   "an --overwrite run takes its start from: give the start with "
+                                   "--overwrite-since (ISO 8601, UTC)") from None
+        run.options = replace(options, overwrite_since=start)
     else:
         try:
             parse_timestamp(options.overwrite_since)

@@ -188,6 +188,22 @@ def test_a_stalled_redis_fails_a_workers_job_with_a_clear_error(stalled_run: tup
     assert isinstance(error, RuntimeError), error
     assert str(error) == f"Redis at {settings.redis_url} (REDIS_URL) did not answer within 1 s"
     assert time.monotonic() - started < 5
+@pytest.mark.parametrize("date", [None, "", "garbage", "Mon, 99 Foo 2026 25:61:61 GMT"])
+def test_an_overwrite_run_without_a_readable_date_from_label_studio_stops_with_a_message(date: str | None) -> None:
+    """A missing or forged Date header stops the run before any write, saying what to give instead."""
+    from types import SimpleNamespace
+
+    from backend.preannotate import _start_overwrite
+
+    said: list[str] = []
+    run = SimpleNamespace(options=Options(overwrite=True), echo=said.append)
+    client = SimpleNamespace(url="http://ls:8080", clock=lambda path: date)
+    with pytest.raises(PreannotateError) as raised:
+        _start_overwrite(run, client, SimpleNamespace(id=7))
+    assert "no readable Date header" in raised.value.message and "--overwrite-since" in raised.value.message
+    assert said == [] and run.options.overwrite_since is None
+
+
 def test_an_overwrite_run_starts_the_second_after_label_studios_date() -> None:
     """Label Studio's Date header has whole seconds: the start is the next one, so no older prediction is
     taken for this run's (the run then waits out that second before its first write)."""

@@ -13,7 +13,6 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from backend.config import Settings
@@ -74,11 +73,7 @@ def run(checkpoint: Path, images: dict[int, bytes], encode_batch: int) -> tuple[
     segmenter.load()
     predictor = segmenter.predictor()
     runs: list[int] = []
-    embed, embed_batch = predictor.embed, predictor.embed_batch
-
-    def one(image: np.ndarray) -> Any:
-        runs.append(1)
-        return embed(image)
+    embed_batch = predictor.embed_batch  # every encoder run goes through it (``embed`` is a batch of one)
 
     def several(batch: Any) -> Any:
         runs.append(len(batch))
@@ -87,7 +82,7 @@ def run(checkpoint: Path, images: dict[int, bytes], encode_batch: int) -> tuple[
     clicked = images[CLICKED]
     segmenter.embed(lambda: scene(CLICKED, SIZES[CLICKED]), hashlib.sha256(clicked).hexdigest())
     runs.clear()
-    predictor.embed, predictor.embed_batch = one, several  # type: ignore[method-assign]
+    predictor.embed_batch = several  # type: ignore[method-assign]
 
     def fetch(task: dict[str, Any]) -> TaskImage:
         index = task["id"] - 100

@@ -12,7 +12,8 @@ run Meta's reference against each preset.
 A policy is device independent; ``FastPaths.for_device`` says what it means on one device, and
 ``Sam.set_fast_paths`` (and every move of the model to another device) hands that resolved policy to the
 modules, once. The CPU-only tricks are the ones about caches and page faults, which a GPU does not have
-(SAM 2's too: ``hiera_mlp_chunk_elements``).
+(SAM 2's too: ``hiera_mlp_chunk_elements``), and ``edge_only_masks``, which trades one fast GPU kernel for
+several small ones.
 
 Why each trick pays (measured on a 2-core Xeon with glibc's malloc; ``bench/engine.py`` times the whole):
 
@@ -75,6 +76,11 @@ most a few percent, but cost nothing either, so they stay on (``bench/allocator.
 * ``composed_thumbnail_resize``: for an original image much smaller than the encoder input, Meta's
   upsample to the padded input, crop and resize compose into one filter of at most 3 taps per axis,
   applied to the low-res logits: nothing of encoder-input size is made (``model.transforms``).
+* ``edge_only_masks`` (CPU): a click's or a box's mask is its logits resized to the image and thresholded at 0;
+  bilinear weights are never negative, so a pixel whose source logits all have one sign has that sign, and only
+  the pixels along the mask's edges need a value (``model.edge_masks``). At 4000 x 3000 the full-size logits
+  (48 MB) are never made. Decided pixels are exact; an edge pixel differs only if its logit is within rounding
+  of 0. On a GPU the full resize is one fast kernel, so the path is off there.
 * ``cropped_upsample``: otherwise Meta's two resizes, bit for bit, but the first computes only the rows
   and columns that survive the crop (a quarter of the 1024 x 1024 intermediate for a landscape photo).
 
@@ -142,6 +148,7 @@ class FastPaths:
     shared_decoder_image: bool = True
     iou_before_masks: bool = True
     composed_thumbnail_resize: bool = True
+    edge_only_masks: bool = True
     cropped_upsample: bool = True
     # SAM 2 / 2.1 (see the module docstring)
     fused_linear: bool = True
@@ -170,7 +177,7 @@ class FastPaths:
             return self
         budget = self.attention_bias_elements and max(self.attention_bias_elements, GPU_ATTENTION_BIAS_ELEMENTS)
         return replace(self, window_bands=False, mlp_chunk_elements=0, attention_bias_elements=budget,
-                       hiera_mlp_chunk_elements=0)
+                       hiera_mlp_chunk_elements=0, edge_only_masks=False)
 
 
 # Every trick on: what the backend serves.

@@ -24,7 +24,14 @@ from model.embedding import Embedding
 from model.sam import Sam
 from model.sam2 import LOW_RES_CLAMP, Sam2
 from model.scratch import ScratchTensors
-from model.transforms import as_rgb, normalize_and_pad, postprocess_masks, resize_longest_side, scale_coords
+from model.transforms import (
+    as_rgb,
+    normalize_and_pad,
+    postprocess_masks,
+    postprocess_masks_above_zero,
+    resize_longest_side,
+    scale_coords,
+)
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,8 @@ class Predictor:
                 low_res, iou = low_res[rows, best].unsqueeze(1), iou[rows, best].unsqueeze(1)
             if return_logits:
                 masks = self.upsample_logits(embedding, low_res)
+            elif (edge_only := self.masks_above_zero(embedding, low_res)) is not None:
+                masks = edge_only
             elif isinstance(self.sam, Sam2):  # SAM 2 resizes straight to the original size, into new memory
                 masks = self.upsample_logits(embedding, low_res) > self.sam.mask_threshold
             else:  # the full-size logits live only until thresholded: their memory is reused (model.scratch)
@@ -251,6 +260,17 @@ class Predictor:
             return self.sam.postprocess(low_res, embedding.original_size)
         return postprocess_masks(low_res, self.sam.image_size, embedding.input_size, embedding.original_size,
                                  self.sam.fast_paths, out=out)
+
+    def masks_above_zero(self, embedding: Embedding, low_res: torch.Tensor) -> torch.Tensor | None:
+        """The masks (B,K,H,W) bool at the original size by the ``edge_only_masks`` fast path (``model.edge_masks``),
+        without the full-size logits; None where the path is off or does not apply (the caller thresholds
+        ``upsample_logits``)."""
+        if not (self.sam.fast_paths.edge_only_masks and self.sam.mask_threshold == 0 and low_res.device.type == "cpu"):
+            return None
+        if isinstance(self.sam, Sam2):
+            return self.sam.postprocess_above_zero(low_res, embedding.original_size)
+        return postprocess_masks_above_zero(low_res, self.sam.image_size, embedding.input_size,
+                                            embedding.original_size, self.sam.fast_paths)
 
     def _decode_sam2(self, embedding: Embedding, point_coords: torch.Tensor | None, point_labels: torch.Tensor | None,
                      boxes: torch.Tensor | None, mask_input: torch.Tensor | None,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import edge_masks
 from model.fast_paths_model import FastPathsModel
 from model.sam2_image_encoder import ImageEncoder
 from model.sam2_mask_decoder import Sam2MaskDecoder
@@ -99,3 +100,11 @@ class Sam2(FastPathsModel):
                               align_corners=False)
         return masks.view(b, k, *masks.shape[-2:])
 
+    def postprocess_above_zero(self, low_res: torch.Tensor, original_size: tuple[int, int]) -> torch.Tensor | None:
+        """``postprocess(...) > 0`` by the ``edge_only_masks`` fast path (``model.edge_masks``), or None where it
+        does not apply (too many edge pixels): the caller then thresholds ``postprocess``."""
+        h, w = low_res.shape[-2:]
+        if edge_masks.mostly_edges(low_res):
+            return None
+        ratios = (edge_masks.size_ratio(h, original_size[0]), edge_masks.size_ratio(w, original_size[1]))
+        return edge_masks.resized_masks(low_res, (original_size[0], original_size[1]), ratios)

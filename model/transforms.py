@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from model import edge_masks
 from model.fast_paths import FAST, FastPaths
 
 
@@ -90,6 +91,40 @@ def postprocess_masks(masks: torch.Tensor, image_size: int, input_size: tuple[in
     masks = F.interpolate(masks.float(), (image_size, image_size), mode="bilinear", align_corners=False)
     masks = masks[..., :input_size[0], :input_size[1]]
     return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+
+
+def postprocess_masks_above_zero(masks: torch.Tensor, image_size: int, input_size: tuple[int, int],
+                                 original_size: tuple[int, int], fast_paths: FastPaths = FAST) -> torch.Tensor | None:
+    """``postprocess_masks(...) > 0`` by the ``edge_only_masks`` fast path (``model.edge_masks``): logits only
+    along the masks' edges. None where that path does not apply (the small originals that
+    ``composed_thumbnail_resize`` serves, too many edge pixels): the caller then thresholds ``postprocess_masks``.
+    """
+    if fast_paths.composed_thumbnail_resize and 3 * original_size[0] * original_size[1] < input_size[0] * input_size[1]:
+        return None
+    h, w = masks.shape[-2:]
+    two_resizes = tuple(input_size) != tuple(original_size)
+    if edge_masks.mostly_edges(masks) or (
+            two_resizes and original_size[0] * original_size[1] < edge_masks.MIN_UPSCALE * input_size[0] * input_size[1]):
+        return None  # before the first resize is spent: the full resize will be cheaper
+    if not two_resizes:  # the upsample to the encoder input is the last resize
+        return edge_masks.resized_masks(masks, (input_size[0], input_size[1]), (_upsample_ratio(h, image_size),
+                                                                   _upsample_ratio(w, image_size)))
+    if fast_paths.cropped_upsample:
+        upsampled = upsample_cropped(masks.float(), image_size, input_size)
+    else:
+        upsampled = F.interpolate(masks.float(), (image_size, image_size), mode="bilinear", align_corners=False)
+        upsampled = upsampled[..., :input_size[0], :input_size[1]]
+    ratios = (edge_masks.size_ratio(input_size[0], original_size[0]),
+              edge_masks.size_ratio(input_size[1], original_size[1]))
+    return edge_masks.resized_masks(upsampled, (original_size[0], original_size[1]), ratios)
+
+
+def _upsample_ratio(low_res_len: int, image_size: int) -> float:
+    """The kernel's ratio of the upsample to the encoder input: 1/factor where ``upsample_cropped`` passes an
+    integer scale factor, in/out where the size is given (equal for official checkpoints, 256 -> 1024)."""
+    if image_size % low_res_len == 0:
+        return float(np.float32(1.0 / (image_size // low_res_len)))
+    return edge_masks.size_ratio(low_res_len, image_size)
 
 
 # --- the cropped_upsample and composed_thumbnail_resize fast paths (model.fast_paths) ------------------

@@ -176,7 +176,8 @@ class Predictor:
         """
         device = self.device
         with runtime.autocast(device, self.sam.dtype):
-            low_res, iou = self.decode_low_res(embedding, point_coords, point_labels, boxes, mask_input, multimask)
+            low_res, iou = self.decode_low_res(embedding, point_coords, point_labels, boxes, mask_input, multimask,
+                                               best_only=best_only)
             if best_only and low_res.shape[1] > 1:
                 rows = torch.arange(low_res.shape[0], device=low_res.device)
                 best = iou.argmax(dim=1)
@@ -196,11 +197,14 @@ class Predictor:
 
     def decode_low_res(self, embedding: Embedding, point_coords: torch.Tensor | None = None,
                        point_labels: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
-                       mask_input: torch.Tensor | None = None,
-                       multimask: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                       mask_input: torch.Tensor | None = None, multimask: bool = True,
+                       best_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder alone: low-res logits (B,K,4h,4w) float32 and IoU predictions (B,K), before any
         upsampling; ``predict_torch``'s arguments. Callers that filter masks by their predicted IoU (the
-        automatic mask generator) upsample only the survivors with ``upsample_logits``."""
+        automatic mask generator) upsample only the survivors with ``upsample_logits``.
+
+        ``best_only``: SAM 1 with ``iou_before_masks`` makes only the mask of each prompt's best candidate (K = 1,
+        its IoU alone); otherwise all K are returned and the caller picks."""
         if embedding.fingerprint != self.sam.fingerprint:
             raise ValueError(f"the embedding was made by model {embedding.fingerprint!r}, "
                              f"not by this one ({self.sam.fingerprint!r})")
@@ -221,8 +225,13 @@ class Predictor:
                 low_res, iou = self._decode_sam2(embedding, point_coords, point_labels, boxes, mask_input, multimask)
             else:
                 sparse, dense = self.sam.prompt_encoder(points, boxes, mask_input)
-                low_res, iou = self.sam.mask_decoder(embedding.features.to(device), self._dense_pe, sparse, dense,
-                                                     multimask)
+                masks, iou = self.sam.mask_decoder.forward_deferred(embedding.features.to(device), self._dense_pe,
+                                                                    sparse, dense, multimask)
+                if best_only and iou.shape[1] > 1 and self.sam.fast_paths.iou_before_masks:
+                    low_res = masks.best(iou)
+                    iou = iou.gather(1, iou.argmax(dim=1, keepdim=True))
+                else:
+                    low_res = masks.all()
         return low_res.float(), iou
 
     def decode_scores_first(self, embedding: Embedding, point_coords: torch.Tensor, point_labels: torch.Tensor,

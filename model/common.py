@@ -35,6 +35,33 @@ def gelu(x: torch.Tensor, in_place: bool) -> torch.Tensor:
     return gelu_(x) if in_place else F.gelu(x)
 
 
+def matmul_in_halves(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for a (M, K) and b (K, N), K even, summed as two fixed halves of K: one batched product of two.
+
+    With few rows and a long K the math library divides the sum over K between its threads, so the result
+    depended on the thread count (``model.runtime.DecodeSlots`` gives a lone click two threads and a click in a
+    crowd one). A batched product of two is divided by batch entry, each half summed by one thread whatever the
+    count: the same bits on one thread or two. ``b`` may be a transposed view (a weight's ``.T``): no copy.
+    """
+    half = a.shape[1] // 2
+    a_halves = torch.stack([a[:, :half], a[:, half:]])
+    b_halves = b.as_strided((2, half, b.shape[1]), (half * b.stride(0), b.stride(0), b.stride(1)),
+                            b.storage_offset())
+    parts = torch.bmm(a_halves, b_halves)
+    return parts[0] + parts[1]
+
+
+def linear_in_halves(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``linear(x)`` for x (..., K) with the sum over K in two fixed halves (``matmul_in_halves``; odd K: plain)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[1] % 2:
+        return linear(x)
+    out = matmul_in_halves(flat, linear.weight.T)
+    if linear.bias is not None:
+        out = out.add_(linear.bias)
+    return out.view(*x.shape[:-1], linear.out_features)
+
+
 class MLPBlock(UsesFastPaths, nn.Module):
     """Two linear layers with an activation between them (the transformer feed-forward block)."""
 
@@ -51,6 +78,13 @@ class MLPBlock(UsesFastPaths, nn.Module):
         if budget and x.numel() // x.shape[-1] > rows:
             return self.forward_chunked(x, rows)
         return self.lin2(activate(self.act, self.lin1(x), self.fast_paths.in_place_activations))
+
+    def forward_in_halves(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` with the second layer's sum over the hidden width in two fixed halves
+        (``matmul_in_halves``): the mask decoder's MLP on its few prompt tokens, whose bits must not depend on
+        the thread count (on 26 tokens, or 16 boxes' 112, two threads summed the 2048 terms in another order)."""
+        hidden = activate(self.act, self.lin1(x), self.fast_paths.in_place_activations)
+        return linear_in_halves(hidden, self.lin2)
 
     def forward_chunked(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """``forward`` on ``rows`` tokens at a time: the ``mlp_chunk_elements`` fast path.

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.common import LayerNorm2d, activate
+from model.common import LayerNorm2d, activate, linear_in_halves
 from model.fast_paths import UsesFastPaths
 from model.transformer import TwoWayTransformer
 
@@ -33,6 +33,16 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             x = F.relu(layer(x)) if i < self.num_layers - 1 else layer(x)
+        return torch.sigmoid(x) if self.sigmoid_output else x
+
+    def forward_in_halves(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` with the last layer's sum in two fixed halves (``model.common.linear_in_halves``): SAM 2's
+        two-way blocks use this MLP where SAM's use ``MLPBlock``, and call the same method."""
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        last = self.layers[-1]
+        assert isinstance(last, nn.Linear)
+        x = linear_in_halves(x, last)
         return torch.sigmoid(x) if self.sigmoid_output else x
 
 

@@ -126,20 +126,50 @@ def use_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
+# A decode alone on an otherwise idle CPU may spread over this many cores. The decoder is hundreds of small
+# parallel regions: two threads take a MobileSAM click at 1024x768 from 35 to 22-25 ms, and more would mostly
+# add synchronisation.
+LONE_DECODE_THREADS = 2
+
+
+def idle_cores() -> int:
+    """Cores with nothing to run at this moment beside the calling thread, from the kernel's count of runnable
+    threads (the fourth field of /proc/loadavg, which counts the caller itself).
+
+    Machine-wide, so in a container it also counts other containers' threads, which only makes the answer more
+    cautious. 0 where it cannot be read (not Linux): a decode then keeps one thread.
+    """
+    try:
+        with open("/proc/loadavg", "rb") as loadavg:
+            running = int(loadavg.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return max(0, cpu_cores() - running)
+
+
 class DecodeSlots:
-    """Decodes share the CPU: at most ``slots`` at once (default: one per core), each on one intra-op thread.
+    """Decodes share the CPU: at most ``slots`` intra-op threads at once (default: one per core), one per decode,
+    except that a decode alone on an idle machine spreads over ``lone_threads``.
 
     Eight annotators' clicks on two cores, each decode asking PyTorch for every core, oversubscribe them
     (16 busy threads on 2 cores, OpenMP barriers spinning): a warm click's p50 rose from ~100 ms alone to
     ~860 ms. One thread per decode and one decode per core keeps every core busy with exactly one
-    decode, so N concurrent clicks take about N x one decode / cores, and a decode's arithmetic (and so
-    its mask) is the same whether it runs alone or beside others. On GPU nothing is limited: kernels queue
+    decode, so N concurrent clicks take about N x one decode / cores. On GPU nothing is limited: kernels queue
     on the device.
 
-    A lone click keeps one thread too. On a 2-core Intel Xeon with the second core mostly free, a MobileSAM click
-    at 1024x768 took 21 ms at best on two threads and 37 ms on one (the same outputs), but with other processes
-    busy on the cores (load average 6) two threads took 818 ms p50 against 110 ms for one: the decoder is
-    hundreds of small parallel regions, and each waits for the thread the scheduler took away.
+    A click that finds no other decode running and the other cores idle (``idle_cores``: no encode, no other
+    process computing) takes ``lone_threads`` of the slots: on a 2-core Intel Xeon a MobileSAM click at
+    1024x768 then takes 22-25 ms instead of 35. Decodes arriving meanwhile wait for it (tens of ms), then take
+    one thread each, since waiting means a burst, where one decode per core gets through more clicks per second;
+    they do not join it, because a parallel region whose threads do not all have a core stalls: with two busy processes on
+    the cores, two-thread decodes took 1.1 s against 35 ms on one thread (OpenMP's threads spin at every barrier
+    for the one the scheduler took away). The machine is checked only when the decode starts; a load that starts
+    during a decode's 25 ms is not seen.
+
+    The thread count never changes a mask: the decoder's one product that sums over the image tokens is split in
+    two fixed halves (``model.transformer._mix``), and every other product of the decoder sums over 256 values
+    or fewer, which the math library does not divide between threads; ``tests/test_decode_slots.py`` checks the
+    outputs of one and two threads bit for bit.
 
     Decoding concurrent clicks on different images together, as one batch in one decoder call, does not
     raise clicks per second on a CPU: on one thread a batch of 8 took 65 ms per click against 36 ms for
@@ -148,19 +178,39 @@ class DecodeSlots:
     the working set (4 MB per activation per click) out of the caches.
     """
 
-    def __init__(self, device: torch.device | str, slots: int = 0) -> None:
+    def __init__(self, device: torch.device | str, slots: int = 0, lone_threads: int = LONE_DECODE_THREADS,
+                 idle: Callable[[], int] = idle_cores) -> None:
         self.cpu = torch.device(device).type == "cpu"
         self.slots = slots if slots > 0 else cpu_cores()
-        self._gate = threading.BoundedSemaphore(self.slots)
+        self.lone_threads = max(1, min(lone_threads, self.slots))
+        self._idle = idle
+        self._free = self.slots
+        self._changed = threading.Condition()
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
         if not self.cpu:
             yield
             return
-        with self._gate:
-            use_threads(1)
+        threads = self._take()
+        try:
+            use_threads(threads)
             yield
+        finally:
+            with self._changed:
+                self._free += threads
+                self._changed.notify_all()
+
+    def _take(self) -> int:
+        """Slots for one decode, waiting for a free one: ``lone_threads`` when it is alone on an idle machine."""
+        with self._changed:
+            if self.lone_threads > 1 and self._free == self.slots and self._idle() >= self.lone_threads - 1:
+                self._free -= self.lone_threads
+                return self.lone_threads
+            while self._free < 1:
+                self._changed.wait()
+            self._free -= 1
+            return 1
 
 
 def default_cache_bytes(device: str | None) -> int:

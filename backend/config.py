@@ -89,6 +89,7 @@ class Settings:
     sam_compile: bool = False
     sam_torch_threads: int = 0  # 0 = PyTorch's default
     sam_decode_slots: int = 0  # decodes at once on a CPU, one intra-op thread each; 0 = one per core
+    sam_lone_decode_threads: int = 2  # threads of a click alone on an idle CPU; 1 = always one
     sam_encode_batch: int = 0  # images per encoder run in bulk jobs; 0 = auto (model.runtime.encode_batch_size)
     # -- task images
     local_files_root: Path | None = None
@@ -208,6 +209,8 @@ class Settings:
             sam_compile=env.flag("SAM_COMPILE", cls.sam_compile),
             sam_torch_threads=env.integer("SAM_TORCH_THREADS", cls.sam_torch_threads, minimum=0),
             sam_decode_slots=env.integer("SAM_DECODE_SLOTS", cls.sam_decode_slots, minimum=0, maximum=1024),
+            sam_lone_decode_threads=env.integer("SAM_LONE_DECODE_THREADS", cls.sam_lone_decode_threads, minimum=1,
+                                                maximum=64),
             sam_encode_batch=0 if env.text("SAM_ENCODE_BATCH").lower() in ("", "auto")
             else env.integer("SAM_ENCODE_BATCH", 1, minimum=1, maximum=64),
             local_files_root=Path(local_root).expanduser() if local_root else None,

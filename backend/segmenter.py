@@ -70,7 +70,7 @@ class Segmenter:
                  cache: EmbeddingCache | None = None, metrics: Metrics | None = None,
                  ready_wait_s: float = DEFAULT_READY_WAIT_S, dtype: str = "auto", compile: bool = False,
                  torch_threads: int = 0, loader: Callable[[str, str | None], Sam | Sam2] | None = None,
-                 everything_options: dict[str, Any] | None = None, decode_slots: int = 0,
+                 everything_options: dict[str, Any] | None = None, decode_slots: int = 0, lone_decode_threads: int = 2,
                  encode_batch: int = 0) -> None:
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.device = device
@@ -78,6 +78,7 @@ class Segmenter:
         self.compile = compile
         self.torch_threads = torch_threads
         self.decode_slots = decode_slots  # model.runtime.DecodeSlots: 0 = one per CPU core
+        self.lone_decode_threads = lone_decode_threads  # a click alone on an idle CPU (DecodeSlots)
         self._decode_gate: DecodeSlots | None = None
         self._encode_batch = encode_batch  # SAM_ENCODE_BATCH: 0 = by device once the model is loaded
         self._encoder_threads = torch_threads
@@ -110,7 +111,8 @@ class Segmenter:
                                settings.redis_url or None, ttl_s=settings.sam_cache_ttl_s, metrics=metrics)
         return cls(settings.checkpoint_path, settings.device, cache=cache, metrics=metrics,
                    dtype=settings.sam_dtype, compile=settings.sam_compile, torch_threads=settings.sam_torch_threads,
-                   decode_slots=settings.sam_decode_slots, encode_batch=settings.sam_encode_batch)
+                   decode_slots=settings.sam_decode_slots, lone_decode_threads=settings.sam_lone_decode_threads,
+                   encode_batch=settings.sam_encode_batch)
 
     # ----------------------------------------------------------------------------------------------------
     # lifecycle
@@ -168,7 +170,7 @@ class Segmenter:
             from model.runtime import DecodeSlots, cpu_cores, encode_batch_size
 
             predictor = Predictor(sam)
-            self._decode_gate = DecodeSlots(sam.device, self.decode_slots)
+            self._decode_gate = DecodeSlots(sam.device, self.decode_slots, self.lone_decode_threads)
             self._encoder_threads = self.torch_threads or cpu_cores()
             self._encode_batch = encode_batch_size(sam.device, self._encode_batch)
             self.cache.device = sam.device

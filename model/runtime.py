@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import ParamSpec, TypeVar
 
@@ -130,6 +131,9 @@ def use_threads(n: int) -> None:
 # parallel regions: two threads take a MobileSAM click at 1024x768 from 35 to 22-25 ms, and more would mostly
 # add synchronisation.
 LONE_DECODE_THREADS = 2
+# After a decode found another running, decodes keep one thread for this long: clicks are coming in bursts, where
+# one decode per core gets more through, and a lone two-thread decode would make the next ones wait.
+LONE_DECODE_COOLDOWN_S = 1.0
 
 
 def idle_cores() -> int:
@@ -160,8 +164,9 @@ class DecodeSlots:
     A click that finds no other decode running and the other cores idle (``idle_cores``: no encode, no other
     process computing) takes ``lone_threads`` of the slots: on a 2-core Intel Xeon a MobileSAM click at
     1024x768 then takes 22-25 ms instead of 35. Decodes arriving meanwhile wait for it (tens of ms), then take
-    one thread each, since waiting means a burst, where one decode per core gets through more clicks per second;
-    they do not join it, because a parallel region whose threads do not all have a core stalls: with two busy processes on
+    one thread each, since waiting means a burst, where one decode per core gets through more clicks per second
+    (and for ``LONE_DECODE_COOLDOWN_S`` after a decode found another running, none spreads); they do not join
+    it, because a parallel region whose threads do not all have a core stalls: with two busy processes on
     the cores, two-thread decodes took 1.1 s against 35 ms on one thread (OpenMP's threads spin at every barrier
     for the one the scheduler took away). The machine is checked only when the decode starts; a load that starts
     during a decode's 25 ms is not seen.
@@ -186,6 +191,7 @@ class DecodeSlots:
         self._idle = idle
         self._free = self.slots
         self._changed = threading.Condition()
+        self._crowded_until = 0.0  # time.monotonic() before which no decode spreads (LONE_DECODE_COOLDOWN_S)
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
@@ -204,7 +210,10 @@ class DecodeSlots:
     def _take(self) -> int:
         """Slots for one decode, waiting for a free one: ``lone_threads`` when it is alone on an idle machine."""
         with self._changed:
-            if self.lone_threads > 1 and self._free == self.slots and self._idle() >= self.lone_threads - 1:
+            now = time.monotonic()
+            if self._free < self.slots:
+                self._crowded_until = now + LONE_DECODE_COOLDOWN_S
+            elif self.lone_threads > 1 and now >= self._crowded_until and self._idle() >= self.lone_threads - 1:
                 self._free -= self.lone_threads
                 return self.lone_threads
             while self._free < 1:

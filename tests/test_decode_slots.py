@@ -14,6 +14,7 @@ import torch
 
 from backend.prompts import ObjectPrompt
 from backend.segmenter import Segmenter
+from model import runtime
 from model.checkpoint import load
 from model.embedding import Embedding
 from model.predictor import Predictor
@@ -23,7 +24,7 @@ from testsupport.mobilesam_checkpoints import make_mobile_sam_checkpoint
 
 
 def test_slots_bound_concurrency_and_use_one_thread_each() -> None:
-    slots = DecodeSlots("cpu", 2)
+    slots = DecodeSlots("cpu", 2, lone_threads=1)
     running, peak, threads = [0], [0], []
     lock = threading.Lock()
 
@@ -91,7 +92,8 @@ def test_concurrent_clicks_give_the_masks_they_give_alone(segmenter: Segmenter) 
             assert a.score == b.score
 
 
-def test_a_lone_decode_on_an_idle_machine_spreads_and_the_others_wait_for_it() -> None:
+def test_a_lone_decode_on_an_idle_machine_spreads_and_the_others_wait_for_it(monkeypatch) -> None:
+    monkeypatch.setattr(runtime, "LONE_DECODE_COOLDOWN_S", 0.3)
     idle = [1]
     slots = DecodeSlots("cpu", 2, lone_threads=2, idle=lambda: idle[0])
     inside, release = threading.Event(), threading.Event()
@@ -119,7 +121,10 @@ def test_a_lone_decode_on_an_idle_machine_spreads_and_the_others_wait_for_it() -
     first.join()
     assert second_done.wait(5) and seen == [2, 1], "a decode that had to wait is part of a burst: one thread"
     with slots():
-        assert torch.get_num_threads() == 2, "alone again on an idle machine: two threads again"
+        assert torch.get_num_threads() == 1, "right after a crowd: one thread, though alone"
+    time.sleep(0.35)
+    with slots():
+        assert torch.get_num_threads() == 2, "alone again on an idle machine after the cool-down: two threads again"
     idle[0] = 0  # another process computes: one thread, however alone
     with slots():
         assert torch.get_num_threads() == 1

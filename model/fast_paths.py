@@ -69,6 +69,7 @@ most a few percent, but cost nothing either, so they stay on (``bench/allocator.
   until the scores are known, and only prompts with a passing mask are upscaled. The upscaling (two
   transposed convolutions to 256 x 256 x 32 per prompt, the products with the hypernetwork outputs) was a
   third of a grid batch's time, and with Meta's 0.88 threshold most prompts keep nothing. Same numbers.
+  A click answered with the best of its three candidates likewise makes only that candidate's mask.
 * ``pixel_block_upscaling``: the decoder's two transposed convolutions (kernel = stride = 2) write each
   output pixel once, so each is one matmul on channels-last pixels; everything between them acts on each
   pixel alone, so the pixels stay in pixel-block order and only the K final masks are shuffled into image

@@ -38,6 +38,7 @@ EDGE_SHARE_LIMIT = 0.02
 # this many output pixels per source pixel the full resize is cheaper (1500x1000 from 1024x683 is 2.1).
 MIN_UPSCALE = 4.0
 
+# A source pixel's state bits, AND-ed over a cell's sources: both 0 make an edge cell.
 _ALL_POSITIVE, _ALL_NOT_POSITIVE = 1, 2
 
 
@@ -103,7 +104,7 @@ def resized_mask(logits: torch.Tensor, size: tuple[int, int], ratios: tuple[floa
         return None
     rows = axis_taps(size[0], height, ratios[0])
     cols = axis_taps(size[1], width, ratios[1])
-    state = (logits > POSITIVE_FLOOR).to(torch.uint8) | ((logits <= 0).to(torch.uint8) << 1)
+    state = (logits > POSITIVE_FLOOR).to(torch.uint8) * _ALL_POSITIVE | (logits <= 0).to(torch.uint8) * _ALL_NOT_POSITIVE
     # The state AND-ed over each row group's window of source rows, then over each column group's.
     cells = _window_and(_window_and(state, rows.window_start, rows.window_length, dim=0),
                         cols.window_start, cols.window_length, dim=1)  # (row groups, column groups)

@@ -178,12 +178,12 @@ class DeferredMasks:
         """Low-res logits (B, K, 4h, 4w) of every prompt."""
         return self.decoder.masks(self.hyper_in, self.tokens, self.size)
 
-    def best(self, iou_pred: torch.Tensor) -> torch.Tensor:
-        """Low-res logits (B, 1, 4h, 4w) of each prompt's output with the highest predicted IoU (B, K), made
-        alone: a click answered with the best of three pays one product with the upscaled image and one
-        shuffle into image order instead of three."""
+    def best(self, best: torch.Tensor) -> torch.Tensor:
+        """Low-res logits (B, 1, 4h, 4w) of output ``best[b]`` (int64, (B,)) of each prompt, made alone: a click
+        answered with the best of three pays one product with the upscaled image and one shuffle into image
+        order instead of three."""
         rows = torch.arange(self.hyper_in.shape[0], device=self.hyper_in.device)
-        hyper_in = self.hyper_in[rows, iou_pred.argmax(dim=1)].unsqueeze(1)
+        hyper_in = self.hyper_in[rows, best].unsqueeze(1)
         return self.decoder.masks(hyper_in, self.tokens, self.size)
 
     def rows(self, rows: torch.Tensor) -> torch.Tensor:

@@ -228,8 +228,8 @@ class Predictor:
                 masks, iou = self.sam.mask_decoder.forward_deferred(embedding.features.to(device), self._dense_pe,
                                                                     sparse, dense, multimask)
                 if best_only and iou.shape[1] > 1 and self.sam.fast_paths.iou_before_masks:
-                    low_res = masks.best(iou)
-                    iou = iou.gather(1, iou.argmax(dim=1, keepdim=True))
+                    best = iou.argmax(dim=1)
+                    low_res, iou = masks.best(best), iou.gather(1, best.unsqueeze(1))
                 else:
                     low_res = masks.all()
         return low_res.float(), iou

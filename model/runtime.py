@@ -171,10 +171,11 @@ class DecodeSlots:
     for the one the scheduler took away). The machine is checked only when the decode starts; a load that starts
     during a decode's 25 ms is not seen.
 
-    The thread count never changes a mask: the decoder's one product that sums over the image tokens is split in
-    two fixed halves (``model.transformer._mix``), and every other product of the decoder sums over 256 values
-    or fewer, which the math library does not divide between threads; ``tests/test_decode_slots.py`` checks the
-    outputs of one and two threads bit for bit.
+    The thread count never changes a mask: the decoder's two long sums (the mix of the 4096 image tokens,
+    ``model.transformer._mix``, and its token MLP's 2048-wide second layer) go in two fixed halves
+    (``model.common.matmul_in_halves``), and its other products sum over 256 values or fewer, which the math
+    library does not divide between threads; ``tests/test_decode_slots.py`` checks the outputs of one and two
+    threads bit for bit.
 
     Decoding concurrent clicks on different images together, as one batch in one decoder call, does not
     raise clicks per second on a CPU: on one thread a batch of 8 took 65 ms per click against 36 ms for

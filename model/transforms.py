@@ -80,17 +80,24 @@ def postprocess_masks(masks: torch.Tensor, image_size: int, input_size: tuple[in
     """
     if fast_paths.composed_thumbnail_resize and 3 * original_size[0] * original_size[1] < input_size[0] * input_size[1]:
         return composed_resize(masks, image_size, input_size, original_size)
+    upsampled = _upsample_to_input(masks, image_size, input_size, fast_paths)
     if fast_paths.cropped_upsample:
-        upsampled = upsample_cropped(masks.float(), image_size, input_size)
         if tuple(input_size) == tuple(original_size):
             return upsampled
         if out is not None and out.shape == (*upsampled.shape[:2], *original_size) and out.dtype == upsampled.dtype:
             # F.interpolate's own kernel (size given, no scale factors), writing into ``out``.
             return torch.ops.aten.upsample_bilinear2d.out(upsampled, list(original_size), False, None, None, out=out)
-        return F.interpolate(upsampled, original_size, mode="bilinear", align_corners=False)
-    masks = F.interpolate(masks.float(), (image_size, image_size), mode="bilinear", align_corners=False)
-    masks = masks[..., :input_size[0], :input_size[1]]
-    return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+    return F.interpolate(upsampled, original_size, mode="bilinear", align_corners=False)
+
+
+def _upsample_to_input(masks: torch.Tensor, image_size: int, input_size: tuple[int, int],
+                       fast_paths: FastPaths) -> torch.Tensor:
+    """Meta's first resize: low-res logits upsampled to the padded encoder input, cropped to the resized image
+    (only the rows and columns kept, with ``cropped_upsample``)."""
+    if fast_paths.cropped_upsample:
+        return upsample_cropped(masks.float(), image_size, input_size)
+    upsampled = F.interpolate(masks.float(), (image_size, image_size), mode="bilinear", align_corners=False)
+    return upsampled[..., :input_size[0], :input_size[1]]
 
 
 def postprocess_masks_above_zero(masks: torch.Tensor, image_size: int, input_size: tuple[int, int],
@@ -107,13 +114,9 @@ def postprocess_masks_above_zero(masks: torch.Tensor, image_size: int, input_siz
             two_resizes and original_size[0] * original_size[1] < edge_masks.MIN_UPSCALE * input_size[0] * input_size[1]):
         return None  # before the first resize is spent: the full resize will be cheaper
     if not two_resizes:  # the upsample to the encoder input is the last resize
-        return edge_masks.resized_masks(masks, (input_size[0], input_size[1]), (_upsample_ratio(h, image_size),
-                                                                   _upsample_ratio(w, image_size)))
-    if fast_paths.cropped_upsample:
-        upsampled = upsample_cropped(masks.float(), image_size, input_size)
-    else:
-        upsampled = F.interpolate(masks.float(), (image_size, image_size), mode="bilinear", align_corners=False)
-        upsampled = upsampled[..., :input_size[0], :input_size[1]]
+        ratios = (_upsample_ratio(h, image_size), _upsample_ratio(w, image_size))
+        return edge_masks.resized_masks(masks, (input_size[0], input_size[1]), ratios)
+    upsampled = _upsample_to_input(masks, image_size, input_size, fast_paths)
     ratios = (edge_masks.size_ratio(input_size[0], original_size[0]),
               edge_masks.size_ratio(input_size[1], original_size[1]))
     return edge_masks.resized_masks(upsampled, (original_size[0], original_size[1]), ratios)
